@@ -1,0 +1,142 @@
+"""The root ``xsae`` command: global options, the six groups, and one-line user errors.
+
+Groups are mounted from ``commands/``; each is a thin Typer layer over a service package.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from xsae_cli import __version__
+from xsae_cli.core import console as out
+from xsae_cli.core.config import Config, load_config
+from xsae_cli.core.errors import XsaeError
+
+
+@dataclass
+class AppState:
+    """What the root callback resolves once and every command reads through ``ctx.obj``."""
+
+    config: Config
+    config_path: Optional[str] = None
+
+
+class XsaeApp(typer.Typer):
+    """Typer app that turns :class:`XsaeError` into one stderr line and exit code 2.
+
+    ``--debug`` keeps the traceback for bug reports.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except XsaeError as exc:
+            if out.state.debug or "--debug" in sys.argv:
+                raise
+            out.err_console.print(f"[bold red]error:[/bold red] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+
+app = XsaeApp(
+    name="xsae",
+    help="Study what neural networks learn, across models: zoo, SANE weight embeddings, SAEs, alignment, restoration, viz.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xsae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (default: ./xsae.toml when present)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed repeats a CPU run exactly."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Re-run this command under accelerate, deepspeed or torchrun."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Processes per machine for --launcher."),
+    num_machines: Optional[int] = typer.Option(None, "--num-machines", help="Machines for --launcher."),
+    machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="This machine's rank for --launcher."),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="Address of machine 0 for --launcher."),
+    main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="Port on machine 0 for --launcher."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    out.state.json = json_out
+    out.state.debug = debug
+    flags = {
+        "hardware": {
+            "device": device,
+            "dtype": dtype,
+            "seed": seed,
+            "launcher": launcher,
+            "num_processes": num_processes,
+            "num_machines": num_machines,
+            "machine_rank": machine_rank,
+            "main_process_ip": main_process_ip,
+            "main_process_port": main_process_port,
+        }
+    }
+    cfg = load_config(config, flags=flags)
+    ctx.obj = AppState(config=cfg, config_path=str(config) if config else None)
+
+    from xsae_cli.core import launch
+
+    name = launch.check_launcher(cfg.hardware.launcher)
+    if name != "none" and not launch.in_launched_process() and ctx.invoked_subcommand is not None:
+        hw = cfg.hardware
+        cpu = hw.device == "cpu" or (hw.device == "auto" and not _cuda_available())
+        spec = launch.LaunchSpec(
+            launcher=name,
+            num_processes=hw.num_processes,
+            num_machines=hw.num_machines,
+            machine_rank=hw.machine_rank,
+            main_process_ip=hw.main_process_ip,
+            main_process_port=hw.main_process_port,
+            accelerate_config=hw.accelerate_config,
+            deepspeed_config=hw.deepspeed_config,
+            cpu=cpu,
+        )
+        out.info(f"launching under {name} with {hw.num_processes * hw.num_machines} process(es)")
+        raise typer.Exit(launch.relaunch(spec, sys.argv[1:]))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mount() -> None:
+    from xsae_cli.commands import system
+
+    system.register(app)
+    from xsae_cli.commands import align, restore, sae, sane, viz, zoo
+
+    app.add_typer(zoo.app, name="zoo")
+    app.add_typer(sane.app, name="sane")
+    app.add_typer(sae.app, name="sae")
+    app.add_typer(align.app, name="align")
+    app.add_typer(restore.app, name="restore")
+    app.add_typer(viz.app, name="viz")
+
+
+_mount()
+
+
+def main() -> None:
+    app(prog_name="xsae")

@@ -1,0 +1,125 @@
+"""Console output shared by every command: rich on a terminal, JSON with ``--json``.
+
+Progress bars go to stderr so that ``--json`` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+
+@dataclass
+class OutputState:
+    """Process-wide output switches, set once by the root CLI callback."""
+
+    json: bool = False
+    debug: bool = False
+    quiet: bool = False
+
+
+state = OutputState()
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return str(obj)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, default=_json_default, sort_keys=False)
+
+
+def emit(data: Any, render: Any = None) -> None:
+    """Print ``data`` as JSON under ``--json``, else call ``render(data)`` (or pretty-print it)."""
+    if state.json:
+        sys.stdout.write(dumps(data) + "\n")
+        sys.stdout.flush()
+    elif render is not None:
+        render(data)
+    else:
+        console.print(data)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, header_style="bold cyan")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def info(message: str) -> None:
+    """A status line for humans; silent under ``--json`` so stdout stays parseable."""
+    if not state.json and not state.quiet:
+        err_console.print(message)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second in the task's own unit (tokens/s, tensors/s, MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("", style="progress.data.speed")
+        unit = task.fields.get("unit", "it")
+        return Text(rate_text(speed, 1.0, unit), style="progress.data.speed")
+
+
+@contextmanager
+def progress(transient: bool = False) -> Iterator[Progress]:
+    """A rich progress bar with rate and ETA on stderr; pass ``unit=`` to ``add_task``."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err_console, transient=transient, disable=state.quiet or state.json) as bar:
+        yield bar
+
+
+def rate_text(done: float, seconds: float, unit: str) -> str:
+    if seconds <= 0:
+        return ""
+    r = done / seconds
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if r >= scale:
+            return f"{r / scale:.2f}{suffix} {unit}/s"
+    return f"{r:.1f} {unit}/s"
