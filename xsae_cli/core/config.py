@@ -28,7 +28,7 @@ DEFAULT_FILE = "xsae.toml"
 
 
 @dataclass(frozen=True)
-class HardwareConfig:
+class HardwareSettings:
     """Where and how computation runs; shared by every group."""
 
     device: str = "auto"
@@ -45,14 +45,14 @@ class HardwareConfig:
 
 
 @dataclass(frozen=True)
-class ZooConfig:
+class ZooSettings:
     trust_remote_code: bool = False
     offline: bool = False
     revision: str = "main"
 
 
 @dataclass(frozen=True)
-class SaeConfig:
+class SaeSettings:
     arch: str = "topk"
     k: int = 32
     expansion: int = 8
@@ -64,7 +64,7 @@ class SaeConfig:
 
 
 @dataclass(frozen=True)
-class SaneConfig:
+class SaneSettings:
     chunk_size: int = 64
     window_size: int = 1024
     batch_size: int = 4
@@ -72,29 +72,29 @@ class SaneConfig:
 
 
 @dataclass(frozen=True)
-class AlignConfig:
+class AlignSettings:
     layers: list[str] = field(default_factory=lambda: ["5", "6", "7"])
 
 
 @dataclass(frozen=True)
-class RestoreConfig:
+class RestoreSettings:
     preset: str = "tiny"
 
 
 @dataclass(frozen=True)
-class VizConfig:
+class VizSettings:
     format: str = "png"
     dpi: int = 150
 
 
 SECTIONS: dict[str, type] = {
-    "hardware": HardwareConfig,
-    "zoo": ZooConfig,
-    "sane": SaneConfig,
-    "sae": SaeConfig,
-    "align": AlignConfig,
-    "restore": RestoreConfig,
-    "viz": VizConfig,
+    "hardware": HardwareSettings,
+    "zoo": ZooSettings,
+    "sane": SaneSettings,
+    "sae": SaeSettings,
+    "align": AlignSettings,
+    "restore": RestoreSettings,
+    "viz": VizSettings,
 }
 
 # Variables under XSAE_ that are not config keys.
@@ -103,13 +103,13 @@ RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR"}
 
 @dataclass(frozen=True)
 class Config:
-    hardware: HardwareConfig
-    zoo: ZooConfig
-    sane: SaneConfig
-    sae: SaeConfig
-    align: AlignConfig
-    restore: RestoreConfig
-    viz: VizConfig
+    hardware: HardwareSettings
+    zoo: ZooSettings
+    sane: SaneSettings
+    sae: SaeSettings
+    align: AlignSettings
+    restore: RestoreSettings
+    viz: VizSettings
     sources: Mapping[str, str] = field(default_factory=dict)
     file: str | None = None
 
