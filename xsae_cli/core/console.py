@@ -70,8 +70,8 @@ def emit(data: Any, render: Any = None) -> None:
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, header_style="bold cyan")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        t.add_column(c, no_wrap=i == 0, overflow="fold")
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     return t
