@@ -93,6 +93,11 @@ def root(
     }
     cfg = load_config(config, flags=flags)
     ctx.obj = AppState(config=cfg, config_path=str(config) if config else None)
+    if cfg.hardware.device != "auto" or cfg.hardware.dtype != "float32":
+        # Fail before any work when the asked-for device or dtype is not there.
+        from xsae_cli.core.hardware import resolve_device, resolve_dtype
+
+        resolve_dtype(cfg.hardware.dtype, resolve_device(cfg.hardware.device))
 
     from xsae_cli.core import launch
 

@@ -31,7 +31,8 @@ def doctor(
         "demo_models": demo.demo_status(),
     }
     if distributed:
-        report["distributed"] = launch.distributed_check()
+        device = hardware.resolve_device(ctx.obj.config.hardware.device)
+        report["distributed"] = launch.distributed_check(cpu=device.type == "cpu")
 
     def render(r: dict) -> None:
         rows = [[k, v or "[dim]not installed[/dim]"] for k, v in r["versions"].items()]

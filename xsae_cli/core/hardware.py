@@ -112,10 +112,8 @@ def memory_report(device: Any = None) -> dict[str, Any]:
     import psutil
     import torch
 
-    report: dict[str, Any] = {
-        "rss_bytes": psutil.Process().memory_info().rss,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    rss = psutil.Process().memory_info().rss
+    report: dict[str, Any] = {"rss_bytes": rss, "peak_rss_bytes": max(rss, peak_rss_bytes())}
     kind = getattr(device, "type", None)
     if kind == "cuda":
         report["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)

@@ -155,13 +155,18 @@ def safe_torch_load(path: str | os.PathLike[str], mmap: bool = False) -> Any:
     path = Path(path)
     if not path.exists():
         raise XsaeError(f"file not found: {path}", "check the path")
+    import re
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        reason = next((ln for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), first[0] if first else "")
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(exc))
+        reason = found.group(0) if found else "it holds Python objects beyond tensors and plain containers"
         raise XsaeError(
-            f"refused to load {path}: it needs code to unpickle ({reason.strip()})",
+            f"refused to load {path}: unpickling it would need code ({reason})",
             "xsae loads only tensors and plain containers; re-save the state dict with torch.save(model.state_dict(), ...) or as safetensors",
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:

@@ -104,10 +104,14 @@ def build_command(spec: LaunchSpec, argv: Sequence[str]) -> list[str]:
             cmd += ["--config_file", spec.accelerate_config]
         cmd += ["--num_processes", str(n * m), "--num_machines", str(m), "--machine_rank", str(spec.machine_rank)]
         cmd += ["--main_process_ip", spec.main_process_ip, "--main_process_port", str(spec.main_process_port)]
-        if spec.cpu:
-            cmd += ["--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        elif n * m > 1 and not spec.accelerate_config:
+        if n * m > 1 and not spec.accelerate_config:
+            # accelerate's --cpu forces its single-process launcher (multi-CPU would need mpirun);
+            # its torchrun-based launcher runs CPU ranks too when the children use gloo.
             cmd += ["--multi_gpu"]
+        elif spec.cpu:
+            cmd += ["--cpu"]
+        if spec.cpu:
+            cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
         if spec.deepspeed_config:
             cmd += ["--use_deepspeed", "--deepspeed_config_file", spec.deepspeed_config]
         return cmd + ["-m", "xsae_cli", *args]
@@ -139,10 +143,11 @@ def relaunch(spec: LaunchSpec, argv: Sequence[str]) -> int:
     env = dict(os.environ, XSAE_LAUNCHED="1")
     if spec.cpu:
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        env["ACCELERATE_USE_CPU"] = "true"
     return subprocess.call(cmd, env=env)
 
 
-def distributed_check() -> dict[str, int | str]:
+def distributed_check(cpu: bool = False) -> dict[str, int | str]:
     """Join the process group the launcher set up and all-reduce once.
 
     Proves that every rank started and can talk to the others (gloo on CPU, nccl on CUDA).
@@ -150,7 +155,7 @@ def distributed_check() -> dict[str, int | str]:
     import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=cpu)
     value = torch.tensor([float(state.process_index + 1)], device=state.device)
     if state.num_processes > 1:
         torch.distributed.all_reduce(value)
