@@ -21,8 +21,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -85,7 +85,7 @@ def resolve_module_name(model: nn.Module, path: str) -> str:
     candidates = [p]
     if p.startswith("model."):
         candidates.append(p[len("model."):])
-    for head in {base, prefix, "model"} - {""}:
+    for head in dict.fromkeys(h for h in (base, prefix, "model") if h):
         for c in list(candidates):
             candidates.append(f"{head}.{c}")
             if c.startswith(head + "."):
@@ -161,6 +161,40 @@ class HarvestStats:
             f"({rate_text(self.tokens_seen, self.seconds, 'tok')}); dropped {self.dropped_special:,} "
             f"special-token positions and {self.dropped_outliers:,} norm outliers"
         )
+
+
+class _Rows:
+    """A FIFO of aligned ``{hook: Tensor[k, d]}`` chunks, cut into pieces of any size."""
+
+    def __init__(self, hooks: Sequence[str]) -> None:
+        self.hooks = list(hooks)
+        self.parts: list[dict[str, torch.Tensor]] = []
+        self.count = 0
+
+    def push(self, rows: dict[str, torch.Tensor]) -> None:
+        k = int(next(iter(rows.values())).shape[0])
+        if k:
+            self.parts.append(rows)
+            self.count += k
+
+    def pop(self, k: int) -> dict[str, torch.Tensor]:
+        """The first ``k`` rows (``k <= count``)."""
+        taken: list[dict[str, torch.Tensor]] = []
+        need = k
+        while need > 0:
+            head = self.parts[0]
+            size = int(next(iter(head.values())).shape[0])
+            if size <= need:
+                taken.append(self.parts.pop(0))
+                need -= size
+            else:
+                taken.append({h: t[:need] for h, t in head.items()})
+                self.parts[0] = {h: t[need:] for h, t in head.items()}
+                need = 0
+        self.count -= k
+        if len(taken) == 1:
+            return taken[0]
+        return {h: torch.cat([p[h] for p in taken]) for h in self.hooks}
 
 
 class ActivationStore:
@@ -271,9 +305,9 @@ class ActivationStore:
                     keep(h, args if args else (kwargs.get("hidden_states"), *kwargs.values()))
 
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        was_training = self.model.training
-        if was_training:
-            self.model.eval()
+        training = [m for m in self.model.modules() if m.training]  # dropout off, restored after
+        for m in training:
+            m.training = False
         input_ids = input_ids.to(self.model_device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -285,8 +319,8 @@ class ActivationStore:
         finally:
             for handle in handles:
                 handle.remove()
-            if was_training:
-                self.model.train()
+            for m in training:
+                m.training = True
         missing = [h for h in self.hooks if h not in acts]
         if missing:
             raise XsaeError(
@@ -346,7 +380,12 @@ class ActivationStore:
         """Yield ``{hook: Tensor[batch_tokens, d_in]}`` until the corpus (or ``max_tokens``) is spent.
 
         Every batch but the last holds exactly ``batch_tokens`` rows; in all, ``max_tokens`` rows
-        (fewer if the corpus runs out). Resets and fills :attr:`stats`.
+        (fewer if the corpus runs out). The order of rows depends on the seed and the buffer size,
+        never on ``batch_tokens``, so a cached harvest replays an in-memory one exactly. Resets and
+        fills :attr:`stats`.
+
+        Shuffling: contexts are visited in a seeded order; kept rows collect in a buffer and, each
+        time it holds ``shuffle_buffer_tokens``, it is permuted and all but half of it is released.
         """
         from xsae_cli.core.console import progress
 
@@ -360,63 +399,50 @@ class ActivationStore:
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         expected = self.contexts.n_content_tokens if self.drop_special else self.contexts.n_tokens
         total = min(max_tokens, expected) if max_tokens is not None else expected
-        buffer: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
-        buffered = 0
-        yielded = 0
         limit = max_tokens if max_tokens is not None else math.inf
-        keep_back = self.shuffle_buffer_tokens // 2
+        buffer = _Rows(self.hooks)  # rows waiting to be mixed
+        ready = _Rows(self.hooks)  # mixed rows waiting to be cut into batches
+        yielded = 0
 
-        def take(count: int, shuffle: bool) -> list[dict[str, torch.Tensor]]:
-            """Mix the buffer (when shuffling), cut ``count`` rows off it as batches, keep the rest."""
-            nonlocal buffered
-            flat = {h: torch.cat(parts) if len(parts) > 1 else parts[0] for h, parts in buffer.items()}
-            if shuffle:
-                perm = torch.randperm(buffered, generator=gen).to(self.device)
-                flat = {h: t[perm] for h, t in flat.items()}
-            out = [{h: t[s : min(s + batch_tokens, count)] for h, t in flat.items()} for s in range(0, count, batch_tokens)]
-            for h, t in flat.items():
-                buffer[h] = [t[count:]] if count < buffered else []
-            buffered -= count
-            return out
+        def release(count: int, mix: bool) -> None:
+            rows = buffer.pop(buffer.count)
+            if mix:
+                perm = torch.randperm(len(next(iter(rows.values()))), generator=gen).to(self.device)
+                rows = {h: t[perm] for h, t in rows.items()}
+            ready.push({h: t[:count] for h, t in rows.items()})
+            buffer.push({h: t[count:] for h, t in rows.items()})
 
-        with progress(transient=False) as bar:
-            task = bar.add_task(f"harvesting {', '.join(self.hooks)}", total=total, unit="tok", visible=show_progress)
+        # Only a visible bar opens a rich live display: a trainer iterating these batches under its
+        # own progress bar would otherwise collide with it (rich allows one live display).
+        with (progress(transient=False) if show_progress else nullcontext()) as bar:
+            task = bar.add_task(f"harvesting {', '.join(self.hooks)}", total=total, unit="tok") if bar is not None else None
             start = 0
-            while start < n and yielded + buffered < limit:
+            while start < n and yielded + ready.count + buffer.count < limit:
                 t0 = time.perf_counter()
-                rows = self._token_activations(order[start : start + self.batch_contexts])
+                buffer.push(self._token_activations(order[start : start + self.batch_contexts]))
                 start += self.batch_contexts
-                k = int(next(iter(rows.values())).shape[0])
-                if k:
-                    for h, t in rows.items():
-                        buffer[h].append(t)
-                    buffered += k
-                ready: list[dict[str, torch.Tensor]] = []
                 if self.shuffle_buffer_tokens == 0:
-                    count = min(buffered - buffered % batch_tokens, int(min(buffered, limit - yielded)))
-                    count -= count % batch_tokens
-                    if count:
-                        ready = take(count, shuffle=False)
-                elif buffered >= self.shuffle_buffer_tokens and buffered - keep_back >= batch_tokens:
-                    count = buffered - keep_back
-                    count -= count % batch_tokens
-                    count = int(min(count, limit - yielded))
-                    count -= count % batch_tokens
-                    if count:
-                        ready = take(count, shuffle=True)
+                    release(buffer.count, mix=False)
+                elif buffer.count >= self.shuffle_buffer_tokens:
+                    release(buffer.count - self.shuffle_buffer_tokens // 2, mix=True)
+                batches = [ready.pop(batch_tokens) for _ in range(ready.count // batch_tokens)]
                 self.stats.seconds += time.perf_counter() - t0
-                bar.update(task, completed=min(self.stats.tokens_kept, total))
-                for b in ready:
-                    yielded += int(next(iter(b.values())).shape[0])
-                    yield b
-            if buffered and yielded < limit:
-                t0 = time.perf_counter()
-                ready = take(int(min(buffered, limit - yielded)), shuffle=self.shuffle_buffer_tokens > 0)
-                self.stats.seconds += time.perf_counter() - t0
-                for b in ready:
-                    yielded += int(next(iter(b.values())).shape[0])
-                    yield b
-            bar.update(task, completed=total)
+                if bar is not None:
+                    bar.update(task, completed=min(self.stats.tokens_kept, total))
+                for batch in batches:
+                    count = min(batch_tokens, limit - yielded)
+                    if count <= 0:
+                        return
+                    yield batch if count == batch_tokens else {h: t[:count] for h, t in batch.items()}
+                    yielded += count
+            if buffer.count:
+                release(buffer.count, mix=self.shuffle_buffer_tokens > 0)
+            while ready.count and yielded < limit:
+                batch = ready.pop(int(min(batch_tokens, ready.count, limit - yielded)))
+                yield batch
+                yielded += len(next(iter(batch.values())))
+            if bar is not None:
+                bar.update(task, completed=total)
 
     def harvest(self, n_tokens: int | None = None, *, batch_tokens: int = 65536) -> dict[str, torch.Tensor]:
         """All (or ``n_tokens``) kept token activations in memory: ``{hook: Tensor[N, d_in]}``."""
@@ -501,9 +527,6 @@ class ActivationStore:
 
 # --------------------------------------------------------------------------------------- shards
 
-_SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
-
-
 class ShardedActivations:
     """A harvest cached by :meth:`ActivationStore.save_shards`, read back one shard at a time.
 
@@ -517,7 +540,7 @@ class ShardedActivations:
 
         self.path = Path(path)
         if not self.path.is_dir():
-            raise XsaeError(f"activation cache not found: {self.path}", "harvest one first with ActivationStore.save_shards (xsae sae harvest)")
+            raise XsaeError(f"activation cache not found: {self.path}", "point at a folder written by ActivationStore.save_shards")
         self.meta: dict[str, Any] = read_json(self.path / META_FILE, "activation cache metadata")
         if self.meta.get("format") != SHARD_FORMAT:
             raise XsaeError(f"{self.path / META_FILE} is not an xsae activation cache", "point at a folder written by save_shards")

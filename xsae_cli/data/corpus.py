@@ -25,6 +25,8 @@ import json
 import math
 import random
 import re
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -294,31 +296,38 @@ def builtin_texts() -> tuple[str, ...]:
 
     for key in sorted(topics):
         add(topics[key])
-    for modname in _BUILTIN_MODULES:
-        try:
-            module = importlib.import_module(modname)
-        except Exception:  # a module missing on this platform (zoneinfo without tzdata, ...) is skipped
-            continue
-        add(module.__doc__)
-        members = vars(module)
-        for name in sorted(members):
-            obj = members[name]
-            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            if getattr(obj, "__module__", None) != modname:
-                continue  # re-exported from elsewhere; its own module (if listed) contributes it
-            add(obj.__doc__)
-            if inspect.isclass(obj):
-                attrs = vars(obj)
-                for attr in sorted(attrs):
-                    member = attrs[attr]
-                    if attr.startswith("_"):
-                        continue
-                    if isinstance(member, (staticmethod, classmethod)):
-                        member = member.__func__
-                    if inspect.isroutine(member) or isinstance(member, property):
-                        add(member.__doc__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated aliases (typing.io, ...) warn when touched
+        for modname in _BUILTIN_MODULES:
+            _add_module_docs(modname, add)
     return tuple(docs)
+
+
+def _add_module_docs(modname: str, add: Any) -> None:
+    """Feed the docstrings of ``modname``, its public classes, functions and methods to ``add``."""
+    try:
+        module = importlib.import_module(modname)
+    except Exception:  # a module missing on this platform (zoneinfo without tzdata, ...) is skipped
+        return
+    add(module.__doc__)
+    members = vars(module)
+    for name in sorted(members):
+        obj = members[name]
+        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        if getattr(obj, "__module__", None) != modname:
+            continue  # re-exported from elsewhere; its own module (if listed) contributes it
+        add(obj.__doc__)
+        if inspect.isclass(obj):
+            attrs = vars(obj)
+            for attr in sorted(attrs):
+                member = attrs[attr]
+                if attr.startswith("_"):
+                    continue
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if inspect.isroutine(member) or isinstance(member, property):
+                    add(member.__doc__)
 
 
 # --------------------------------------------------------------------------------------- chat
@@ -453,12 +462,14 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        with progress(transient=True) as bar:
-            task = bar.add_task("tokenising", total=len(texts), unit="doc", visible=len(texts) > 2000)
+        # A bar (a rich live display) only for corpora big enough to wait for.
+        with (progress(transient=True) if len(texts) > 2000 else nullcontext()) as bar:
+            task = bar.add_task("tokenising", total=len(texts), unit="doc") if bar is not None else None
             for start in range(0, len(texts), chunk):
                 batch = list(texts[start : start + chunk])
                 ids.extend(list(x) for x in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"])
-                bar.advance(task, len(batch))
+                if bar is not None:
+                    bar.advance(task, len(batch))
     finally:
         log.setLevel(level)
     return ids
@@ -554,8 +565,9 @@ def load_contexts(
     """Source -> (train contexts, held-out contexts or None): load, render chats, split, tokenise."""
     texts = render_texts(load_texts(source, text_field=text_field, limit=limit), tokenizer)
     train, held = split_documents(texts, held_out_fraction, seed)
-    kwargs = dict(pack=pack, prepend_bos=prepend_bos)
-    return (
-        tokenize_contexts(train, tokenizer, context_size, **kwargs),  # type: ignore[arg-type]
-        tokenize_contexts(held, tokenizer, context_size, **kwargs) if held else None,  # type: ignore[arg-type]
-    )
+    train_ctx = tokenize_contexts(train, tokenizer, context_size, pack=pack, prepend_bos=prepend_bos)
+    held_ctx = tokenize_contexts(held, tokenizer, context_size, pack=pack, prepend_bos=prepend_bos) if held else None
+    for c in (train_ctx, held_ctx):
+        if c is not None:
+            c.meta["corpus"] = source
+    return train_ctx, held_ctx

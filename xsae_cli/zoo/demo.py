@@ -115,25 +115,25 @@ def _gpt2() -> Any:
 def _gptneox() -> Any:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=128))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=128))
 
 
 def _qwen2() -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
 
 
 def _mistral() -> Any:
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
+    return MistralForCausalLM(MistralConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
 
 
 def _gemma() -> Any:
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    return GemmaForCausalLM(GemmaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16, intermediate_size=192, max_position_embeddings=128))
+    return GemmaForCausalLM(GemmaConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16, intermediate_size=192, max_position_embeddings=128))
 
 
 TINY: dict[str, tuple[Callable[[], Any], str, int]] = {
@@ -145,18 +145,41 @@ TINY: dict[str, tuple[Callable[[], Any], str, int]] = {
 }
 
 
+def tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer trained on CPython's pydoc topics (deterministic, no download).
+
+    Gives the tiny models real text to run on, so every pipeline works end to end on them in
+    seconds. Token 0 is ``<|endoftext|>`` (BOS, EOS and pad).
+    """
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None)
+
+
 def build_tiny(name: str, force: bool = False) -> Path:
     """Build (once) a tiny random-initialised model folder; the seed makes it reproducible."""
     import torch
 
     build, _family, seed = TINY[name]
     target = tiny_dir() / name
-    if (target / "config.json").exists() and not force:
+    if (target / "tokenizer.json").exists() and not force:
         return target
+    from xsae_cli.zoo.sources import quiet_transformers
+
+    quiet_transformers()
     torch.manual_seed(seed)
     model = build()
+    tokenizer = tiny_tokenizer()
     with atomic_dir(target, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "xsae_demo.json", {"name": name, "seed": seed, "random_init": True})
     return target
 

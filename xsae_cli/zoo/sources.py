@@ -251,7 +251,7 @@ def load_model(
         )
     quiet_transformers()
     archs = resolved.config.get("architectures") or []
-    cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    cls = AutoModelForCausalLM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else AutoModel
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True

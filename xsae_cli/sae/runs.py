@@ -1,0 +1,273 @@
+"""An SAE training run on a real model, end to end: load, harvest, train, evaluate, save.
+
+What ``xsae sae train`` calls. Activations are harvested once into safetensors shards under
+XSAE_CACHE (keyed by model weights, hooks, corpus and sizes), so further SAEs on the same layer
+(another architecture, another k) train from disk without running the model again, and a resumed
+run replays exactly the batches it would have seen.
+
+Run folder::
+
+    run.json                     what was asked (model, hooks, settings, versions)
+    <hook>/cfg.json              SAELens layout, one folder per hook
+    <hook>/sae_weights.safetensors
+    checkpoints/step_N/          resume points (safetensors + JSON)
+    train_log.jsonl              loss, FVU, L0, dead %, lr, tokens/s every few steps
+    metrics.json                 held-out reconstruction and downstream metrics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from xsae_cli.core.config import xsae_cache
+from xsae_cli.core.console import info
+from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.hardware import memory_report, package_versions, resolve_device, resolve_dtype, seed_everything
+from xsae_cli.core.io import atomic_write_json, read_json
+
+TOKEN_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
+
+
+def parse_tokens(text: str | int) -> int:
+    """'2M' -> 2_000_000, '500k' -> 500_000, '1.5B' -> 1_500_000_000."""
+    if isinstance(text, int):
+        return text
+    m = TOKEN_RE.match(str(text))
+    if not m:
+        raise XsaeError(f"bad token count '{text}'", "write e.g. 500k, 2M or 2000000")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def hook_dirname(hook: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", hook)
+
+
+@dataclass
+class RunSpec:
+    """Where activations come from and where results go."""
+
+    model: str
+    hooks: list[str]
+    out: Path
+    corpus: str = "builtin"
+    text_field: str = "text"
+    context_size: int = 128
+    pack: bool = True
+    held_out_fraction: float = 0.05
+    site: str = "output"
+    drop_special: bool = True
+    outlier_factor: float | None = None
+    device: str = "auto"
+    model_dtype: str = "float32"
+    batch_contexts: int = 8
+    eval_tokens: int = 32768
+    eval_contexts: int = 16
+    cache: bool = True
+    force: bool = False
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
+    from xsae_cli.zoo.registry import Registry, resolve_entry
+    from xsae_cli.zoo.sources import load_model
+
+    resolved = resolve_entry(spec.model)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.model_dtype, device)
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    entry = Registry().find(spec.model.lower())
+    identity = entry.sha256 if entry and entry.sha256 else str(resolved.path)
+    return model, tokenizer, device, identity
+
+
+def _contexts(spec: RunSpec, tokenizer: Any, seed: int) -> tuple[Any, Any]:
+    from xsae_cli.data.corpus import load_contexts
+
+    train, held = load_contexts(
+        spec.corpus,
+        tokenizer,
+        spec.context_size,
+        text_field=spec.text_field,
+        pack=spec.pack,
+        held_out_fraction=spec.held_out_fraction,
+        seed=seed,
+    )
+    return train, held
+
+
+def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
+    parts = [identity, ",".join(spec.hooks), spec.site, spec.corpus, spec.text_field, str(spec.context_size), str(spec.pack), str(spec.held_out_fraction), str(tokens), str(seed), str(spec.drop_special), str(spec.outlier_factor), spec.model_dtype]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
+    """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics."""
+    from xsae_cli.data.activations import ActivationStore, ShardedActivations
+    from xsae_cli.sae.formats import save_sae
+    from xsae_cli.sae.train import SaeTrainer
+
+    out = Path(spec.out)
+    if (out / "metrics.json").exists() and not spec.force:
+        raise XsaeError(f"{out} already holds a finished run", "pass --force to train it again, or choose another --out")
+    if out.exists() and spec.force:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(settings.seed)
+    t0 = time.perf_counter()
+    model, tokenizer, device, identity = _load(spec)
+    train_ctx, held_ctx = _contexts(spec, tokenizer, settings.seed)
+    store = ActivationStore(
+        model, tokenizer, spec.hooks, train_ctx, site=spec.site, batch_contexts=spec.batch_contexts,
+        device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, seed=settings.seed, model_name=spec.model,
+    )
+    d_in = store.d_in
+    metadata = {
+        h: {"model_name": spec.model, "hook_name": h, "context_size": spec.context_size, "prepend_bos": True, "dataset_path": spec.corpus, "hook_site": spec.site}
+        for h in spec.hooks
+    }
+    atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
+
+    harvest_seconds = 0.0
+    harvest_stats: dict[str, Any] = {}
+    if spec.cache:
+        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, settings.seed)
+        if not (cache_dir / "meta.json").exists():
+            h0 = time.perf_counter()
+            store.save_shards(cache_dir, settings.tokens, force=True, corpus=spec.corpus)
+            harvest_seconds = time.perf_counter() - h0
+            harvest_stats = asdict(store.stats) if hasattr(store.stats, "__dataclass_fields__") else {}
+        else:
+            info(f"reusing the activation cache {cache_dir}")
+        shards = ShardedActivations(cache_dir)
+
+        def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+            return _skip(shards.batches(settings.batch_size, settings.tokens, seed=settings.seed), skip_tokens)
+    else:
+        def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+            return _skip(store.batches(settings.batch_size, settings.tokens), skip_tokens)
+
+    trainer = SaeTrainer(settings, d_in, out, metadata=metadata, device=device)
+    trainer.fit(batches)
+    saes = trainer.saes()
+    if trainer.rank != 0:
+        return {}
+    for hook, sae in saes.items():
+        sae.fold_normalization()
+        save_sae(sae, out / hook_dirname(hook), format="saelens", force=True)
+
+    metrics = evaluate_saes(model, tokenizer, spec, saes, held_ctx, device)
+    metrics["training"] = {
+        "tokens": trainer.tokens,
+        "steps": trainer.step,
+        "seconds": round(trainer.seconds, 2),
+        "tokens_per_second": round(trainer.tokens_per_second, 1),
+        "harvest_seconds": round(harvest_seconds, 2),
+        "harvest": _jsonable(harvest_stats),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "memory": memory_report(device),
+    }
+    metrics["model"] = spec.model
+    metrics["settings"] = _jsonable(asdict(settings))
+    metrics["versions"] = package_versions()
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _skip(it: Iterator[dict[str, torch.Tensor]], tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Drop the first ``tokens`` rows of a deterministic stream (a resumed run's past)."""
+    skipped = 0
+    for batch in it:
+        n = int(next(iter(batch.values())).shape[0])
+        if skipped + n <= tokens:
+            skipped += n
+            continue
+        if skipped < tokens:
+            cut = tokens - skipped
+            batch = {h: t[cut:] for h, t in batch.items()}
+            skipped = tokens
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any], held_ctx: Any, device: Any) -> dict[str, Any]:
+    """Held-out reconstruction metrics per hook and, for LMs, CE loss recovered and KL."""
+    from xsae_cli.data.activations import ActivationStore
+    from xsae_cli.sae.evaluate import downstream_metrics
+    from xsae_cli.sae.metrics import RunningStats
+
+    if held_ctx is None or len(held_ctx) == 0:
+        raise XsaeError("no held-out text to evaluate on", "use a larger corpus or a larger held-out fraction")
+    store = ActivationStore(model, tokenizer, list(saes), held_ctx, site=spec.site, batch_contexts=spec.batch_contexts, device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, shuffle=False, model_name=spec.model)
+    stats = {h: RunningStats(sae.cfg.d_in, sae.cfg.d_sae) for h, sae in saes.items()}
+    for batch in store.batches(4096, spec.eval_tokens):
+        for h, x in batch.items():
+            sae = saes[h]
+            x = x.to(next(sae.parameters()).device, torch.float32)
+            codes = sae.encode(x)
+            stats[h].update(x, sae.decode(codes), codes)
+    results: dict[str, Any] = {"hooks": {}}
+    n = min(spec.eval_contexts, len(held_ctx))
+    for h, sae in saes.items():
+        r = stats[h].compute()
+        r["special_tokens_dropped"] = int(getattr(store.stats, "dropped_special", 0))
+        down = downstream_metrics(model, h, sae, held_ctx.input_ids[:n], held_ctx.special_mask[:n], held_ctx.attention_mask[:n] if held_ctx.attention_mask is not None else None)
+        r["downstream"] = down
+        results["hooks"][h] = r
+    return results
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise XsaeError(f"{run_dir} is not an xsae SAE run (no run.json)", "point at the --out folder of `xsae sae train`")
+    return read_json(run_dir / "run.json", "run description")
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_tokens: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's SAEs on its held-out split."""
+    from xsae_cli.sae.formats import load_sae
+
+    run_dir = Path(run_dir)
+    desc = load_run(run_dir)
+    fields = {k: v for k, v in desc["spec"].items() if k in RunSpec.__dataclass_fields__}
+    fields["out"] = run_dir
+    fields["device"] = device
+    if eval_tokens:
+        fields["eval_tokens"] = eval_tokens
+    spec = RunSpec(**fields)
+    model, tokenizer, dev, _ = _load(spec)
+    saes = {}
+    for h in spec.hooks:
+        folder = run_dir / hook_dirname(h)
+        sae = load_sae(folder, device=dev)
+        width = _width(model, h, spec, tokenizer)
+        if sae.cfg.d_in != width:
+            raise XsaeError(f"SAE {folder} has d_in={sae.cfg.d_in} but hook {h} of {spec.model} has width {width}", "evaluate it on the model and hook it was trained on")
+        saes[h] = sae
+    _, held = _contexts(spec, tokenizer, desc["settings"].get("seed", 0))
+    return evaluate_saes(model, tokenizer, spec, saes, held, dev)
+
+
+def _width(model: Any, hook: str, spec: RunSpec, tokenizer: Any = None) -> int:
+    """The hooked tensor's width, from one tiny forward pass."""
+    from xsae_cli.data.activations import ActivationStore
+    from xsae_cli.data.corpus import tokenize_contexts
+
+    ctx = tokenize_contexts(["width probe"], tokenizer, 8)
+    return ActivationStore(model, tokenizer, [hook], ctx, site=spec.site, drop_special=False, shuffle=False).d_in[hook]
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,300 @@
+"""Train one or several SAEs over a stream of activation batches.
+
+A compact trainer in the spirit of sparsify's: Adam with linear warm-up and a linear decay over
+the last part of the run, dead-latent tracking by tokens since last fired (feeding AuxK), decoder
+rows kept unit-norm where the architecture asks, numbered checkpoints holding everything a resume
+needs (SAE weights, optimizer state, counters) in safetensors + JSON. Several hooks train in one
+pass over the same batches. In a multi-process launch (accelerate / torchrun) every rank reads
+its own slice of batches and gradients are averaged with one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from xsae_cli.core.console import info, progress
+from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.io import Checkpoints
+from xsae_cli.sae.metrics import FiringTracker
+from xsae_cli.sae.models import SaeConfig, SparseAutoencoder, create_sae
+
+Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # skip_tokens -> batches
+
+
+@dataclass
+class TrainSettings:
+    """How SAEs are trained; the architecture itself is in :class:`SaeConfig`."""
+
+    arch: str = "topk"
+    k: int = 32
+    expansion: int = 8
+    d_sae: int | None = None  # overrides expansion
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = 0.02
+    decay_fraction: float = 0.2  # linear decay to zero over the last part of the run
+    batch_size: int = 4096  # tokens per step
+    tokens: int = 2_000_000
+    checkpoint_every: int = 200  # steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    init_b_dec: str = "geometric_median"
+    normalize_activations: str = "none"
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 1e-3
+    dead_tokens_threshold: int = 1_000_000
+    seed: int = 0
+    log_with: str | None = None  # accelerate tracker: tensorboard | wandb
+    extra: dict[str, Any] = field(default_factory=dict)  # further SaeConfig fields
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, math.ceil(self.tokens / self.batch_size))
+
+    def sae_config(self, d_in: int, metadata: dict[str, Any]) -> SaeConfig:
+        d_sae = self.d_sae or d_in * self.expansion
+        k = self.k if self.arch in ("topk", "batchtopk") else None
+        return SaeConfig(
+            arch=self.arch,
+            d_in=d_in,
+            d_sae=d_sae,
+            k=k,
+            l1_coefficient=self.l1_coefficient,
+            l0_coefficient=self.l0_coefficient,
+            dead_tokens_threshold=self.dead_tokens_threshold,
+            normalize_activations=self.normalize_activations,
+            metadata=dict(metadata),
+            **self.extra,
+        )
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, flat, then linear decay to zero: robust for short and long runs alike."""
+    total = settings.total_steps
+    warm = max(1, int(total * settings.warmup_fraction))
+    if step < warm:
+        return (step + 1) / warm
+    decay_start = int(total * (1 - settings.decay_fraction))
+    if settings.decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+@dataclass
+class HookState:
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    firing: FiringTracker  # tokens since each latent last fired
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class SaeTrainer:
+    """Trains one SAE per hook on shared batches, with checkpoints that resume exactly."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        d_in: dict[str, int],
+        run_dir: Path,
+        *,
+        metadata: dict[str, dict[str, Any]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device)
+        self.hooks = list(d_in)
+        self.rank, self.world = _dist()
+        self.checkpoints = Checkpoints(self.run_dir, keep=settings.keep_checkpoints)
+        self.states: dict[str, HookState] = {}
+        for i, hook in enumerate(self.hooks):
+            cfg = settings.sae_config(d_in[hook], (metadata or {}).get(hook, {"hook_name": hook}))
+            sae = create_sae(cfg, device=self.device, seed=settings.seed + i)
+            opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=settings.betas)
+            self.states[hook] = HookState(sae, opt, FiringTracker(cfg.d_sae, device=self.device))
+        self.step = 0
+        self.tokens = 0
+        self.initialised = False
+        self.log_path = self.run_dir / "train_log.jsonl"
+        self.tracker: Any = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            hook: {"sae": st.sae.state_dict(), "optimizer": st.optimizer.state_dict(), "firing": st.firing.state_dict()}
+            for hook, st in self.states.items()
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        meta = {"tokens": self.tokens, "hooks": self.hooks, "settings": _jsonable(asdict(self.settings)), "configs": {h: st.sae.cfg.to_dict() for h, st in self.states.items()}}
+        return self.checkpoints.save(self.step, self.state_dict(), meta)
+
+    def try_resume(self) -> bool:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        step, state, meta = latest
+        if sorted(meta.get("hooks", [])) != sorted(self.hooks):
+            raise XsaeError(
+                f"checkpoints in {self.run_dir} are for hooks {meta.get('hooks')}, not {self.hooks}",
+                "use another --out, or pass --force to start over",
+            )
+        for hook, st in self.states.items():
+            saved = state[hook]
+            cfg = meta["configs"][hook]
+            if cfg["d_sae"] != st.sae.cfg.d_sae or cfg["arch"] != st.sae.cfg.arch:
+                raise XsaeError(
+                    f"checkpoint in {self.run_dir} is a {cfg['arch']} SAE with d_sae={cfg['d_sae']}, not {st.sae.cfg.arch} with d_sae={st.sae.cfg.d_sae}",
+                    "use another --out, or pass --force to start over",
+                )
+            if cfg.get("norm_scaling_factor") is not None:
+                st.sae.cfg.norm_scaling_factor = cfg["norm_scaling_factor"]
+            st.sae.load_state_dict(saved["sae"])
+            st.optimizer.load_state_dict(saved["optimizer"])
+            st.firing.load_state_dict(saved["firing"])
+        self.step, self.tokens, self.initialised = step, int(meta["tokens"]), True
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def _initialise(self, batch: dict[str, torch.Tensor]) -> None:
+        """b_dec from the geometric median (or mean) and the normalisation scale, from a first batch."""
+        for hook, st in self.states.items():
+            x = batch[hook].to(self.device, torch.float32)
+            st.sae.fit_normalization(x)
+            st.sae.init_b_dec(x, method=self.settings.init_b_dec)
+        if self.world > 1:  # every rank starts from rank 0's initialisation
+            for st in self.states.values():
+                for p in st.sae.parameters():
+                    torch.distributed.broadcast(p.data, src=0)
+        self.initialised = True
+
+    def _check_finite(self, hook: str, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+            raise XsaeError(
+                f"non-finite activations (NaN/Inf in {bad} tokens) at step {self.step} in hook {hook}",
+                f"training stopped; the last good checkpoint in {self.checkpoints.root} is kept. Check the model's dtype (try --dtype float32) or drop outliers",
+            )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        if not self.initialised:
+            self._initialise(batch)
+        factor = lr_factor(self.step, self.settings)
+        logs: dict[str, dict[str, float]] = {}
+        for hook, st in self.states.items():
+            x = batch[hook].to(self.device, torch.float32, non_blocking=True)
+            self._check_finite(hook, x)
+            dead_mask = st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold)
+            out = st.sae.training_forward(x, dead_mask=dead_mask)
+            if not torch.isfinite(out.loss):
+                raise XsaeError(
+                    f"the loss became non-finite at step {self.step} in hook {hook}",
+                    f"training stopped; the last good checkpoint in {self.checkpoints.root} is kept. Lower --lr",
+                )
+            st.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if self.world > 1:
+                for p in st.sae.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.world
+            if st.sae.unit_norm_decoder:
+                st.sae.remove_gradient_parallel_to_decoder_directions()
+            for group in st.optimizer.param_groups:
+                group["lr"] = self.settings.lr * factor
+            st.optimizer.step()
+            if st.sae.unit_norm_decoder:
+                st.sae.set_decoder_norm_to_unit_norm()
+            fired = out.fired.to(self.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(fired)
+            st.firing.update(fired, x.shape[0] * self.world)
+            logs[hook] = {k: float(v) for k, v in out.terms.items()}
+            logs[hook]["loss"] = float(out.loss.detach())
+            logs[hook]["dead_pct"] = 100.0 * float(st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold).float().mean())
+            logs[hook]["lr"] = self.settings.lr * factor
+        self.step += 1
+        self.tokens += int(next(iter(batch.values())).shape[0]) * self.world
+        return logs
+
+    def fit(self, batches: Batches, *, resume: bool = True) -> dict[str, Any]:
+        """Train until ``settings.tokens`` tokens were seen; return the last logs per hook."""
+        if resume and self.try_resume():
+            info(f"resuming from step {self.step} ({self.tokens:,} tokens) in {self.checkpoints.root}")
+        self._start_tracker()
+        total = self.settings.tokens
+        last: dict[str, dict[str, float]] = {}
+        start = time.perf_counter()
+        start_tokens = self.tokens
+        log_fh = open(self.log_path, "a", encoding="utf-8") if self.rank == 0 else None
+        try:
+            with progress() as bar:
+                task = bar.add_task("training SAE" + ("s" if len(self.hooks) > 1 else ""), total=total, completed=self.tokens, unit="tokens")
+                for batch in batches(self.tokens // self.world):
+                    if self.tokens >= total:
+                        break
+                    last = self.train_step(batch)
+                    bar.update(task, completed=min(self.tokens, total))
+                    if self.step % self.settings.log_every == 0 or self.tokens >= total:
+                        rate = (self.tokens - start_tokens) / max(1e-9, time.perf_counter() - start)
+                        self._log(log_fh, last, rate)
+                    if self.step % self.settings.checkpoint_every == 0:
+                        self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise XsaeError(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints.root}", "run the same command again to resume") from None
+        finally:
+            if log_fh:
+                log_fh.close()
+        if self.tokens < total:
+            info(f"the activation stream ended after {self.tokens:,} of {total:,} tokens")
+        self.save_checkpoint()
+        seconds = time.perf_counter() - start
+        self.seconds = seconds
+        self.tokens_per_second = (self.tokens - start_tokens) / max(seconds, 1e-9)
+        if self.tracker is not None:
+            self.tracker.end_training()
+        return last
+
+    def _log(self, fh: Any, logs: dict[str, dict[str, float]], rate: float) -> None:
+        if fh is None:
+            return
+        for hook, terms in logs.items():
+            row = {"step": self.step, "tokens": self.tokens, "hook": hook, "tokens_per_s": rate, **terms}
+            fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        if self.tracker is not None:
+            flat = {f"{h}/{k}": v for h, t in logs.items() for k, v in t.items()}
+            self.tracker.log(flat, step=self.step)
+
+    def _start_tracker(self) -> None:
+        if not self.settings.log_with or self.rank != 0:
+            return
+        from accelerate import Accelerator
+
+        acc = Accelerator(log_with=self.settings.log_with, project_dir=str(self.run_dir / "logs"), cpu=self.device.type == "cpu")
+        acc.init_trackers("xsae-sae", config={k: v for k, v in _jsonable(asdict(self.settings)).items() if isinstance(v, (int, float, str, bool))})
+        self.tracker = acc
+
+    def saes(self) -> dict[str, SparseAutoencoder]:
+        return {h: st.sae for h, st in self.states.items()}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
