@@ -38,6 +38,7 @@ demo: models
 	$(XSAE) --config recipes/demo.toml zoo demo
 	$(XSAE) --config recipes/demo.toml zoo list
 	$(XSAE) --config recipes/demo.toml zoo info smollm2-135m
+	$(XSAE) --config recipes/demo.toml sae train --model smollm2-135m --hook model.layers.15 --arch topk --k 32 --expansion 8 --tokens 150k --out runs/demo/smol-l15 --force
 
 test: dev models
 	$(PY) -m pytest -q

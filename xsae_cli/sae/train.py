@@ -242,6 +242,7 @@ class SaeTrainer:
         last: dict[str, dict[str, float]] = {}
         start = time.perf_counter()
         start_tokens = self.tokens
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         log_fh = open(self.log_path, "a", encoding="utf-8") if self.rank == 0 else None
         try:
             with progress() as bar:

@@ -1,0 +1,99 @@
+"""`xsae sae` end to end: train on real and tiny models, eval, export, resume after kill -9, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tests.conftest import assert_user_error, run_xsae, xsae_bin
+
+TINY = ["sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--arch", "topk", "--k", "8", "--expansion", "4", "--batch-size", "512", "--context-size", "64"]
+
+
+def test_train_eval_export_on_tiny_gpt2(demo_zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_xsae("--json", "--seed", "0", *TINY, "--tokens", "8k", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(proc.stdout)
+    hook = metrics["hooks"]["transformer.h.2"]
+    assert 0 < hook["fvu"] < 1 and hook["l0"] <= 8.0 + 1e-6
+    assert hook["downstream"]["ce_clean"] > 0 and "ce_loss_recovered" in hook["downstream"]
+    assert metrics["training"]["tokens"] >= 8000
+    cfg = json.loads((out / "transformer.h.2" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 64 and cfg["d_sae"] == 256 and cfg["k"] == 8
+    assert cfg["metadata"]["model_name"] == "tiny-gpt2" and cfg["metadata"]["hook_name"] == "transformer.h.2"
+
+    # A finished run is never overwritten without --force.
+    assert_user_error(run_xsae(*TINY, "--tokens", "16k", "--out", str(out)), "already holds a finished run", "--force")
+
+    ev = run_xsae("--json", "sae", "eval", str(out))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert abs(json.loads(ev.stdout)["hooks"]["transformer.h.2"]["fvu"] - hook["fvu"]) < 1e-4
+
+    exp = run_xsae("sae", "export", str(out / "transformer.h.2"), str(tmp_path / "sp"), "--format", "sparsify")
+    assert exp.returncode == 0, exp.stderr
+    assert (tmp_path / "sp" / "transformer.h.2" / "sae.safetensors").exists()
+
+
+def test_real_smollm2_topk_sae(demo_zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "smol"
+    proc = run_xsae("--json", *["sae", "train", "--model", "smollm2-135m", "--hook", "model.layers.3", "--k", "16", "--expansion", "2", "--tokens", "12k", "--batch-size", "1024", "--context-size", "64", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout)["hooks"]["model.layers.3"]
+    assert m["fvu"] < 1.0 and m["downstream"]["ce_clean"] < m["downstream"]["ce_zero"]
+    assert m["special_tokens_dropped"] > 0
+
+
+def test_kill_9_then_resume_equals_uninterrupted(demo_zoo: Path, tmp_path: Path) -> None:
+    args = ["--seed", "3", *TINY, "--tokens", "30k", "--checkpoint-every", "5"]
+    ref = run_xsae(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.Popen([*xsae_bin(), *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    ckpt = out / "checkpoints"
+    while time.time() < deadline and not (ckpt.exists() and any(p.name >= "step_000000010" for p in ckpt.iterdir() if not p.name.startswith("."))):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = run_xsae(*args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stderr
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "ref" / "transformer.h.2" / "sae_weights.safetensors")
+    b = load_file(out / "transformer.h.2" / "sae_weights.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_bad_hook_lists_nearest_modules(demo_zoo: Path, tmp_path: Path) -> None:
+    proc = run_xsae("sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.22", "--tokens", "1k", "--out", str(tmp_path / "x"))
+    line = assert_user_error(proc, "transformer.h.22")
+    assert "transformer.h.2" in line
+
+
+def test_sae_d_in_mismatch_names_both_shapes(demo_zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_xsae("--seed", "0", *TINY, "--tokens", "4k", "--out", str(out)).returncode == 0
+    run = json.loads((out / "run.json").read_text())
+    run["spec"]["model"] = "minilm-l6"
+    run["spec"]["hooks"] = ["encoder.layer.2"]
+    (out / "run.json").write_text(json.dumps(run))
+    (out / "transformer.h.2").rename(out / "encoder.layer.2")
+    assert_user_error(run_xsae("sae", "eval", str(out)), "d_in=64", "width 384")
+
+
+def test_corrupt_sae_file_is_refused_with_its_path(tmp_path: Path, demo_zoo: Path) -> None:
+    out = tmp_path / "run"
+    assert run_xsae("--seed", "0", *TINY, "--tokens", "4k", "--out", str(out)).returncode == 0
+    w = out / "transformer.h.2" / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-50])
+    assert_user_error(run_xsae("sae", "export", str(out / "transformer.h.2"), str(tmp_path / "o")), "sae_weights.safetensors")

@@ -1,0 +1,88 @@
+"""Trainer: learns, resumes exactly from a checkpoint, stops on non-finite input keeping the last checkpoint."""
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from xsae_cli.core.errors import XsaeError
+from xsae_cli.sae.train import SaeTrainer, TrainSettings, lr_factor
+
+
+def _data(n: int = 8192, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(64, d, generator=g), dim=-1)
+    codes = torch.rand(n, 64, generator=g) * (torch.rand(n, 64, generator=g) < 0.05)
+    return codes @ dictionary + 0.01 * torch.randn(n, d, generator=g)
+
+
+def _batches(x: torch.Tensor, batch: int):
+    def make(skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(skip, x.shape[0], batch):
+            yield {"h": x[start : start + batch]}
+
+    return make
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(arch="topk", k=4, expansion=4, lr=3e-3, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4, seed=1)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_training_lowers_fvu_and_logs(tmp_path: Path) -> None:
+    x = _data()
+    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path)
+    logs = trainer.fit(_batches(x, 256))
+    assert trainer.step == 32 and trainer.tokens == 8192
+    assert logs["h"]["fvu"] < 0.5
+    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and '"fvu"' in lines[0]
+    assert trainer.checkpoints.steps()[-1] == 32
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    x = _data()
+    straight = SaeTrainer(_settings(), {"h": 16}, tmp_path / "a")
+    straight.fit(_batches(x, 256))
+
+    # Simulate a crash right after the step-16 checkpoint: a run told to stop at 16 steps' worth.
+    first = SaeTrainer(_settings(tokens=8192), {"h": 16}, tmp_path / "b")
+    for i, batch in enumerate(_batches(x, 256)(0)):
+        first.train_step(batch)
+        if first.step % 8 == 0:
+            first.save_checkpoint()
+        if first.step == 20:  # work after the last checkpoint is lost, as in a kill -9
+            break
+    resumed = SaeTrainer(_settings(), {"h": 16}, tmp_path / "b")
+    resumed.fit(_batches(x, 256))
+    assert resumed.step == straight.step
+    for (name, a), (_, b) in zip(straight.saes()["h"].state_dict().items(), resumed.saes()["h"].state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_nan_activations_stop_with_step_and_hook_and_keep_checkpoint(tmp_path: Path) -> None:
+    x = _data()
+    x[2000] = float("nan")
+    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path)
+    with pytest.raises(XsaeError) as exc:
+        trainer.fit(_batches(x, 256))
+    text = str(exc.value)
+    assert "step 7" in text and "hook h" in text and "checkpoint" in text
+    # No checkpoint had been written yet at step 7 (first at 8), and none is written after the fault.
+    assert trainer.checkpoints.steps() == []
+
+
+def test_lr_schedule_warms_up_and_decays() -> None:
+    s = _settings(tokens=256 * 100, warmup_fraction=0.1, decay_fraction=0.2)
+    assert lr_factor(0, s) == pytest.approx(0.1)
+    assert lr_factor(50, s) == 1.0
+    assert lr_factor(99, s) == pytest.approx(1 / 20)
+
+
+def test_checkpoint_for_other_hooks_is_refused(tmp_path: Path) -> None:
+    x = _data()
+    SaeTrainer(_settings(tokens=2048), {"h": 16}, tmp_path).fit(_batches(x, 256))
+    with pytest.raises(XsaeError, match="not \\['other'\\]"):
+        SaeTrainer(_settings(), {"other": 16}, tmp_path).try_resume()
