@@ -34,6 +34,17 @@ def test_train_eval_export_on_tiny_gpt2(demo_zoo: Path, tmp_path: Path) -> None:
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert abs(json.loads(ev.stdout)["hooks"]["transformer.h.2"]["fvu"] - hook["fvu"]) < 1e-4
 
+    feat = run_xsae("--json", "sae", "features", str(out), "--contexts", "16", "--top", "4")
+    assert feat.returncode == 0, feat.stderr[-2000:]
+    summary = json.loads((out / "transformer.h.2" / "features.json").read_text())
+    assert len(summary["latents"]) == 256 and summary["n_tokens"] > 0
+    busiest = max(summary["latents"], key=lambda lat: lat["frequency"])
+    top = busiest["top_contexts"][0]
+    assert abs(top["acts"][top["max_index"]] - top["max_act"]) < 1e-3  # the window is centred on the recorded maximum
+    assert top["max_act"] == max(c["max_act"] for c in busiest["top_contexts"])
+    assert sum(busiest["histogram"]["counts"]) == round(busiest["frequency"] * summary["n_tokens"])
+    assert len(busiest["logit_lens"]["promoted"]) == 8
+
     exp = run_xsae("sae", "export", str(out / "transformer.h.2"), str(tmp_path / "sp"), "--format", "sparsify")
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "sp" / "transformer.h.2" / "sae.safetensors").exists()

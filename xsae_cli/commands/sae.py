@@ -120,3 +120,22 @@ def export(
 
     path = export_sae(src, dst, fmt, force, hook=hook)
     out.emit({"written": str(path), "format": fmt}, lambda d: out.console.print(f"wrote {d['format']} SAE to [bold]{d['written']}[/bold]"))
+
+
+@app.command("features")
+def features(
+    ctx: typer.Context,
+    run_dir: Path = typer.Argument(..., help="A run folder written by `xsae sae train`."),
+    hook: Optional[str] = typer.Option(None, "--hook", help="Which hook's SAE (needed when the run has several)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where to write the JSON (default: <run>/<hook>/features.json)."),
+    contexts: int = typer.Option(128, "--contexts", help="Held-out contexts to scan."),
+    top_n: int = typer.Option(8, "--top", help="Top-activating contexts kept per latent."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Top-activating contexts, activation histograms and logit lens per latent, as JSON for `xsae viz features`."""
+    from xsae_cli.sae.runs import features_run
+
+    path, summary = features_run(run_dir, hook=hook, output=output, n_contexts=contexts, top_n=top_n, device=ctx.obj.config.hardware.device, force=force)
+    live = sum(1 for lat in summary["latents"] if lat["frequency"] > 0)
+    brief = {"written": str(path), "latents": len(summary["latents"]), "alive": live, "tokens": summary["n_tokens"]}
+    out.emit(brief, lambda d: out.console.print(f"wrote [bold]{d['written']}[/bold]: {d['latents']} latents ({d['alive']} fired) over {d['tokens']:,} tokens"))

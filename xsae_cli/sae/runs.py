@@ -271,3 +271,44 @@ def _width(model: Any, hook: str, spec: RunSpec, tokenizer: Any = None) -> int:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+def features_run(
+    run_dir: str | Path,
+    *,
+    hook: str | None = None,
+    output: str | Path | None = None,
+    n_contexts: int = 128,
+    top_n: int = 8,
+    device: str = "auto",
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Write ``features.json`` (top contexts, histograms, logit lens per latent) for one hook of a run."""
+    from xsae_cli.core.io import refuse_overwrite
+    from xsae_cli.sae.features import feature_summary
+    from xsae_cli.sae.formats import load_sae
+
+    run_dir = Path(run_dir)
+    desc = load_run(run_dir)
+    hooks = desc["spec"]["hooks"]
+    if hook is None:
+        if len(hooks) > 1:
+            raise XsaeError(f"{run_dir} holds SAEs for several hooks: {', '.join(hooks)}", "pick one with --hook")
+        hook = hooks[0]
+    if hook not in hooks:
+        raise XsaeError(f"{run_dir} has no SAE for hook {hook}", f"it holds: {', '.join(hooks)}")
+    target = Path(output) if output else run_dir / hook_dirname(hook) / "features.json"
+    refuse_overwrite(target, force)
+    fields = {k: v for k, v in desc["spec"].items() if k in RunSpec.__dataclass_fields__}
+    fields.update(out=run_dir, device=device)
+    spec = RunSpec(**fields)
+    model, tokenizer, dev, _ = _load(spec)
+    sae = load_sae(run_dir / hook_dirname(hook), device=dev)
+    _, held = _contexts(spec, tokenizer, desc["settings"].get("seed", 0))
+    if held is None:
+        raise XsaeError("the run has no held-out text to look at", "train with a held-out fraction above 0")
+    held = held.select(slice(0, n_contexts))
+    summary = feature_summary(model, tokenizer, sae, hook, held, site=spec.site, top_n=top_n)
+    summary.update(model=spec.model, run=str(run_dir), corpus=spec.corpus, versions=package_versions())
+    atomic_write_json(target, summary)
+    return target, summary
