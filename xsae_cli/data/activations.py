@@ -413,7 +413,7 @@ class ActivationStore:
             buffer.push({h: t[count:] for h, t in rows.items()})
 
         # Only a visible bar opens a rich live display: a trainer iterating these batches under its
-        # own progress bar would otherwise collide with it (rich allows one live display).
+        # own progress bar would otherwise collide with it (rich < 15 allows one live display).
         with (progress(transient=False) if show_progress else nullcontext()) as bar:
             task = bar.add_task(f"harvesting {', '.join(self.hooks)}", total=total, unit="tok") if bar is not None else None
             start = 0

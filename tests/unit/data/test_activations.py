@@ -204,7 +204,16 @@ def test_eval_mode_and_training_flag_restored(tok, small):
     a = ActivationStore(model, tok, ["h.0"], small, shuffle=False).harvest()["h.0"]
     b = ActivationStore(model, tok, ["h.0"], small, shuffle=False).harvest()["h.0"]
     assert torch.equal(a, b)  # dropout off
-    assert model.training
+    assert all(m.training for m in model.modules())  # every module's flag restored
+
+
+def test_batches_run_under_another_progress_bar(tok, small, llama):
+    from xsae_cli.core.console import progress
+
+    with progress() as bar:  # a trainer's live display; rich < 15 allows only one at a time
+        bar.add_task("training", total=1, unit="step")
+        n = sum(b["model.layers.0"].shape[0] for b in ActivationStore(llama, tok, ["model.layers.0"], small).batches(64))
+    assert n == small.n_content_tokens
 
 
 # --------------------------------------------------------------------------------------- paths
