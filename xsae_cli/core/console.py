@@ -99,7 +99,7 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress(transient: bool = False) -> Iterator[Progress]:
+def progress(transient: bool = False, disable: bool = False) -> Iterator[Progress]:
     """A rich progress bar with rate and ETA on stderr; pass ``unit=`` to ``add_task``."""
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -111,7 +111,7 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console, transient=transient, disable=state.quiet or state.json) as bar:
+    with Progress(*columns, console=err_console, transient=transient, disable=disable or state.quiet or state.json) as bar:
         yield bar
 
 

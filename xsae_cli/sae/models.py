@@ -9,9 +9,10 @@ Why the TopK path looks the way it does: on a CPU the dense encoder matmul is th
 cannot be avoided (every pre-activation must be seen to pick the top k). Everything else is sparse:
 each token keeps k of d_sae latents, so the decoder, the decoder backward and the encoder backward
 touch ``N * k`` entries, not ``N * d_sae``. Plain autograd would run three more dense
-``[N, d_sae]`` matmuls for them; here they run as sparse products (CSR on CPU/CUDA, gather/index_add
-elsewhere) through two small autograd functions, :class:`_GatherLinear` and :class:`_SparseDecode`.
-BatchTopK and AuxK reuse the same two functions with other sparsity patterns.
+``[N, d_sae]`` matmuls for them; here they run as sparse products (``embedding_bag`` and a sampled
+matmul on CPU/CUDA, gather/index_add elsewhere) through two small autograd functions,
+:class:`_GatherLinear` and :class:`_SparseDecode`. BatchTopK and AuxK reuse the same two functions
+with other sparsity patterns. The dense pre-activations go into a buffer reused between steps.
 """
 
 from __future__ import annotations
@@ -201,8 +202,7 @@ class _Pattern:
         """Any pattern given as sorted flat indices ``row * n_cols + col`` (BatchTopK)."""
         rows = torch.div(flat, n_cols, rounding_mode="floor")
         cols = flat - rows * n_cols
-        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
-        torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+        crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=flat.device))
         return cls(cols, n_rows, n_cols, crow, backend, rows=rows)
 
     @property
@@ -316,7 +316,8 @@ class _SparseDecode(torch.autograd.Function):
     """``x_hat = G @ W_dec`` for sparse codes G, with both gradients sparse.
 
     ``grad values = (grad_out @ W_dec^T)[pattern]`` (sampled product, nnz * d_in work) and
-    ``grad W_dec = G^T grad_out``; neither materialises ``[N, d_sae]`` or ``[nnz, d_in]`` (CSR).
+    ``grad W_dec = G^T grad_out``; on the ``bag`` backend neither materialises ``[N, d_sae]`` or
+    ``[nnz, d_in]``.
     """
 
     @staticmethod
@@ -429,10 +430,9 @@ def _global_topk(values: Tensor, K: int) -> Tensor:
     idx = None
     if n >= (1 << 20) and K * 8 <= n:
         stride = next(p for p in (251, 241, 239, 233) if values.shape[-1] % p)
-        sample = flat[::stride].float()
-        q = max(0.0, 1.0 - 1.25 * K / n)
-        pos = min(sample.numel(), max(1, int(q * sample.numel())))
-        t = sample.kthvalue(pos).values
+        sample = flat[::stride]
+        above = min(sample.numel(), max(1, math.ceil(1.25 * K / n * sample.numel())))
+        t = sample.topk(above, sorted=True).values[-1]  # ~the (1 - 1.25 K/n) quantile
         cand = (flat >= t).nonzero().squeeze(1)
         if cand.numel() >= K:
             idx = cand[flat.index_select(0, cand).topk(K, sorted=False).indices]
@@ -462,16 +462,29 @@ class SparseAutoencoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
-        # Random unit directions for the decoder rows; the encoder starts as their transpose
-        # (Gao et al. 2024; Conerly et al. 2024) so each latent first responds to its own direction.
-        w_dec = torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32)
-        w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         dtype = cfg.torch_dtype
-        self.W_dec = nn.Parameter(w_dec.to(dtype))
-        self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
         self._norm_state: tuple[Tensor, Tensor] | None = None
+        if self.W_dec.device.type != "meta":  # a loader building on meta (accelerate) skips the init
+            self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows; the encoder is their transpose; biases zero.
+
+        Encoder = decoder^T (Gao et al. 2024; Conerly et al. 2024) makes each latent first respond
+        to its own direction, which cuts dead latents at the start. Drawn in float32 on the CPU so
+        a seed gives the same SAE on every device and dtype.
+        """
+        w_dec = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w_dec)
+        self.W_enc.copy_(w_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
     # -- properties --------------------------------------------------------------------------
 
@@ -813,13 +826,13 @@ class TopKSae(SparseAutoencoder):
         del pre
         loss = mse + self.cfg.aux_k_coefficient * aux if aux.requires_grad else mse
         with torch.no_grad():
-            positive = vals > 0
-            fired = torch.bincount(p.cols[positive], minlength=int(self.cfg.d_sae))
+            positive = vals.detach() > 0
+            fired = torch.zeros(int(self.cfg.d_sae), dtype=torch.long, device=vals.device).index_add_(0, p.cols, positive.long())
             l0 = positive.sum(dtype=torch.float32) / n
-            self._after_step(vals[positive])
+            self._after_step(vals.detach(), positive)
         return x_hat, loss, {"mse": mse, "aux": aux, "l0": l0}, fired
 
-    def _after_step(self, positive_values: Tensor) -> None:
+    def _after_step(self, values: Tensor, positive: Tensor) -> None:
         """Hook for state that follows the training codes (BatchTopK's threshold)."""
 
     def _auxk(self, x_n: Tensor, xc: Tensor, pre: Tensor, err: Tensor, dead_mask: Tensor | None) -> Tensor:
@@ -872,15 +885,13 @@ class BatchTopKSae(TopKSae):
             flat = keep.reshape(-1).nonzero().squeeze(1)
         return _Pattern.from_flat(flat, n, d_sae, self.sparse_backend), pre.reshape(-1).index_select(0, flat)
 
-    def _after_step(self, positive_values: Tensor) -> None:
-        if positive_values.numel() == 0:
-            return
-        smallest = positive_values.min().to(self.threshold.dtype)
-        if bool((self.threshold == 0).all()):
-            self.threshold.fill_(smallest)
-        else:
-            lr = float(self.cfg.batchtopk_threshold_lr)
-            self.threshold.mul_(1 - lr).add_(smallest * lr)
+    def _after_step(self, values: Tensor, positive: Tensor) -> None:
+        """EMA towards the smallest positive kept code; written without host syncs (CUDA)."""
+        smallest = torch.where(positive, values, torch.full_like(values, math.inf)).min().to(self.threshold.dtype)
+        lr = float(self.cfg.batchtopk_threshold_lr)
+        first = (self.threshold == 0).all()
+        moved = torch.where(first, smallest, self.threshold * (1 - lr) + smallest * lr)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,6 +78,18 @@ class RunSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _init_distributed(spec: RunSpec) -> tuple[int, int]:
+    """Join the process group a launcher set up (gloo on CPU, nccl on CUDA); (0, 1) when alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=resolve_device(spec.device).type == "cpu")
+    return state.process_index, state.num_processes
+
+
 def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
     from xsae_cli.zoo.registry import Registry, resolve_entry
     from xsae_cli.zoo.sources import load_model
@@ -126,6 +138,7 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
     t0 = time.perf_counter()
+    rank, world = _init_distributed(spec)
     model, tokenizer, device, identity = _load(spec)
     train_ctx, held_ctx = _contexts(spec, tokenizer, settings.seed)
     store = ActivationStore(
@@ -141,19 +154,23 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
 
     harvest_seconds = 0.0
     harvest_stats: dict[str, Any] = {}
+    if world > 1 and not spec.cache:
+        raise XsaeError("multi-process training reads a cached harvest", "drop --no-cache when using --launcher")
     if spec.cache:
         cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, settings.seed)
-        if not (cache_dir / "meta.json").exists():
+        if not (cache_dir / "meta.json").exists() and rank == 0:
             h0 = time.perf_counter()
             store.save_shards(cache_dir, settings.tokens, force=True, corpus=spec.corpus)
             harvest_seconds = time.perf_counter() - h0
             harvest_stats = asdict(store.stats) if hasattr(store.stats, "__dataclass_fields__") else {}
-        else:
+        elif rank == 0:
             info(f"reusing the activation cache {cache_dir}")
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 harvested; the others read the same shards
         shards = ShardedActivations(cache_dir)
 
         def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-            return _skip(shards.batches(settings.batch_size, settings.tokens, seed=settings.seed), skip_tokens)
+            return _shard(_skip(shards.batches(settings.batch_size, settings.tokens, seed=settings.seed), skip_tokens), rank, world)
     else:
         def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
             return _skip(store.batches(settings.batch_size, settings.tokens), skip_tokens)
@@ -161,8 +178,10 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     trainer = SaeTrainer(settings, d_in, out, metadata=metadata, device=device)
     trainer.fit(batches)
     saes = trainer.saes()
+    if world > 1:
+        torch.distributed.barrier()
     if trainer.rank != 0:
-        return {}
+        return {"rank": rank, "world_size": world, "steps": trainer.step, "tokens": trainer.tokens}
     for hook, sae in saes.items():
         sae.fold_normalization()
         save_sae(sae, out / hook_dirname(hook), format="saelens", force=True)
@@ -178,11 +197,29 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         "total_seconds": round(time.perf_counter() - t0, 2),
         "memory": memory_report(device),
     }
+    metrics["training"]["world_size"] = world
     metrics["model"] = spec.model
     metrics["settings"] = _jsonable(asdict(settings))
     metrics["versions"] = package_versions()
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _shard(it: Iterator[dict[str, torch.Tensor]], rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Rank r takes batches r, r+world, ... of the global stream, in whole groups only.
+
+    Every rank must run the same number of steps (each step all-reduces), so a trailing group
+    smaller than ``world`` is dropped.
+    """
+    if world == 1:
+        yield from it
+        return
+    group: list[dict[str, torch.Tensor]] = []
+    for batch in it:
+        group.append(batch)
+        if len(group) == world:
+            yield group[rank]
+            group = []
 
 
 def _skip(it: Iterator[dict[str, torch.Tensor]], tokens: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -245,9 +245,9 @@ class SaeTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_fh = open(self.log_path, "a", encoding="utf-8") if self.rank == 0 else None
         try:
-            with progress() as bar:
+            with progress(disable=self.rank != 0) as bar:
                 task = bar.add_task("training SAE" + ("s" if len(self.hooks) > 1 else ""), total=total, completed=self.tokens, unit="tokens")
-                for batch in batches(self.tokens // self.world):
+                for batch in batches(self.tokens):
                     if self.tokens >= total:
                         break
                     last = self.train_step(batch)
