@@ -169,8 +169,11 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
             torch.distributed.barrier()  # rank 0 harvested; the others read the same shards
         shards = ShardedActivations(cache_dir)
 
+        if len(shards) < settings.tokens and rank == 0:
+            info(f"the corpus gave {len(shards):,} token activations: training makes {settings.tokens / len(shards):.1f} passes over them (reshuffled each pass)")
+
         def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-            return _shard(_skip(shards.batches(settings.batch_size, settings.tokens, seed=settings.seed), skip_tokens), rank, world)
+            return _shard(_skip(_epochs(shards, settings.batch_size, settings.seed), skip_tokens), rank, world)
     else:
         def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
             return _skip(store.batches(settings.batch_size, settings.tokens), skip_tokens)
@@ -203,6 +206,14 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     metrics["versions"] = package_versions()
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _epochs(shards: Any, batch_tokens: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The cached harvest over and over, reshuffled each pass; the trainer stops at its token budget."""
+    epoch = 0
+    while True:
+        yield from shards.batches(batch_tokens, None, seed=seed + epoch)
+        epoch += 1
 
 
 def _shard(it: Iterator[dict[str, torch.Tensor]], rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
