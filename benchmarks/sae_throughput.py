@@ -35,9 +35,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
@@ -47,12 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from xsae_cli.sae.models import SaeConfig, create_sae  # noqa: E402
+from xsae_cli.sae.models import SaeConfig, create_sae
 
 SHAPES = {
     # name: (d_in, d_sae, k, batch, training tokens)
     "small": (576, 4608, 32, 4096, 40 * 4096),
     "large": (768, 24576, 32, 8192, 8 * 8192),
+    # for checks that need many steps cheaply (e.g. bf16-encoder FVU parity on a CPU without bf16)
+    "tiny": (64, 512, 8, 1024, 150 * 1024),
 }
 HELD_OUT = 8192
 
@@ -96,7 +99,8 @@ def load_acts(d_in: int, d_sae: int, n_train: int, n_eval: int) -> tuple[torch.T
     if path:
         from safetensors.torch import load_file
 
-        acts = load_file(path)["acts"].float().reshape(-1, d_in if True else 0)
+        acts = load_file(path)["acts"].float()
+        acts = acts.reshape(-1, acts.shape[-1])
         if acts.shape[-1] != d_in:
             raise SystemExit(f"{path}: acts have d_in={acts.shape[-1]}, this shape needs {d_in}")
         g = torch.Generator().manual_seed(0)
@@ -143,10 +147,11 @@ class Runner:
     times: list[float] = field(default_factory=list)
 
 
-def xsae_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tensor) -> Runner:
+def xsae_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tensor, bf16: bool | None = None) -> Runner:
+    """xsae's TopK SAE, trained the way a trainer drives it; ``bf16`` forces the bf16-encoder flag."""
     from xsae_cli.sae.metrics import FiringTracker
 
-    cfg = SaeConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k)
+    cfg = SaeConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, bf16_encoder=bf16)
     sae = create_sae(cfg, seed=0)
     sae.init_b_dec(first)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=True) if optimizer == "adam" else make_signum(sae.parameters(), d_sae)
@@ -169,7 +174,8 @@ def xsae_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tens
     def fires(x: torch.Tensor) -> torch.Tensor:
         return (sae.encode(x) > 0).any(0)
 
-    return Runner("xsae", optimizer, step, torch.no_grad()(sae.forward), fires, before_eval)
+    name = "xsae" if bf16 is None else ("xsae-bf16" if bf16 else "xsae-fp32")
+    return Runner(name, optimizer, step, torch.no_grad()(sae.forward), fires, before_eval)
 
 
 def sparsify_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tensor) -> Runner:
@@ -259,8 +265,8 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
     runners: list[Runner] = []
     for want in runners_wanted:
         impl, _, opt = want.partition(":")
-        if impl == "xsae":
-            runners.append(xsae_runner(d_in, d_sae, k, opt, first))
+        if impl in ("xsae", "xsae-bf16", "xsae-fp32"):
+            runners.append(xsae_runner(d_in, d_sae, k, opt, first, bf16={"xsae": None, "xsae-bf16": True, "xsae-fp32": False}[impl]))
         elif impl == "sparsify":
             runners.append(sparsify_runner(d_in, d_sae, k, opt, first))
         elif impl == "saelens":
@@ -270,22 +276,23 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
     print(f"\n[{name}] d_in={d_in} d_sae={d_sae} k={k} batch={batch} steps={steps} ({steps * batch} tokens, {warmup} untimed), data: {source}", flush=True)
     for i in range(steps):
         xb = train[i * batch : (i + 1) * batch]
+        last = []
         for r in runners:
             t0 = time.perf_counter()
             r.step(xb)
-            dt = time.perf_counter() - t0
+            last.append(time.perf_counter() - t0)
             if i >= warmup:
-                r.times.append(dt)
+                r.times.append(last[-1])
         if i == 0 or (i + 1) % 10 == 0 or i == steps - 1:
-            print(f"  step {i + 1}/{steps}: " + ", ".join(f"{r.name}:{r.optimizer} {r.times[-1] if r.times else dt:.2f}s" for r in runners), flush=True)
+            print(f"  step {i + 1}/{steps}: " + ", ".join(f"{r.name}:{r.optimizer} {dt:.2f}s" for r, dt in zip(runners, last)), flush=True)
     rows = []
     for r in runners:
         fvu, dead = held_out(r, evalset)
         med = statistics.median(r.times)
         rows.append({"impl": r.name, "optimizer": r.optimizer, "tokens_per_s": batch / med, "tokens_per_s_mean": batch * len(r.times) / sum(r.times), "fvu": fvu, "dead_pct": dead, "steps_timed": len(r.times)})
     for row in rows:
-        ours = next((o for o in rows if o["impl"] == "xsae" and o["optimizer"] == row["optimizer"]), None)
-        row["ours_over_this"] = ours["tokens_per_s"] / row["tokens_per_s"] if ours and row["impl"] != "xsae" else None
+        ours = next((o for o in rows if o["impl"].startswith("xsae") and o["optimizer"] == row["optimizer"]), None)
+        row["ours_over_this"] = ours["tokens_per_s"] / row["tokens_per_s"] if ours and not row["impl"].startswith("xsae") else None
     return {"shape": name, "d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "tokens": steps * batch, "data": source, "rows": rows}
 
 
@@ -312,7 +319,7 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=["small", "large", "both"], default="both")
+    ap.add_argument("--shape", choices=["small", "large", "tiny", "both"], default="both", help="both = small + large")
     ap.add_argument("--runners", default=None, help="comma list of impl:optimizer (default: per shape)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: per shape)")
@@ -321,9 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from xsae_cli.sae.models import bf16_encoder_is_fast
+
+    # Where bf16 is the default (AVX512-BF16/AMX CPUs), show the fp32 encoder beside it.
+    extra = ",xsae-fp32:adam" if bf16_encoder_is_fast("cpu") else ""
     defaults = {
-        "small": "xsae:adam,sparsify:adam,xsae:signum,sparsify:signum,saelens:adam",
-        "large": "xsae:adam,sparsify:adam,xsae:signum,sparsify:signum",
+        "small": "xsae:adam,sparsify:adam,xsae:signum,sparsify:signum,saelens:adam" + extra,
+        "large": "xsae:adam,sparsify:adam,xsae:signum,sparsify:signum" + extra,
+        "tiny": "xsae-fp32:adam,xsae-bf16:adam,sparsify:adam",
     }
     info = machine()
     print(f"machine: {info}")
