@@ -56,7 +56,8 @@ class SaeSettings:
     arch: str = "topk"
     k: int = 32
     expansion: int = 8
-    lr: float = 3e-4
+    optimizer: str = "signum"
+    lr: float = 0.0  # 0: the optimizer's default (adam 3e-4; signum 5e-3 / sqrt(d_sae / 2**14))
     batch_size: int = 4096
     context_size: int = 128
     tokens: str = "2M"
@@ -69,6 +70,12 @@ class SaneSettings:
     window_size: int = 1024
     batch_size: int = 4
     epochs: int = 10
+    lr: float = 3e-4
+    max_steps_per_epoch: int = 100
+    latent_dim: int = 16
+    d_model: int = 128
+    mixed_precision: str = "no"
+    layer_keywords: list[str] = field(default_factory=lambda: ["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"])
 
 
 @dataclass(frozen=True)

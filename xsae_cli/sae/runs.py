@@ -180,7 +180,7 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
 
     trainer = SaeTrainer(settings, d_in, out, metadata=metadata, device=device)
     trainer.fit(batches)
-    saes = trainer.saes()
+    saes = trainer.finalize()
     if world > 1:
         torch.distributed.barrier()
     if trainer.rank != 0:

@@ -36,7 +36,8 @@ class TrainSettings:
     k: int = 32
     expansion: int = 8
     d_sae: int | None = None  # overrides expansion
-    lr: float = 3e-4
+    optimizer: str = "signum"  # signum (sparsify's default, schedule-free) or adam
+    lr: float | None = None  # None: adam 3e-4; signum 5e-3 / sqrt(d_sae / 2**14), as sparsify
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_fraction: float = 0.02
     decay_fraction: float = 0.2  # linear decay to zero over the last part of the run
@@ -75,14 +76,53 @@ class TrainSettings:
         )
 
 
+OPTIMIZERS = ("signum", "adam")
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Steps by the sign of the gradient (sparsify's base optimizer under its schedule-free wrapper)."""
+
+    def __init__(self, params: Any, lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def base_lr(settings: TrainSettings, d_sae: int) -> float:
+    if settings.lr is not None:
+        return settings.lr
+    return 5e-3 / (d_sae / 2**14) ** 0.5 if settings.optimizer == "signum" else 3e-4
+
+
+def make_optimizer(settings: TrainSettings, params: Any, lr: float) -> Any:
+    """Adam, or schedule-free signum: the weights the run ends with are the schedule-free average."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=settings.betas)
+    if settings.optimizer == "signum":
+        from schedulefree import ScheduleFreeWrapper
+
+        opt = ScheduleFreeWrapper(SignSGD(params, lr=lr), momentum=0.95)
+        opt.train()  # before any state is loaded: train() on a resumed state would move the weights
+        return opt
+    raise XsaeError(f"unknown optimizer '{settings.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+
+
 def lr_factor(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up, flat, then linear decay to zero: robust for short and long runs alike."""
+    """Linear warm-up, flat, then (Adam) linear decay to zero: robust for short and long runs alike.
+
+    Schedule-free signum needs no decay: its averaging plays that part.
+    """
     total = settings.total_steps
     warm = max(1, int(total * settings.warmup_fraction))
     if step < warm:
         return (step + 1) / warm
     decay_start = int(total * (1 - settings.decay_fraction))
-    if settings.decay_fraction > 0 and step >= decay_start:
+    if settings.optimizer == "adam" and settings.decay_fraction > 0 and step >= decay_start:
         return max(0.0, (total - step) / max(1, total - decay_start))
     return 1.0
 
@@ -90,7 +130,8 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 @dataclass
 class HookState:
     sae: SparseAutoencoder
-    optimizer: torch.optim.Optimizer
+    optimizer: Any
+    lr: float
     firing: FiringTracker  # tokens since each latent last fired
 
 
@@ -122,8 +163,9 @@ class SaeTrainer:
         for i, hook in enumerate(self.hooks):
             cfg = settings.sae_config(d_in[hook], (metadata or {}).get(hook, {"hook_name": hook}))
             sae = create_sae(cfg, device=self.device, seed=settings.seed + i)
-            opt = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=settings.betas)
-            self.states[hook] = HookState(sae, opt, FiringTracker(cfg.d_sae, device=self.device))
+            lr = base_lr(settings, cfg.d_sae)
+            opt = make_optimizer(settings, sae.parameters(), lr)
+            self.states[hook] = HookState(sae, opt, lr, FiringTracker(cfg.d_sae, device=self.device))
         self.step = 0
         self.tokens = 0
         self.initialised = False
@@ -217,7 +259,7 @@ class SaeTrainer:
             if st.sae.unit_norm_decoder:
                 st.sae.remove_gradient_parallel_to_decoder_directions()
             for group in st.optimizer.param_groups:
-                group["lr"] = self.settings.lr * factor
+                group["lr"] = st.lr * factor
             st.optimizer.step()
             if st.sae.unit_norm_decoder:
                 st.sae.set_decoder_norm_to_unit_norm()
@@ -228,7 +270,7 @@ class SaeTrainer:
             logs[hook] = {k: float(v) for k, v in out.terms.items()}
             logs[hook]["loss"] = float(out.loss.detach())
             logs[hook]["dead_pct"] = 100.0 * float(st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold).float().mean())
-            logs[hook]["lr"] = self.settings.lr * factor
+            logs[hook]["lr"] = st.lr * factor
         self.step += 1
         self.tokens += int(next(iter(batch.values())).shape[0]) * self.world
         return logs
@@ -295,6 +337,14 @@ class SaeTrainer:
 
     def saes(self) -> dict[str, SparseAutoencoder]:
         return {h: st.sae for h, st in self.states.items()}
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, SparseAutoencoder]:
+        """The weights to keep: schedule-free optimizers hold their average apart until eval()."""
+        for st in self.states.values():
+            if hasattr(st.optimizer, "eval"):
+                st.optimizer.eval()
+        return self.saes()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -26,14 +26,15 @@ def _batches(x: torch.Tensor, batch: int):
 
 
 def _settings(**kw) -> TrainSettings:
-    base = dict(arch="topk", k=4, expansion=4, lr=3e-3, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4, seed=1)
+    base = dict(arch="topk", k=4, expansion=4, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4, seed=1)
     base.update(kw)
     return TrainSettings(**base)
 
 
-def test_training_lowers_fvu_and_logs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("optimizer", "lr"), [("signum", None), ("adam", 3e-3)])
+def test_training_lowers_fvu_and_logs(tmp_path: Path, optimizer: str, lr: float | None) -> None:
     x = _data()
-    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path)
+    trainer = SaeTrainer(_settings(optimizer=optimizer, lr=lr), {"h": 16}, tmp_path)
     logs = trainer.fit(_batches(x, 256))
     assert trainer.step == 32 and trainer.tokens == 8192
     assert logs["h"]["fvu"] < 0.5
@@ -42,23 +43,24 @@ def test_training_lowers_fvu_and_logs(tmp_path: Path) -> None:
     assert trainer.checkpoints.steps()[-1] == 32
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["signum", "adam"])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, optimizer: str) -> None:
     x = _data()
-    straight = SaeTrainer(_settings(), {"h": 16}, tmp_path / "a")
+    straight = SaeTrainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "a")
     straight.fit(_batches(x, 256))
 
     # Simulate a crash right after the step-16 checkpoint: a run told to stop at 16 steps' worth.
-    first = SaeTrainer(_settings(tokens=8192), {"h": 16}, tmp_path / "b")
+    first = SaeTrainer(_settings(tokens=8192, optimizer=optimizer), {"h": 16}, tmp_path / "b")
     for i, batch in enumerate(_batches(x, 256)(0)):
         first.train_step(batch)
         if first.step % 8 == 0:
             first.save_checkpoint()
         if first.step == 20:  # work after the last checkpoint is lost, as in a kill -9
             break
-    resumed = SaeTrainer(_settings(), {"h": 16}, tmp_path / "b")
+    resumed = SaeTrainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "b")
     resumed.fit(_batches(x, 256))
     assert resumed.step == straight.step
-    for (name, a), (_, b) in zip(straight.saes()["h"].state_dict().items(), resumed.saes()["h"].state_dict().items()):
+    for (name, a), (_, b) in zip(straight.finalize()["h"].state_dict().items(), resumed.finalize()["h"].state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
@@ -75,10 +77,12 @@ def test_nan_activations_stop_with_step_and_hook_and_keep_checkpoint(tmp_path: P
 
 
 def test_lr_schedule_warms_up_and_decays() -> None:
-    s = _settings(tokens=256 * 100, warmup_fraction=0.1, decay_fraction=0.2)
+    s = _settings(tokens=256 * 100, warmup_fraction=0.1, decay_fraction=0.2, optimizer="adam")
     assert lr_factor(0, s) == pytest.approx(0.1)
     assert lr_factor(50, s) == 1.0
     assert lr_factor(99, s) == pytest.approx(1 / 20)
+    free = _settings(tokens=256 * 100, warmup_fraction=0.1, decay_fraction=0.2, optimizer="signum")
+    assert lr_factor(99, free) == 1.0  # schedule-free: no decay
 
 
 def test_checkpoint_for_other_hooks_is_refused(tmp_path: Path) -> None:
