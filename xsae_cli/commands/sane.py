@@ -2,6 +2,215 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, List, Optional
+
 import typer
 
+from xsae_cli.core import console as out
+from xsae_cli.core.errors import XsaeError
+
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
+
+
+def _scheme(cfg: Any) -> Any:
+    from xsae_cli.sane.tokenizer import CoordScheme
+
+    return CoordScheme(layer_keywords=tuple(cfg.sane.layer_keywords))
+
+
+def _model_names(models: Optional[str], zoo: Optional[str]) -> list[str]:
+    from xsae_cli.zoo.registry import Registry
+
+    if models and zoo:
+        raise XsaeError("--models and --zoo are both given", "pass one of them")
+    if models:
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        if not names:
+            raise XsaeError("--models is empty", "pass model names separated by commas, e.g. --models a,b")
+        return names
+    if zoo:
+        if zoo not in ("demo", "all"):
+            raise XsaeError(f"unknown --zoo '{zoo}'", "use --zoo demo (every model in the catalogue) or --models a,b,c")
+        names = Registry().names()
+        if not names:
+            raise XsaeError("the zoo catalogue is empty", "run `xsae zoo demo` (or `xsae zoo add SOURCE`) first")
+        return names
+    raise XsaeError("no models given", "pass --zoo demo or --models a,b,c")
+
+
+@app.command("tokenize")
+def tokenize(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="Zoo names or model paths."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Floats per chunk (default from [sane])."),
+    force: bool = typer.Option(False, "--force", help="Re-tokenise even when cached."),
+) -> None:
+    """Cut models' weights into chunks with depth/position/kind coordinates, cached on disk."""
+    import time
+
+    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+    from xsae_cli.sane.tokenizer import model_chunk_count
+    from xsae_cli.zoo.weights import tensor_index
+
+    cfg = ctx.obj.config
+    cs = chunk_size or cfg.sane.chunk_size
+    if cs < 2:
+        raise XsaeError(f"--chunk-size {cs} is too small", "use 2 or more (default 64)")
+    scheme = _scheme(cfg)
+    rows = []
+    with out.progress() as bar:
+        for name in names:
+            src = model_source(name)
+            total = model_chunk_count(tensor_index(src.resolved), cs)
+            task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
+            t0 = time.perf_counter()
+            read = [0]
+
+            def cb(done: int, nbytes: int, task: Any = task) -> None:
+                read[0] = nbytes
+                bar.update(task, completed=done)
+
+            folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb)
+            secs = time.perf_counter() - t0
+            tm = TokenizedModel(folder, src.name)
+            bar.update(task, completed=total)
+            rows.append({
+                "name": src.name,
+                "n_chunks": tm.n_chunks,
+                "n_tensors": tm.manifest["n_tensors"],
+                "chunk_size": cs,
+                "scheme": tm.scheme,
+                "seconds": secs,
+                "mb_per_second": (read[0] / 1e6 / secs) if read[0] else None,
+                "cached": read[0] == 0,
+                "cache": str(folder),
+            })
+
+    def render(data: list[dict[str, Any]]) -> None:
+        out.console.print(out.table("tokenised", ["model", "chunks", "tensors", "seconds", "MB/s", "cache"], [
+            [r["name"], f"{r['n_chunks']:,}", r["n_tensors"], f"{r['seconds']:.2f}", "cached" if r["cached"] else f"{r['mb_per_second']:.0f}", r["cache"]] for r in data
+        ]))
+
+    out.emit(rows, render)
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated zoo names or paths."),
+    out_dir: Path = typer.Option(Path("runs/sane"), "--out", help="Run folder (checkpoint_epoch_N/ inside)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per step (each gives two views)."),
+    window_size: Optional[int] = typer.Option(None, "--window-size", help="Chunks per window."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Floats per chunk."),
+    save_every: int = typer.Option(1, "--save-every", help="Epochs between checkpoints."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Steps per epoch (default: cover the zoo once, capped by max_steps_per_epoch)."),
+    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Per-chunk latent size (must be < chunk size)."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="Transformer width."),
+    force: bool = typer.Option(False, "--force", help="Delete existing checkpoints and start over (default: resume)."),
+) -> None:
+    """Train the SANE autoencoder on a zoo; resumes from the last checkpoint in --out."""
+    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+    from xsae_cli.sane.model import SaneModelConfig
+    from xsae_cli.sane.tokenizer import model_chunk_count
+    from xsae_cli.sane.train import TrainSettings, preflight
+    from xsae_cli.sane.train import train as run_train
+    from xsae_cli.zoo.weights import tensor_index
+
+    cfg = ctx.obj.config
+    s = cfg.sane
+    names = _model_names(models, zoo)
+    cs = chunk_size or s.chunk_size
+    scheme = _scheme(cfg)
+    settings = TrainSettings(
+        epochs=epochs if epochs is not None else s.epochs,
+        batch_size=batch_size if batch_size is not None else s.batch_size,
+        window_size=window_size if window_size is not None else s.window_size,
+        lr=lr if lr is not None else s.lr,
+        steps_per_epoch=steps_per_epoch or 0,
+        max_steps_per_epoch=s.max_steps_per_epoch,
+        save_every=save_every,
+        mixed_precision=(mixed_precision or s.mixed_precision).lower(),
+        seed=cfg.hardware.seed,
+        device=cfg.hardware.device,
+    )
+    model_cfg = SaneModelConfig(chunk_size=cs, latent_dim=latent_dim or s.latent_dim, d_model=d_model or s.d_model)
+    model_cfg.validate()
+    preflight(out_dir, cs, scheme.scheme_id, force)
+    tms = []
+    with out.progress() as bar:
+        for name in names:
+            src = model_source(name)
+            total = model_chunk_count(tensor_index(src.resolved), cs)
+            task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
+            folder = tokenize_to_cache(src, cs, scheme, warn=out.warn, on_tensor=lambda done, _b, t=task: bar.update(t, completed=done))
+            bar.update(task, completed=total)
+            tms.append(TokenizedModel(folder, src.name))
+        state: dict[str, Any] = {}
+
+        def on_step(step: int, total_steps: int, losses: dict[str, float]) -> None:
+            if "task" not in state:
+                state["task"] = bar.add_task("train", total=total_steps * settings.batch_size, unit="windows")
+            bar.update(state["task"], completed=step * settings.batch_size, description=f"train loss {losses['loss']:.3f}")
+
+        result = run_train(tms, out_dir, settings, model_cfg, scheme.scheme_id, force=force, on_step=on_step, info=out.info, warn=out.warn)
+    summary = {
+        "out": str(out_dir),
+        "models": [t.name for t in tms],
+        "epochs_done": result.epochs_done,
+        "resumed_from": result.resumed_from,
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "history": result.history,
+    }
+
+    def render(d: dict[str, Any]) -> None:
+        last = d["history"][-1] if d["history"] else None
+        tail = f", last loss {last['loss']:.4f}, {last['windows_per_second']:.1f} windows/s" if last else ""
+        out.console.print(f"trained on {len(d['models'])} models for {d['epochs_done']} epochs{tail}; checkpoint [bold]{d['last_checkpoint']}[/bold]")
+
+    out.emit(summary, render)
+
+
+@app.command("embed")
+def embed(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated zoo names or paths."),
+    zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
+    output_dir: Path = typer.Option(Path("out"), "--output-dir", help="Where model_embeddings.json/.npz go."),
+    window_size: Optional[int] = typer.Option(None, "--window-size", help="Chunks per window (default: the checkpoint's)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    force: bool = typer.Option(False, "--force", help="Replace existing embeddings."),
+) -> None:
+    """One 512-d embedding per model (windows covering the whole model, pooled)."""
+    from xsae_cli.sane.embed import embed_models
+
+    cfg = ctx.obj.config
+    names = _model_names(models, zoo)
+    with out.progress() as bar:
+        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar)
+    brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
+
+    def render(d: dict[str, Any]) -> None:
+        out.console.print(out.table("embedded", ["model", "chunks", "windows", "seconds"], [[n, f"{m['n_chunks']:,}", m["windows"], f"{m['seconds']:.2f}"] for n, m in d["models"].items()]))
+        out.console.print(f"wrote [bold]{d['written']['json']}[/bold] ({d['dim']}-d)")
+
+    out.emit(brief, render)
+
+
+@app.command("neighbors")
+def neighbors(
+    name: str = typer.Argument(..., help="A model in the embeddings file."),
+    embeddings: Path = typer.Option(Path("out/model_embeddings.json"), "--embeddings", help="model_embeddings.json from `xsae sane embed`."),
+    top: Optional[int] = typer.Option(None, "--top", help="Show only the nearest N."),
+) -> None:
+    """The nearest models to NAME by cosine distance."""
+    from xsae_cli.sane.embed import cosine_neighbors, read_embeddings
+
+    rows = cosine_neighbors(read_embeddings(embeddings), name, top)
+    data = {"model": name, "neighbors": [{"name": n, "cosine_distance": d} for n, d in rows]}
+    out.emit(data, lambda d: out.console.print(out.table(f"nearest to {name}", ["model", "cosine distance"], [[r["name"], f"{r['cosine_distance']:.4f}"] for r in d["neighbors"]])))
