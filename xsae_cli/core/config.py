@@ -105,7 +105,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Variables under XSAE_ that are not config keys.
-RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR"}
+RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR", "XSAE_CRASH_AT_STEP"}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -286,6 +288,7 @@ class SaeTrainer:
         start_tokens = self.tokens
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_fh = open(self.log_path, "a", encoding="utf-8") if self.rank == 0 else None
+        crash_at = int(os.environ.get("XSAE_CRASH_AT_STEP", "0") or 0)
         try:
             with progress(disable=self.rank != 0) as bar:
                 task = bar.add_task("training SAE" + ("s" if len(self.hooks) > 1 else ""), total=total, completed=self.tokens, unit="tokens")
@@ -299,6 +302,8 @@ class SaeTrainer:
                         self._log(log_fh, last, rate)
                     if self.step % self.settings.checkpoint_every == 0:
                         self.save_checkpoint()
+                    if self.step == crash_at:  # fault injection for the crash-recovery tests
+                        os.kill(os.getpid(), signal.SIGKILL)
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise XsaeError(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints.root}", "run the same command again to resume") from None
