@@ -76,7 +76,8 @@ def root(
     main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="Port on machine 0 for --launcher."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    out.state.json = json_out
+    if json_out:
+        out.enable_json()
     out.state.debug = debug
     flags = {
         "hardware": {

@@ -13,6 +13,15 @@ from xsae_cli.core.errors import XsaeError
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
 
+def _quiet() -> Any:
+    """Send library chatter on stdout (DeepSpeed's logger, imported lazily by transformers and
+    accelerate) to stderr while working, so that ``--json`` output stays parseable."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _scheme(cfg: Any) -> Any:
     from xsae_cli.sane.tokenizer import CoordScheme
 
@@ -59,7 +68,7 @@ def tokenize(
         raise XsaeError(f"--chunk-size {cs} is too small", "use 2 or more (default 64)")
     scheme = _scheme(cfg)
     rows = []
-    with out.progress() as bar:
+    with _quiet(), out.progress() as bar:
         for name in names:
             src = model_source(name)
             total = model_chunk_count(tensor_index(src.resolved), cs)
@@ -67,7 +76,7 @@ def tokenize(
             t0 = time.perf_counter()
             read = [0]
 
-            def cb(done: int, nbytes: int, task: Any = task) -> None:
+            def cb(done: int, nbytes: int, task: Any = task, read: list = read) -> None:
                 read[0] = nbytes
                 bar.update(task, completed=done)
 
@@ -142,7 +151,7 @@ def train(
     model_cfg.validate()
     preflight(out_dir, cs, scheme.scheme_id, force)
     tms = []
-    with out.progress() as bar:
+    with _quiet(), out.progress() as bar:
         for name in names:
             src = model_source(name)
             total = model_chunk_count(tensor_index(src.resolved), cs)
@@ -191,7 +200,7 @@ def embed(
 
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
-    with out.progress() as bar:
+    with _quiet(), out.progress() as bar:
         result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
@@ -214,3 +223,38 @@ def neighbors(
     rows = cosine_neighbors(read_embeddings(embeddings), name, top)
     data = {"model": name, "neighbors": [{"name": n, "cosine_distance": d} for n, d in rows]}
     out.emit(data, lambda d: out.console.print(out.table(f"nearest to {name}", ["model", "cosine distance"], [[r["name"], f"{r['cosine_distance']:.4f}"] for r in d["neighbors"]])))
+
+
+@app.command("evaluate")
+def evaluate(
+    ctx: typer.Context,
+    out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", help="Work folder: lineage zoo, caches, lineage.json."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A SANE checkpoint (default: train a small one on the lineage bases)."),
+    families: str = typer.Option("tiny-gpt2,tiny-gptneox,tiny-qwen2,tiny-mistral,tiny-gemma", "--families", help="Tiny demo families used as bases."),
+    seeds: int = typer.Option(3, "--seeds", help="Random-initialised bases per family."),
+    epochs: int = typer.Option(3, "--epochs", help="Training epochs when no --checkpoint is given."),
+) -> None:
+    """Lineage benchmark: top-1 retrieval of each variant's base vs quantile and random-encoder baselines."""
+    from xsae_cli.sane.evaluate import evaluate as run_eval
+    from xsae_cli.sane.evaluate import format_table
+
+    if seeds < 2:
+        raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
+    fams = [f.strip() for f in families.split(",") if f.strip()]
+    with _quiet(), out.progress() as bar:
+        state: dict[str, Any] = {}
+
+        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+            if "task" not in state:
+                state["task"] = bar.add_task("train", total=total, unit="steps")
+            bar.update(state["task"], completed=step)
+
+        result = run_eval(out_dir, checkpoint, fams, seeds=seeds, train_epochs=epochs, seed=ctx.obj.config.hardware.seed, log=out.info, on_step=on_step)
+
+    def render(r: dict[str, Any]) -> None:
+        out.console.print(out.table(f"lineage top-1 ({r['n_bases']} bases, {r['n_variants']} variants)", ["transform", "SANE", "quantile stats", "random encoder"], format_table(r)))
+        rec = r["reconstruction_held_out"]
+        out.console.print(f"held-out masked-chunk reconstruction R^2 vs per-tensor mean: {rec['r2_masked']:.3f} (visible chunks {rec['r2_visible']:.3f})")
+        out.console.print(f"family top-1 among bases (SANE): {r['family_top1_sane_bases']:.2f}; permutation max |logit diff| {r['permutation_max_logit_diff']:.1e}; wrote {out_dir / 'lineage.json'}")
+
+    out.emit(result, render)

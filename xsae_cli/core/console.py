@@ -34,6 +34,16 @@ class OutputState:
     json: bool = False
     debug: bool = False
     quiet: bool = False
+    stdout: Any = None  # where --json output goes: the real stdout, kept apart from library chatter
+
+
+def enable_json() -> None:
+    """Reserve stdout for ``emit``: anything else printed there (DeepSpeed's logger, a library's print)
+    is sent to stderr, so ``--json`` output always parses."""
+    if state.stdout is None:
+        state.stdout = sys.stdout
+        sys.stdout = sys.stderr
+    state.json = True
 
 
 state = OutputState()
@@ -60,8 +70,9 @@ def dumps(data: Any) -> str:
 def emit(data: Any, render: Any = None) -> None:
     """Print ``data`` as JSON under ``--json``, else call ``render(data)`` (or pretty-print it)."""
     if state.json:
-        sys.stdout.write(dumps(data) + "\n")
-        sys.stdout.flush()
+        stream = state.stdout or sys.stdout
+        stream.write(dumps(data) + "\n")
+        stream.flush()
     elif render is not None:
         render(data)
     else:

@@ -241,6 +241,11 @@ class SaeTrainer:
             self._initialise(batch)
         factor = lr_factor(self.step, self.settings)
         logs: dict[str, dict[str, float]] = {}
+        rows = int(next(iter(batch.values())).shape[0])
+        if self.world > 1:  # batches can differ in size (the end of a pass): count the real total
+            count = torch.tensor([rows], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(count)
+            rows = int(count.item())
         for hook, st in self.states.items():
             x = batch[hook].to(self.device, torch.float32, non_blocking=True)
             self._check_finite(hook, x)
@@ -268,13 +273,13 @@ class SaeTrainer:
             fired = out.fired.to(self.device)
             if self.world > 1:
                 torch.distributed.all_reduce(fired)
-            st.firing.update(fired, x.shape[0] * self.world)
+            st.firing.update(fired, rows)
             logs[hook] = {k: float(v) for k, v in out.terms.items()}
             logs[hook]["loss"] = float(out.loss.detach())
             logs[hook]["dead_pct"] = 100.0 * float(st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold).float().mean())
             logs[hook]["lr"] = st.lr * factor
         self.step += 1
-        self.tokens += int(next(iter(batch.values())).shape[0]) * self.world
+        self.tokens += rows
         return logs
 
     def fit(self, batches: Batches, *, resume: bool = True) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""`xsae sane` end to end on the tiny demo models: tokenize, train (and resume), embed, neighbors, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_user_error, run_xsae
+
+TINY = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SMALL = ["--batch-size", "4", "--window-size", "256", "--save-every", "1", "--mixed-precision", "fp16", "--steps-per-epoch", "3", "--d-model", "32", "--latent-dim", "8"]
+
+
+def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -> None:
+    tok = run_xsae("--json", "sane", "tokenize", "tiny-gpt2", "tiny-gemma", env=ONE_THREAD)
+    assert tok.returncode == 0, tok.stderr[-2000:]
+    rows = json.loads(tok.stdout)
+    assert [r["name"] for r in rows] == ["tiny-gpt2", "tiny-gemma"] and all(r["n_chunks"] > 3000 for r in rows)
+
+    run = tmp_path / "runs" / "sane"
+    tr = run_xsae("--json", "--seed", "0", "sane", "train", "--models", ",".join(TINY), "--epochs", "2", *SMALL, "--out", str(run), env=ONE_THREAD)
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    summary = json.loads(tr.stdout)
+    assert summary["epochs_done"] == 2 and summary["resumed_from"] is None and summary["models"] == TINY
+    assert len(summary["history"]) == 2 and summary["history"][0]["windows_per_second"] > 0
+    for e in (1, 2):
+        ck = run / f"checkpoint_epoch_{e}"
+        assert (ck / "model.safetensors").exists() and json.loads((ck / "config.json").read_text())["epoch"] == e
+
+    again = run_xsae("--json", "--seed", "0", "sane", "train", "--models", ",".join(TINY), "--epochs", "3", *SMALL, "--out", str(run), env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-2000:]
+    s2 = json.loads(again.stdout)
+    assert s2["resumed_from"] == 2 and s2["epochs_done"] == 3 and len(s2["history"]) == 3
+    assert s2["history"][:2] == summary["history"][:2] or [h["loss"] for h in s2["history"][:2]] == [h["loss"] for h in summary["history"][:2]]
+
+    out = tmp_path / "out"
+    em = run_xsae("--json", "sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", ",".join(TINY), "--output-dir", str(out), env=ONE_THREAD)
+    assert em.returncode == 0, em.stderr[-2000:]
+    data = json.loads((out / "model_embeddings.json").read_text())
+    assert data["format"] == "xsae-sane-embeddings" and list(data["embeddings"]) == TINY
+    assert all(len(v) == 512 and np.isfinite(v).all() for v in data["embeddings"].values())
+    assert data["config"]["chunk_size"] == 64 and data["config"]["epoch"] == 3 and data["versions"]["torch"]
+    assert data["models"]["tiny-gpt2"]["family"] == "gpt2" and data["models"]["tiny-gpt2"]["windows"] >= 1
+    npz = np.load(out / "model_embeddings.npz")
+    assert list(npz["names"]) == TINY and npz["embeddings"].shape == (5, 512)
+    assert np.allclose(npz["embeddings"][0], data["embeddings"]["tiny-gpt2"], atol=1e-5)
+
+    nb = run_xsae("--json", "sane", "neighbors", "tiny-gpt2", "--embeddings", str(out / "model_embeddings.json"))
+    assert nb.returncode == 0, nb.stderr[-2000:]
+    near = json.loads(nb.stdout)["neighbors"]
+    assert sorted(r["name"] for r in near) == sorted(TINY[1:])
+    dists = [r["cosine_distance"] for r in near]
+    assert dists == sorted(dists) and all(0 <= d <= 2 for d in dists)
+    human = run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(out / "model_embeddings.json"), "--top", "2")
+    assert human.returncode == 0 and "cosine distance" in human.stdout and "tiny-gpt2" in human.stdout
+
+    # Bad input: one line, exit 2, both values named.
+    assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", "tiny-gpt2", "--output-dir", str(out)), "already exists", "--force")
+    assert_user_error(
+        run_xsae("sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", "tiny-gpt2", "--output-dir", str(tmp_path / "o2"), env={"XSAE_SANE_LAYER_KEYWORDS": "layers,h"}),
+        "coordinate scheme", data["config"]["scheme"],
+    )
+    assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--chunk-size", "32", "--latent-dim", "8", "--epochs", "4", *SMALL[:-4], "--out", str(run)), "chunk_size 64", "chunk_size 32")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"embeddings": {"tiny-gpt2": data["embeddings"]["tiny-gpt2"]}}))
+    assert_user_error(run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(one)), "at least two")
+    assert_user_error(run_xsae("sane", "neighbors", "nope", "--embeddings", str(out / "model_embeddings.json")), "nope")
+
+
+def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
+    assert_user_error(run_xsae("sane", "train", "--out", str(tmp_path / "r")), "no models given")
+    assert_user_error(run_xsae("sane", "train", "--zoo", "nope", "--out", str(tmp_path / "r")), "unknown --zoo")
+    assert_user_error(run_xsae("sane", "tokenize", "no-such-model"), "unknown model 'no-such-model'")
+    assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(tmp_path), "--models", "tiny-gpt2"), "not a SANE checkpoint")
+    assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--latent-dim", "64", "--out", str(tmp_path / "r")), "latent_dim 64", "chunk_size 64")
+
+
+@pytest.mark.slow
+def test_demo_zoo_with_real_models(demo_zoo: Path, tmp_path: Path) -> None:
+    """The issue's commands on the whole demo catalogue (SmolLM2-135M and MiniLM-L6 included)."""
+    run = tmp_path / "runs" / "sane"
+    tr = run_xsae("--json", "sane", "train", "--zoo", "demo", "--epochs", "1", "--batch-size", "4", "--window-size", "1024", "--save-every", "1", "--mixed-precision", "fp16", "--steps-per-epoch", "4", "--out", str(run), timeout=1800)
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    em = run_xsae("--json", "sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_1"), "--models", "minilm-l6,tiny-gpt2,tiny-qwen2", "--output-dir", str(tmp_path / "out"), timeout=1800)
+    assert em.returncode == 0, em.stderr[-2000:]
+    assert len(json.loads((tmp_path / "out" / "model_embeddings.json").read_text())["embeddings"]["minilm-l6"]) == 512
+
+
+@pytest.mark.slow
+def test_evaluate_lineage(demo_zoo: Path, tmp_path: Path) -> None:
+    """`xsae sane evaluate`: lineage zoo, retrieval for SANE and both baselines, permutation checked."""
+    proc = run_xsae("--json", "sane", "evaluate", "--out", str(tmp_path / "lin"), "--families", "tiny-gpt2,tiny-qwen2", "--seeds", "2", "--epochs", "1", env=ONE_THREAD, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["n_bases"] == 4 and r["n_variants"] == 4 * len(r["transforms"])
+    assert set(r["top1"]) == {"sane", "quantile_baseline", "random_encoder_baseline"}
+    assert r["permutation_max_logit_diff"] < 1e-4
+    assert r["reconstruction_held_out"]["mse_tensor_mean_masked"] > 0 and "r2_masked" in r["reconstruction_held_out"]
+    assert (tmp_path / "lin" / "lineage.json").exists()
+    assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "x")), "--seeds 1")

@@ -1,0 +1,182 @@
+"""On-disk tokenised models: contents, caching, windows, row permutations, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from xsae_cli.sane.dataset import PERMUTABLE_KINDS, TokenizedModel, WindowSampler, cache_key, model_source, permute_columns, permute_rows, tokenize_to_cache
+from xsae_cli.sane.tokenizer import CoordScheme
+
+
+def test_cache_holds_every_tensor_and_reconstructs_it(demo_zoo, tiny_models) -> None:
+    from xsae_cli.zoo.registry import resolve_entry
+    from xsae_cli.zoo.weights import iter_weights
+
+    tm = tiny_models[0]  # tiny-gpt2
+    assert tm.name == "tiny-gpt2"
+    man = tm.manifest
+    assert man["n_chunks"] == tm.n_chunks == sum(t["n_chunks"] for t in man["tensors"])
+    assert tm.folder.name == cache_key(man["sha256"], 64, CoordScheme())
+    assert isinstance(tm.arrays["values"], np.memmap)
+    tensors = {t["name"]: t for t in man["tensors"]}
+    for name, w in iter_weights(resolve_entry("tiny-gpt2")):
+        t = tensors[name]
+        rows = np.asarray(tm.arrays["values"][t["start"] : t["start"] + t["n_chunks"]], dtype=np.float32).reshape(-1)[: w.numel()]
+        assert np.allclose(rows * t["std"] + t["mean"], w.reshape(-1).numpy(), atol=2e-3 * max(t["std"], 1e-3) * 10), name
+        assert np.all(tm.arrays["tensor_id"][t["start"] : t["start"] + t["n_chunks"]] == list(tensors).index(name))
+    assert tensors["transformer.wte.weight"]["depth"] == 0.0 and tensors["transformer.ln_f.weight"]["depth"] == 1.0
+
+
+def test_window_coordinates_match_the_tokenizer(demo_zoo, tiny_models) -> None:
+    """Per-chunk depth/pos/kind/fill/scale rebuilt from the tensor table equal what the tokenizer made."""
+    from xsae_cli.sane.tokenizer import tensor_coords, tokenize_stream
+    from xsae_cli.zoo.registry import resolve_entry
+    from xsae_cli.zoo.weights import iter_weights, tensor_index
+
+    tm = tiny_models[0]
+    r = resolve_entry(tm.name)
+    blocks = list(tokenize_stream(tensor_index(r), iter_weights(r), 64))
+    w = tm.window(0, tm.n_chunks + 7)
+    for k in ("values", "valid", "depth", "pos", "kind", "stats"):
+        ref = np.concatenate([getattr(b, k) for b in blocks])
+        got = w[k][: tm.n_chunks].astype(np.float32)
+        bad = np.nonzero(got.reshape(len(got), -1) != ref.astype(np.float32).reshape(len(got), -1))[0]
+        assert len(bad) == 0, (k, bad[:5], [tm.manifest["tensors"][tm.arrays["tensor_id"][i]]["name"] for i in bad[:3]])
+        assert not w[k][tm.n_chunks :].any(), k
+    assert len(tensor_coords([b.name for b in blocks])) == tm.manifest["n_tensors"]
+
+
+def test_tokenising_is_cached_and_deterministic(demo_zoo, tmp_path: Path) -> None:
+    src = model_source("tiny-qwen2")
+    a = tokenize_to_cache(src, cache_dir=tmp_path / "a")
+    mtime = (a / "values.npy").stat().st_mtime_ns
+    assert tokenize_to_cache(src, cache_dir=tmp_path / "a") == a
+    assert (a / "values.npy").stat().st_mtime_ns == mtime  # not re-written
+    b = tokenize_to_cache(src, cache_dir=tmp_path / "b")
+    for f in ("values", "tensor_id"):
+        assert (a / f"{f}.npy").read_bytes() == (b / f"{f}.npy").read_bytes(), f
+    c32 = tokenize_to_cache(src, chunk_size=32, cache_dir=tmp_path / "a")
+    assert c32 != a and TokenizedModel(c32).n_chunks > TokenizedModel(a).n_chunks
+
+
+def test_windows_pad_and_mask(tiny_models) -> None:
+    tm = tiny_models[1]
+    w = tm.window(tm.n_chunks - 10, 64)
+    assert w["values"].shape == (64, 64) and w["values"].dtype == np.float32
+    assert w["mask"].sum() == 10 and not w["mask"][10:].any()
+    assert np.all(w["values"][10:] == 0) and np.all(w["valid"][10:] == 0)
+    starts = tm.cover_starts(1000)
+    assert starts[0] == 0 and len(starts) == tm.n_windows(1000) == -(-tm.n_chunks // 1000)
+    sampler = WindowSampler(tiny_models, 256)
+    r1 = [sampler.sample(np.random.default_rng(3))[1]["index"][0] for _ in range(2)]
+    assert r1[0] == r1[1]  # same seed, same window
+
+
+def test_permute_rows_moves_whole_rows_of_attention_and_mlp_only(tiny_models) -> None:
+    tm = tiny_models[2]  # tiny-qwen2: q_proj [64, 64] -> one chunk per row; up_proj [192, 64]
+    changed_any = False
+    for start in range(0, tm.n_chunks, 512):
+        w = tm.window(start, 512)
+        p = permute_rows(w, tm, np.random.default_rng(0))
+        tid = w["tensor_id"]
+        for t in np.unique(tid[w["mask"]]):
+            sel = w["mask"] & (tid == t)
+            a, b = w["values"][sel], p["values"][sel]
+            if int(tm.t_kind[t]) in PERMUTABLE_KINDS and tm.t_rows[t] > 0:
+                # same multiset of rows
+                assert sorted(map(bytes, a.astype(np.float32))) == sorted(map(bytes, b.astype(np.float32)))
+                changed_any |= not np.array_equal(a, b)
+            else:
+                assert np.array_equal(a, b)
+        for k in ("depth", "pos", "kind"):
+            assert np.array_equal(w[k], p[k])
+    assert changed_any
+
+
+def test_permute_columns_shuffles_within_rows_of_attention_and_mlp_only(tiny_models) -> None:
+    tm = tiny_models[0]  # tiny-gpt2: c_fc [64, 256] -> rows of 4 chunks
+    changed_any = False
+    for start in range(0, tm.n_chunks, 700):
+        w = tm.window(start, 700)
+        p = permute_columns(w, tm, np.random.default_rng(1))
+        tid = w["tensor_id"]
+        for t in np.unique(tid[w["mask"]]):
+            sel = w["mask"] & (tid == t)
+            a, b = w["values"][sel], p["values"][sel]
+            rows = int(tm.t_rows[t])
+            if int(tm.t_kind[t]) in PERMUTABLE_KINDS and rows > 0:
+                assert np.array_equal(np.sort(a, axis=None), np.sort(b, axis=None))
+                local0 = int(w["index"][np.nonzero(sel)[0][0]] - tm.t_start[t])
+                skip = (-local0) % rows  # a partial first row stays as it is
+                assert np.array_equal(a[:skip], b[:skip])
+                full = (len(a) - skip) // rows * rows
+                ra, rb = a[skip : skip + full].reshape(-1, rows * 64), b[skip : skip + full].reshape(-1, rows * 64)
+                assert np.array_equal(np.sort(ra, axis=1), np.sort(rb, axis=1))  # values stay in their row
+                changed_any |= not np.array_equal(ra, rb)
+            else:
+                assert np.array_equal(a, b)
+    assert changed_any
+
+
+def test_tokenising_memory_is_bounded_by_one_tensor(tmp_path: Path) -> None:
+    """A 384 MB model of 24 x 16 MB tensors: RSS plateaus at a few tensors and does not grow with the model."""
+    script = textwrap.dedent(
+        f"""
+        import json, torch, gc, psutil
+        from pathlib import Path
+        from safetensors.torch import save_file
+        torch.set_num_threads(1)
+        path = Path({str(tmp_path)!r}) / "big.safetensors"
+        g = torch.Generator().manual_seed(0)
+        save_file({{f"model.layers.{{i}}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g) for i in range(24)}}, str(path))
+        from xsae_cli.sane.dataset import ModelSource, tokenize_to_cache
+        from xsae_cli.zoo.sources import resolve
+        src = ModelSource("big", resolve(str(path)), "0" * 64)
+        gc.collect()
+        base = psutil.Process().memory_info().rss
+        trace = []
+        out = tokenize_to_cache(src, cache_dir=Path({str(tmp_path)!r}) / "cache", on_tensor=lambda d, b: trace.append(psutil.Process().memory_info().rss - base))
+        print(json.dumps({{"trace": trace, "n": json.loads((out / "manifest.json").read_text())["n_chunks"]}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["n"] == 24 * 2048 * 2048 // 64
+    tensor = 2048 * 2048 * 4
+    trace = r["trace"]
+    assert max(trace) < 6 * tensor, f"RSS grew {max(trace) / 1e6:.0f} MB for 16 MB tensors of a 384 MB model"
+    assert max(trace[12:]) - max(trace[:12]) < 2 * tensor, [round(t / 1e6) for t in trace]  # a plateau, not growth with the model
+
+
+def test_lineage_transforms_and_function_preserving_permutation(demo_zoo) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xsae_cli.sane.evaluate import quantile_distance, quantile_features, transform_state
+    from xsae_cli.zoo.demo import tiny_dir
+
+    for name in ("tiny-gpt2", "tiny-qwen2", "tiny-gptneox"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir() / name).eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            before = model(ids).logits
+            perm = transform_state(state, "permute_mlp", seed=1)
+            changed = [k for k in state if not torch.equal(state[k], perm[k])]
+            assert any("mlp" in k for k in changed) and not any("attn" in k or "attention" in k for k in changed), name
+            model.load_state_dict(perm)
+            assert torch.allclose(model(ids).logits, before, atol=1e-5), name
+    w = {"a.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
+    pruned = transform_state(w, "prune_50", 0)["a.weight"]
+    assert abs((pruned == 0).float().mean().item() - 0.5) < 0.01
+    noisy = transform_state(w, "noise_0.3", 0)["a.weight"]
+    assert 0.25 < ((noisy - w["a.weight"]).std() / w["a.weight"].std()).item() < 0.35
+    q = quantile_features(w.items())
+    assert quantile_distance(q, q) == 0 and quantile_distance(q, {"other": q["a.weight"]}) == float("inf")

@@ -1,0 +1,171 @@
+"""Model embeddings from a trained SANE checkpoint, and nearest neighbours between them.
+
+A model's embedding: encode the windows that cover all of its chunks (the last one padded, the
+padding masked out), pool each window's latents (mean and std over real chunks), average the
+pooled vectors weighted by real chunks, then project to ``embed_dim`` (512) with the trained head.
+
+``model_embeddings.json``::
+
+    {"format": "xsae-sane-embeddings", "dim": 512,
+     "embeddings": {"<name>": [512 floats], ...},
+     "models": {"<name>": {"sha256", "family", "n_chunks", "windows", "seconds"}, ...},
+     "config": {checkpoint, epoch, chunk_size, scheme, window_size, model},
+     "versions": {...}}
+
+plus ``model_embeddings.npz`` with ``names`` and ``embeddings`` ([n, 512]).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.io import atomic_path, atomic_write_json, read_json
+from xsae_cli.sane.dataset import TokenizedModel, collate
+
+FORMAT = "xsae-sane-embeddings"
+
+
+def embed_tokenized(model: Any, tm: TokenizedModel, window_size: int, batch_size: int = 8, device: Any = "cpu", on_window: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+    """The 512-d embedding of one tokenised model and the number of windows it took."""
+    import torch
+
+    starts = tm.cover_starts(window_size)
+    pooled_sum = None
+    count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(starts), batch_size):
+            wins = [tm.window(s, window_size) for s in starts[i : i + batch_size]]
+            b = {k: v.to(device) for k, v in collate(wins).items()}
+            z = model.encode(b)
+            pooled, n = model.pool(z, b["mask"])
+            part = (pooled.double() * n.double().unsqueeze(-1)).sum(0)
+            pooled_sum = part if pooled_sum is None else pooled_sum + part
+            count += float(n.sum())
+            if on_window:
+                on_window(len(wins))
+        mean = (pooled_sum / max(count, 1.0)).float().unsqueeze(0)
+        vec = model.project(mean)[0].double().cpu().numpy()
+    return vec, len(starts)
+
+
+def embed_models(
+    checkpoint: Path,
+    names: list[str],
+    output_dir: Path | None = None,
+    window_size: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    scheme: Any = None,
+    force: bool = False,
+    warn: Callable[[str], None] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Embed ``names`` with ``checkpoint``; write JSON + NPZ into ``output_dir`` when given."""
+    from xsae_cli.core.hardware import package_versions, resolve_device
+    from xsae_cli.sane.dataset import model_source, tokenize_to_cache
+    from xsae_cli.sane.tokenizer import CoordScheme, model_chunk_count
+    from xsae_cli.sane.train import check_compatible, load_model
+    from xsae_cli.zoo.registry import Registry
+    from xsae_cli.zoo.weights import tensor_index
+
+    if not names:
+        raise XsaeError("no models to embed", "pass --models a,b or --zoo demo")
+    if len(set(names)) != len(names):
+        raise XsaeError("a model is named twice in --models", "name each model once")
+    checkpoint = Path(checkpoint)
+    model, meta = load_model(checkpoint)
+    scheme = scheme or CoordScheme()
+    chunk_size = int(meta["chunk_size"])
+    check_compatible(meta, chunk_size, scheme.scheme_id, str(checkpoint))
+    window_size = window_size or int(meta["settings"]["window_size"])
+    dev = resolve_device(device)
+    model.to(dev)
+    json_path = npz_path = None
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        json_path = output_dir / "model_embeddings.json"
+        npz_path = output_dir / "model_embeddings.npz"
+        if json_path.exists() and not force:
+            raise XsaeError(f"{json_path} already exists", "pass --force to replace it, or choose another --output-dir")
+    registry = Registry()
+    sources = [model_source(n) for n in names]
+    vectors: dict[str, list[float]] = {}
+    info: dict[str, Any] = {}
+    for src in sources:
+        t0 = time.perf_counter()
+        total = model_chunk_count(tensor_index(src.resolved), chunk_size)
+        task = progress.add_task(f"tokenise {src.name}", total=total, unit="chunks") if progress else None
+        folder = tokenize_to_cache(src, chunk_size, scheme, warn=warn, on_tensor=(lambda done, _b, t=task: progress.update(t, completed=done)) if progress else None)
+        tm = TokenizedModel(folder, src.name)
+        wtask = progress.add_task(f"embed {src.name}", total=tm.n_windows(window_size), unit="windows") if progress else None
+        vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, (lambda k, t=wtask: progress.advance(t, k)) if progress else None)
+        vectors[src.name] = [float(x) for x in vec]
+        entry = registry.find(src.name)
+        info[src.name] = {"sha256": src.sha256, "family": entry.family if entry else None, "n_chunks": tm.n_chunks, "windows": n_windows, "seconds": time.perf_counter() - t0}
+    result = {
+        "format": FORMAT,
+        "dim": int(model.cfg.embed_dim),
+        "embeddings": vectors,
+        "models": info,
+        "config": {
+            "checkpoint": str(checkpoint),
+            "epoch": meta.get("epoch"),
+            "chunk_size": chunk_size,
+            "scheme": meta["scheme"],
+            "window_size": window_size,
+            "model": meta["model"],
+        },
+        "versions": package_versions(),
+    }
+    if json_path is not None and npz_path is not None:
+        atomic_write_json(json_path, result)
+        with atomic_path(npz_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, names=np.array(list(vectors)), embeddings=np.array([vectors[n] for n in vectors], dtype=np.float32))
+        result["written"] = {"json": str(json_path), "npz": str(npz_path)}
+    return result
+
+
+def read_embeddings(path: Path) -> dict[str, np.ndarray]:
+    """Name -> vector from ``model_embeddings.json`` (or a plain name -> list mapping)."""
+    data = read_json(path, "embeddings file")
+    table = data.get("embeddings", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict):
+        raise XsaeError(f"{path} holds no name -> vector mapping", "point at the model_embeddings.json that `xsae sane embed` writes")
+    out = {}
+    for name, vec in table.items():
+        if isinstance(vec, list) and vec and all(isinstance(x, (int, float)) for x in vec):
+            out[name] = np.asarray(vec, dtype=np.float64)
+    if not out:
+        raise XsaeError(f"{path} holds no embeddings", "point at the model_embeddings.json that `xsae sane embed` writes")
+    dims = {v.shape[0] for v in out.values()}
+    if len(dims) > 1:
+        raise XsaeError(f"{path} mixes embedding sizes {sorted(dims)}", "re-create it with one checkpoint")
+    return out
+
+
+def cosine_neighbors(embeddings: dict[str, np.ndarray], name: str, k: int | None = None) -> list[tuple[str, float]]:
+    """The other models sorted by cosine distance (1 - cosine similarity) to ``name``."""
+    if len(embeddings) < 2:
+        raise XsaeError(f"only {len(embeddings)} model(s) in the embeddings file: neighbours need at least two", "embed more models with `xsae sane embed --models a,b,...`")
+    if name not in embeddings:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(embeddings), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise XsaeError(f"model '{name}' is not in the embeddings file", hint + f"known: {', '.join(sorted(embeddings))}")
+    q = embeddings[name]
+    qn = q / (np.linalg.norm(q) + 1e-12)
+    rows = []
+    for other, v in embeddings.items():
+        if other == name:
+            continue
+        cos = float(qn @ (v / (np.linalg.norm(v) + 1e-12)))
+        rows.append((other, 1.0 - cos))
+    rows.sort(key=lambda r: (r[1], r[0]))
+    return rows[:k] if k else rows
