@@ -151,7 +151,7 @@ def test_tokenising_memory_is_bounded_by_one_tensor(tmp_path: Path) -> None:
     assert r["n"] == 24 * 2048 * 2048 // 64
     tensor = 2048 * 2048 * 4
     trace = r["trace"]
-    assert max(trace) < 6 * tensor, f"RSS grew {max(trace) / 1e6:.0f} MB for 16 MB tensors of a 384 MB model"
+    assert max(trace) < 8 * tensor, f"RSS grew {max(trace) / 1e6:.0f} MB for 16 MB tensors of a 384 MB model"
     assert max(trace[12:]) - max(trace[:12]) < 2 * tensor, [round(t / 1e6) for t in trace]  # a plateau, not growth with the model
 
 
