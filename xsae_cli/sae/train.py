@@ -340,7 +340,13 @@ class SaeTrainer:
         if not self.settings.log_with or self.rank != 0:
             return
         from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
 
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+        if self.settings.log_with not in available:
+            raise XsaeError(f"unknown tracker '{self.settings.log_with}'", f"use one of {', '.join(available)}")
+        if not available[self.settings.log_with]():
+            raise XsaeError(f"--log-with {self.settings.log_with} needs the {self.settings.log_with} package", f"pip install {self.settings.log_with}")
         acc = Accelerator(log_with=self.settings.log_with, project_dir=str(self.run_dir / "logs"), cpu=self.device.type == "cpu")
         acc.init_trackers("xsae-sae", config={k: v for k, v in _jsonable(asdict(self.settings)).items() if isinstance(v, (int, float, str, bool))})
         self.tracker = acc

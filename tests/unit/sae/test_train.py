@@ -90,3 +90,16 @@ def test_checkpoint_for_other_hooks_is_refused(tmp_path: Path) -> None:
     SaeTrainer(_settings(tokens=2048), {"h": 16}, tmp_path).fit(_batches(x, 256))
     with pytest.raises(XsaeError, match="not \\['other'\\]"):
         SaeTrainer(_settings(), {"other": 16}, tmp_path).try_resume()
+
+
+def test_tensorboard_tracker_writes_events(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    trainer = SaeTrainer(_settings(tokens=2048, log_with="tensorboard"), {"h": 16}, tmp_path)
+    trainer.fit(_batches(_data(), 256))
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_unknown_tracker_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(XsaeError, match="unknown tracker 'mlflw'"):
+        SaeTrainer(_settings(tokens=512, log_with="mlflw"), {"h": 16}, tmp_path).fit(_batches(_data(), 256))
