@@ -2,6 +2,82 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
+from xsae_cli.core import console as out
+
 app = typer.Typer(help="Plots and offline HTML dashboards from the files the other groups write.", no_args_is_help=True)
+
+
+def _written(d: dict) -> None:
+    extra = ", ".join(f"{k} {v}" for k, v in d.items() if k in ("models", "method", "runs", "series", "latents", "bytes") and v is not None)
+    out.console.print(f"wrote [bold]{d['written']}[/bold]" + (f" ({extra})" if extra else ""))
+
+
+@app.command("cluster")
+def cluster(
+    ctx: typer.Context,
+    input_path: Path = typer.Option(..., "--input", "-i", help="model_embeddings.json written by `xsae sane embed`."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Where to write (default: embedding_plot.<format>)."),
+    method: str | None = typer.Option(None, "--method", help="pca (default) or tsne."),
+    fmt: str | None = typer.Option(None, "--format", help="png, svg or html (default: the output's suffix, else [viz] format)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Models as points: PCA or t-SNE of SANE weight embeddings, coloured by family, labelled."""
+    from xsae_cli.viz.cluster import cluster as run
+    from xsae_cli.viz.common import resolve_format
+
+    cfg = ctx.obj.config
+    v = cfg.viz
+    fmt = resolve_format(output or Path(f"embedding_plot.{fmt or v.format}"), fmt, v.format)
+    output = output or Path(f"embedding_plot.{fmt}")
+    _refuse(output, force)
+    summary = run(input_path, output, method=(method or v.method).lower(), fmt=fmt, dpi=v.dpi, seed=cfg.hardware.seed)
+    out.emit(summary, _written)
+
+
+@app.command("curves")
+def curves(
+    ctx: typer.Context,
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `xsae sae train` or `xsae sane train` (several are overlaid)."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Where to write (png or svg)."),
+    fmt: str | None = typer.Option(None, "--format", help="png or svg (default: the output's suffix, else [viz] format)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Training curves (loss, FVU, L0, dead %, lr; SANE losses) from run logs, several runs overlaid."""
+    from xsae_cli.viz.common import resolve_format
+    from xsae_cli.viz.curves import plot_curves
+
+    v = ctx.obj.config.viz
+    fmt = resolve_format(output, fmt, v.format if v.format in ("png", "svg") else "png", ("png", "svg"))
+    _refuse(output, force)
+    out.emit(plot_curves(list(run_dirs), output, fmt=fmt, dpi=v.dpi), _written)
+
+
+def _refuse(path: Path, force: bool) -> None:
+    from xsae_cli.core.errors import XsaeError
+
+    if path.exists() and not force:
+        raise XsaeError(f"{path} already exists", "pass --force to replace it, or choose another --output")
+
+
+@app.command("features")
+def features(
+    ctx: typer.Context,
+    source: Path = typer.Argument(..., help="features.json from `xsae sae features`, or the SAE run / hook folder holding it."),
+    output: Path = typer.Option(Path("features.html"), "--output", "-o", help="Where to write the HTML page."),
+    hook: str | None = typer.Option(None, "--hook", help="Which hook's features (when the run has several)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """One offline HTML page of every latent: histogram, top contexts, logit lens, search."""
+    from xsae_cli.viz.features import write_features_page
+
+    page_size = ctx.obj.config.viz.page_size
+    if page_size < 1:
+        from xsae_cli.core.errors import XsaeError
+
+        raise XsaeError(f"[viz] page_size must be at least 1, got {page_size}", "set e.g. page_size = 50 in xsae.toml or XSAE_VIZ_PAGE_SIZE")
+    _refuse(output, force)
+    out.emit(write_features_page(source, output, hook=hook, page_size=page_size), _written)

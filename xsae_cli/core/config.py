@@ -90,8 +90,10 @@ class RestoreSettings:
 
 @dataclass(frozen=True)
 class VizSettings:
-    format: str = "png"
+    format: str = "png"  # static plots: png or svg (html for an interactive cluster plot)
     dpi: int = 150
+    method: str = "pca"  # cluster projection: pca or tsne
+    page_size: int = 50  # latent cards the features dashboard renders at a time
 
 
 SECTIONS: dict[str, type] = {
