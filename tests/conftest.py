@@ -8,7 +8,6 @@ minutes and it is derived data. `make test` runs `xsae zoo fetch` first.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +87,3 @@ def cleandir(tmp_path: Path) -> Path:
     d = tmp_path / "work"
     d.mkdir()
     return d
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -142,7 +142,3 @@ def _mount() -> None:
 
 
 _mount()
-
-
-def main() -> None:
-    app(prog_name="xsae")
