@@ -13,13 +13,30 @@ from xsae_cli.core.errors import XsaeError
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
 
-def _quiet() -> Any:
-    """Send library chatter on stdout (DeepSpeed's logger, imported lazily by transformers and
-    accelerate) to stderr while working, so that ``--json`` output stays parseable."""
-    import contextlib
-    import sys
+def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool = False) -> list[tuple[Any, float, int]]:
+    """Tokenise (or find cached) each model with a progress bar: (TokenizedModel, seconds, bytes read; 0 = cached)."""
+    import time
 
-    return contextlib.redirect_stdout(sys.stderr)
+    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+    from xsae_cli.sane.tokenizer import model_chunk_count
+    from xsae_cli.zoo.weights import tensor_index
+
+    done = []
+    for name in names:
+        src = model_source(name)
+        total = model_chunk_count(tensor_index(src.resolved), cs)
+        task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
+        read = [0]
+
+        def cb(chunks: int, nbytes: int, task: Any = task, read: list = read) -> None:
+            read[0] = nbytes
+            bar.update(task, completed=chunks)
+
+        t0 = time.perf_counter()
+        folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb)
+        bar.update(task, completed=total)
+        done.append((TokenizedModel(folder, src.name), time.perf_counter() - t0, read[0]))
+    return done
 
 
 def _scheme(cfg: Any) -> Any:
@@ -56,45 +73,26 @@ def tokenize(
     force: bool = typer.Option(False, "--force", help="Re-tokenise even when cached."),
 ) -> None:
     """Cut models' weights into chunks with depth/position/kind coordinates, cached on disk."""
-    import time
-
-    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
-    from xsae_cli.sane.tokenizer import model_chunk_count
-    from xsae_cli.zoo.weights import tensor_index
-
     cfg = ctx.obj.config
     cs = chunk_size or cfg.sane.chunk_size
     if cs < 2:
         raise XsaeError(f"--chunk-size {cs} is too small", "use 2 or more (default 64)")
-    scheme = _scheme(cfg)
-    rows = []
-    with _quiet(), out.progress() as bar:
-        for name in names:
-            src = model_source(name)
-            total = model_chunk_count(tensor_index(src.resolved), cs)
-            task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
-            t0 = time.perf_counter()
-            read = [0]
-
-            def cb(done: int, nbytes: int, task: Any = task, read: list = read) -> None:
-                read[0] = nbytes
-                bar.update(task, completed=done)
-
-            folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb)
-            secs = time.perf_counter() - t0
-            tm = TokenizedModel(folder, src.name)
-            bar.update(task, completed=total)
-            rows.append({
-                "name": src.name,
-                "n_chunks": tm.n_chunks,
-                "n_tensors": tm.manifest["n_tensors"],
-                "chunk_size": cs,
-                "scheme": tm.scheme,
-                "seconds": secs,
-                "mb_per_second": (read[0] / 1e6 / secs) if read[0] else None,
-                "cached": read[0] == 0,
-                "cache": str(folder),
-            })
+    with out.progress() as bar:
+        done = _tokenise(bar, names, cs, _scheme(cfg), force=force)
+    rows = [
+        {
+            "name": tm.name,
+            "n_chunks": tm.n_chunks,
+            "n_tensors": tm.manifest["n_tensors"],
+            "chunk_size": cs,
+            "scheme": tm.scheme,
+            "seconds": secs,
+            "mb_per_second": (nbytes / 1e6 / secs) if nbytes else None,
+            "cached": nbytes == 0,
+            "cache": str(tm.folder),
+        }
+        for tm, secs, nbytes in done
+    ]
 
     def render(data: list[dict[str, Any]]) -> None:
         out.console.print(out.table("tokenised", ["model", "chunks", "tensors", "seconds", "MB/s", "cache"], [
@@ -123,12 +121,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Delete existing checkpoints and start over (default: resume)."),
 ) -> None:
     """Train the SANE autoencoder on a zoo; resumes from the last checkpoint in --out."""
-    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
     from xsae_cli.sane.model import SaneModelConfig
-    from xsae_cli.sane.tokenizer import model_chunk_count
     from xsae_cli.sane.train import TrainSettings, preflight
     from xsae_cli.sane.train import train as run_train
-    from xsae_cli.zoo.weights import tensor_index
 
     cfg = ctx.obj.config
     s = cfg.sane
@@ -150,15 +145,8 @@ def train(
     model_cfg = SaneModelConfig(chunk_size=cs, latent_dim=latent_dim or s.latent_dim, d_model=d_model or s.d_model)
     model_cfg.validate()
     preflight(out_dir, cs, scheme.scheme_id, force)
-    tms = []
-    with _quiet(), out.progress() as bar:
-        for name in names:
-            src = model_source(name)
-            total = model_chunk_count(tensor_index(src.resolved), cs)
-            task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
-            folder = tokenize_to_cache(src, cs, scheme, warn=out.warn, on_tensor=lambda done, _b, t=task: bar.update(t, completed=done))
-            bar.update(task, completed=total)
-            tms.append(TokenizedModel(folder, src.name))
+    with out.progress() as bar:
+        tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme)]
         state: dict[str, Any] = {}
 
         def on_step(step: int, total_steps: int, losses: dict[str, float]) -> None:
@@ -200,7 +188,7 @@ def embed(
 
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
-    with _quiet(), out.progress() as bar:
+    with out.progress() as bar:
         result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
@@ -241,7 +229,7 @@ def evaluate(
     if seeds < 2:
         raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
     fams = [f.strip() for f in families.split(",") if f.strip()]
-    with _quiet(), out.progress() as bar:
+    with out.progress() as bar:
         state: dict[str, Any] = {}
 
         def on_step(step: int, total: int, losses: dict[str, float]) -> None:

@@ -33,7 +33,6 @@ class OutputState:
 
     json: bool = False
     debug: bool = False
-    quiet: bool = False
     stdout: Any = None  # where --json output goes: the real stdout, kept apart from library chatter
 
 
@@ -90,7 +89,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 def info(message: str) -> None:
     """A status line for humans; silent under ``--json`` so stdout stays parseable."""
-    if not state.json and not state.quiet:
+    if not state.json:
         err_console.print(message)
 
 
@@ -122,7 +121,7 @@ def progress(transient: bool = False, disable: bool = False) -> Iterator[Progres
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console, transient=transient, disable=disable or state.quiet or state.json) as bar:
+    with Progress(*columns, console=err_console, transient=transient, disable=disable or state.json) as bar:
         yield bar
 
 

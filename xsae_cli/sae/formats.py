@@ -374,14 +374,18 @@ def _load_folder(folder: Path, kind: str, device: Any) -> SparseAutoencoder:
     return _load_sparsify(folder, device)
 
 
-def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
-    cfg_path = folder / SAELENS_CFG
-    weights_path = folder / SAELENS_WEIGHTS
-    raw = read_json(cfg_path, "SAELens config")
+def _read_layout(folder: Path, cfg_name: str, weights_name: str, what: str) -> tuple[Path, Path, dict, dict]:
+    """A layout's cfg.json (must be an object) and its weights file beside it, both checked."""
+    cfg_path, weights_path = folder / cfg_name, folder / weights_name
+    raw = read_json(cfg_path, f"{what} config")
     if not isinstance(raw, dict):
         raise XsaeError(f"{cfg_path} is not a JSON object", "re-create it or point at the right folder")
-    _require(weights_path, "SAELens weights (sae_weights.safetensors beside cfg.json)")
-    tensors = load_safetensors(weights_path)
+    _require(weights_path, f"{what} weights ({weights_name} beside {cfg_name})")
+    return cfg_path, weights_path, raw, load_safetensors(weights_path)
+
+
+def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
+    cfg_path, weights_path, raw, tensors = _read_layout(folder, SAELENS_CFG, SAELENS_WEIGHTS, "SAELens")
 
     metadata = dict(raw.get("metadata") or {})
     if not metadata:  # pre-6.0 SAELens configs keep these at the top level
@@ -465,13 +469,7 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
 
 
 def _load_sparsify(folder: Path, device: Any) -> SparseAutoencoder:
-    cfg_path = folder / SPARSIFY_CFG
-    weights_path = folder / SPARSIFY_WEIGHTS
-    raw = read_json(cfg_path, "sparsify config")
-    if not isinstance(raw, dict):
-        raise XsaeError(f"{cfg_path} is not a JSON object", "re-create it or point at the right folder")
-    _require(weights_path, "sparsify weights (sae.safetensors beside cfg.json)")
-    tensors = load_safetensors(weights_path)
+    cfg_path, weights_path, raw, tensors = _read_layout(folder, SPARSIFY_CFG, SPARSIFY_WEIGHTS, "sparsify")
 
     activation = raw.get("activation", "topk")
     if activation != "topk":

@@ -257,7 +257,6 @@ def permute_rows(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.rand
             continue
         sel = np.nonzero(mask & (tid == t))[0]
         local = idx[sel] - model.t_start[t]
-        row_of = local // rows
         first_row = -(-int(local[0]) // rows)
         last_row = (int(local[-1]) + 1) // rows  # exclusive: rows fully inside the window
         n_rows = last_row - first_row
@@ -268,7 +267,6 @@ def permute_rows(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.rand
         src = (first_row + perm)[:, None] * rows + np.arange(rows)[None, :]
         dst = (first_row + np.arange(n_rows))[:, None] * rows + np.arange(rows)[None, :]
         out[base + dst.reshape(-1)] = values[base + src.reshape(-1)]
-        del row_of
     win = dict(win)
     win["values"] = out
     return win
