@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 $(VENV)/.xsae-dev: $(STAMP) pyproject.toml
-	$(PIP) install -q -e ".[dev,bench]" "$(TORCH)"
+	$(PIP) install -q -e ".[dev,bench,deepspeed]" "$(TORCH)"
 	$(PIP) check
 	touch $@
 

@@ -74,6 +74,7 @@ def root(
     machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="This machine's rank for --launcher."),
     main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="Address of machine 0 for --launcher."),
     main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="Port on machine 0 for --launcher."),
+    deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="DeepSpeed JSON config (ZeRO-1/2/3 for `sae train`; see recipes/deepspeed/)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     if json_out:
@@ -90,6 +91,7 @@ def root(
             "machine_rank": machine_rank,
             "main_process_ip": main_process_ip,
             "main_process_port": main_process_port,
+            "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
         }
     }
     cfg = load_config(config, flags=flags)

@@ -75,6 +75,7 @@ def train(
         normalize_activations=normalize,
         seed=cfg.hardware.seed,
         log_with=log_with,
+        deepspeed_config=cfg.hardware.deepspeed_config or None,
     )
     spec = RunSpec(
         model=model,
@@ -92,7 +93,7 @@ def train(
         trust_remote_code=cfg.zoo.trust_remote_code,
     )
     metrics = train_run(spec, settings)
-    if metrics:
+    if metrics and "rank" not in metrics:  # the other ranks of a launch report nothing
         out.emit(metrics, _metrics_table)
 
 

@@ -144,6 +144,8 @@ def relaunch(spec: LaunchSpec, argv: Sequence[str]) -> int:
     if spec.cpu:
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
         env["ACCELERATE_USE_CPU"] = "true"
+        if spec.launcher == "deepspeed":  # its CPU accelerator counts NUMA nodes as devices unless told
+            env["LOCAL_SIZE"] = str(spec.num_processes)
     return subprocess.call(cmd, env=env)
 
 

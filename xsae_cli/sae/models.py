@@ -456,6 +456,9 @@ class SparseAutoencoder(nn.Module):
     """
 
     unit_norm_decoder: bool = True  # the trainer keeps decoder rows unit norm when True
+    # Under DeepSpeed ZeRO the optimizer owns fp32 partitions of the weights, so rows cannot be
+    # renormalised after a step; the forward then divides by the row norms instead (weight norm).
+    decoder_weight_norm: bool = False
 
     def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -653,8 +656,20 @@ class SparseAutoencoder(nn.Module):
         state.pop("_scratch", None)
         return state
 
+    def _w_dec(self) -> Tensor:
+        if self.decoder_weight_norm:
+            return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+        return self.W_dec
+
+    @torch.no_grad()
+    def fold_decoder_weight_norm(self) -> None:
+        """Store the unit rows the forward used, and go back to plain decoding."""
+        if self.decoder_weight_norm:
+            self.W_dec.copy_(self._w_dec())
+            self.decoder_weight_norm = False
+
     def _decode_raw(self, codes: Tensor) -> Tensor:
-        return codes.to(self.dtype) @ self.W_dec + self.b_dec
+        return codes.to(self.dtype) @ self._w_dec() + self.b_dec
 
     def _codes(self, x_n: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -677,8 +692,16 @@ class SparseAutoencoder(nn.Module):
         y = self._norm_out(self._decode_raw(c2), self._norm_state)
         return y.reshape(*codes.shape[:-1], self.cfg.d_in)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction with the shape and dtype of ``x``: what splicing into a model needs."""
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, train_step: bool = False) -> Any:
+        """Reconstruction with the shape and dtype of ``x``: what splicing into a model needs.
+
+        ``train_step=True`` returns :meth:`training_forward` as a plain tuple ``(loss, x_hat,
+        fired, terms)``: DeepSpeed ZeRO-3 gathers parameters only around ``module(...)`` calls and
+        finds the tensors to hook for backward only in tuples, lists and dicts.
+        """
+        if train_step:
+            o = self.training_forward(x, dead_mask)
+            return o.loss, o.x_hat, o.fired, o.terms
         x2, lead = _flatten(x, self.cfg.d_in)
         x_n, state = self._norm_in(x2.to(self.dtype))
         y = self._norm_out(self._reconstruct(x_n), state)
@@ -814,11 +837,11 @@ class TopKSae(SparseAutoencoder):
 
     def _reconstruct(self, x_n: Tensor) -> Tensor:
         vals, p, _, _ = self._sparse_codes(x_n, training=False)
-        return _SparseDecode.apply(vals, self.W_dec, p) + self.b_dec
+        return _SparseDecode.apply(vals, self._w_dec(), p) + self.b_dec
 
     def _train(self, x_n: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
         vals, p, xc, pre = self._sparse_codes(x_n, training=True)
-        x_hat = _SparseDecode.apply(vals, self.W_dec, p) + self.b_dec
+        x_hat = _SparseDecode.apply(vals, self._w_dec(), p) + self.b_dec
         err = x_hat - x_n
         n = x_n.shape[0]
         flat = err.reshape(-1)
@@ -859,7 +882,7 @@ class TopKSae(SparseAutoencoder):
             p = _Pattern.from_topk(dead[local], int(self.cfg.d_sae), self.sparse_backend)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         raw = _GatherLinear.apply(x_n, b_dec, self.W_enc, self.b_enc, xc, p, vals.reshape(-1) if pre.dtype == self.dtype else None)
-        e_hat = _SparseDecode.apply(F.relu(raw), self.W_dec, p)
+        e_hat = _SparseDecode.apply(F.relu(raw), self._w_dec(), p)
         return scale * (e_hat + err).pow(2).sum() / x_n.shape[0]
 
 

@@ -132,6 +132,10 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     out = Path(spec.out)
     if (out / "metrics.json").exists() and not spec.force:
         raise XsaeError(f"{out} already holds a finished run", "pass --force to train it again, or choose another --out")
+    if getattr(settings, "deepspeed_config", None):  # before any harvest: a bad config should cost nothing
+        from xsae_cli.sae.zero import zero_config_for
+
+        zero_config_for(settings.deepspeed_config, settings.optimizer)
     if out.exists() and spec.force:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
@@ -201,6 +205,10 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         "memory": memory_report(device),
     }
     metrics["training"]["world_size"] = world
+    if trainer.zero_config is not None:
+        from xsae_cli.sae.zero import zero_stage
+
+        metrics["training"]["zero_stage"] = zero_stage(trainer.zero_config)
     metrics["model"] = spec.model
     metrics["settings"] = _jsonable(asdict(settings))
     metrics["versions"] = package_versions()

@@ -55,6 +55,7 @@ class TrainSettings:
     dead_tokens_threshold: int = 1_000_000
     seed: int = 0
     log_with: str | None = None  # accelerate tracker: tensorboard | wandb
+    deepspeed_config: str | None = None  # a DeepSpeed JSON config: ZeRO-1/2/3 (see recipes/deepspeed/)
     extra: dict[str, Any] = field(default_factory=dict)  # further SaeConfig fields
 
     @property
@@ -135,6 +136,7 @@ class HookState:
     optimizer: Any
     lr: float
     firing: FiringTracker  # tokens since each latent last fired
+    zero: Any = None  # a ZeroSae once DeepSpeed has taken the SAE over
 
 
 def _dist() -> tuple[int, int]:
@@ -161,6 +163,11 @@ class SaeTrainer:
         self.hooks = list(d_in)
         self.rank, self.world = _dist()
         self.checkpoints = Checkpoints(self.run_dir, keep=settings.keep_checkpoints)
+        self.zero_config: dict[str, Any] | None = None
+        if settings.deepspeed_config:
+            from xsae_cli.sae.zero import zero_config_for
+
+            self.zero_config = zero_config_for(settings.deepspeed_config, settings.optimizer)
         self.states: dict[str, HookState] = {}
         for i, hook in enumerate(self.hooks):
             cfg = settings.sae_config(d_in[hook], (metadata or {}).get(hook, {"hook_name": hook}))
@@ -177,16 +184,40 @@ class SaeTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            hook: {"sae": st.sae.state_dict(), "optimizer": st.optimizer.state_dict(), "firing": st.firing.state_dict()}
-            for hook, st in self.states.items()
-        }
+        """Everything a resume needs. Under ZeRO every rank must call it (the full state is gathered)."""
+        state: dict[str, Any] = {}
+        for hook, st in self.states.items():
+            if st.zero is not None:
+                weights, optim = st.zero.full_state()
+                state[hook] = {"sae": weights, "optimizer": optim, "firing": st.firing.state_dict()}
+            else:
+                state[hook] = {"sae": st.sae.state_dict(), "optimizer": st.optimizer.state_dict(), "firing": st.firing.state_dict()}
+        return state
 
     def save_checkpoint(self) -> Path | None:
+        if self.rank != 0 and self.zero_config is None:
+            return None
+        state = self.state_dict()
         if self.rank != 0:
             return None
-        meta = {"tokens": self.tokens, "hooks": self.hooks, "settings": _jsonable(asdict(self.settings)), "configs": {h: st.sae.cfg.to_dict() for h, st in self.states.items()}}
-        return self.checkpoints.save(self.step, self.state_dict(), meta)
+        meta = {
+            "tokens": self.tokens,
+            "hooks": self.hooks,
+            "settings": _jsonable(asdict(self.settings)),
+            "configs": {h: st.sae.cfg.to_dict() for h, st in self.states.items()},
+            "decoder_weight_norm": {h: st.sae.decoder_weight_norm for h, st in self.states.items()},
+            "world_size": self.world,
+        }
+        return self.checkpoints.save(self.step, state, meta)
+
+    def _ensure_engines(self) -> None:
+        """Hand the SAEs to DeepSpeed, after their initialisation (ZeRO-3 partitions the weights)."""
+        if self.zero_config is None or all(st.zero is not None for st in self.states.values()):
+            return
+        from xsae_cli.sae.zero import ZeroSae
+
+        for st in self.states.values():
+            st.zero = ZeroSae(st.sae, st.optimizer, self.zero_config)
 
     def try_resume(self) -> bool:
         latest = self.checkpoints.latest()
@@ -209,8 +240,15 @@ class SaeTrainer:
             if cfg.get("norm_scaling_factor") is not None:
                 st.sae.cfg.norm_scaling_factor = cfg["norm_scaling_factor"]
             st.sae.load_state_dict(saved["sae"])
-            st.optimizer.load_state_dict(saved["optimizer"])
+            if meta.get("decoder_weight_norm", {}).get(hook) and self.zero_config is None:
+                st.sae.set_decoder_norm_to_unit_norm()  # a ZeRO run's decoder, as its forward used it
+            if self.zero_config is None:
+                st.optimizer.load_state_dict(saved["optimizer"])
             st.firing.load_state_dict(saved["firing"])
+        if self.zero_config is not None:
+            self._ensure_engines()
+            for hook, st in self.states.items():
+                st.zero.load_full_state(state[hook]["optimizer"])
         self.step, self.tokens, self.initialised = step, int(meta["tokens"]), True
         return True
 
@@ -239,6 +277,7 @@ class SaeTrainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
         if not self.initialised:
             self._initialise(batch)
+        self._ensure_engines()
         factor = lr_factor(self.step, self.settings)
         logs: dict[str, dict[str, float]] = {}
         rows = int(next(iter(batch.values())).shape[0])
@@ -250,12 +289,18 @@ class SaeTrainer:
             x = batch[hook].to(self.device, torch.float32, non_blocking=True)
             self._check_finite(hook, x)
             dead_mask = st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold)
-            out = st.sae.training_forward(x, dead_mask=dead_mask)
+            out = st.zero.training_forward(x, dead_mask) if st.zero is not None else st.sae.training_forward(x, dead_mask=dead_mask)
             if not torch.isfinite(out.loss):
                 raise XsaeError(
                     f"the loss became non-finite at step {self.step} in hook {hook}",
                     f"training stopped; the last good checkpoint in {self.checkpoints.root} is kept. Lower --lr",
                 )
+            if st.zero is not None:  # DeepSpeed reduces (and partitions) the gradients and steps Adam
+                for group in st.zero.param_groups:
+                    group["lr"] = st.lr * factor
+                st.zero.step(out.loss)
+                self._after_update(hook, st, out, rows, factor, logs)
+                continue
             st.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if self.world > 1:
@@ -270,21 +315,24 @@ class SaeTrainer:
             st.optimizer.step()
             if st.sae.unit_norm_decoder:
                 st.sae.set_decoder_norm_to_unit_norm()
-            fired = out.fired.to(self.device)
-            if self.world > 1:
-                torch.distributed.all_reduce(fired)
-            st.firing.update(fired, rows)
-            logs[hook] = {k: float(v) for k, v in out.terms.items()}
-            logs[hook]["loss"] = float(out.loss.detach())
-            logs[hook]["dead_pct"] = 100.0 * float(st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold).float().mean())
-            logs[hook]["lr"] = st.lr * factor
+            self._after_update(hook, st, out, rows, factor, logs)
         self.step += 1
         self.tokens += rows
         return logs
 
+    def _after_update(self, hook: str, st: HookState, out: Any, rows: int, factor: float, logs: dict[str, dict[str, float]]) -> None:
+        fired = out.fired.to(self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(fired)
+        st.firing.update(fired, rows)
+        logs[hook] = {k: float(v) for k, v in out.terms.items()}
+        logs[hook]["loss"] = float(out.loss.detach())
+        logs[hook]["dead_pct"] = 100.0 * float(st.firing.dead_mask(st.sae.cfg.dead_tokens_threshold).float().mean())
+        logs[hook]["lr"] = st.lr * factor
+
     def fit(self, batches: Batches, *, resume: bool = True) -> dict[str, Any]:
         """Train until ``settings.tokens`` tokens were seen; return the last logs per hook."""
-        if resume and self.try_resume():
+        if resume and self.try_resume() and self.rank == 0:
             info(f"resuming from step {self.step} ({self.tokens:,} tokens) in {self.checkpoints.root}")
         self._start_tracker()
         total = self.settings.tokens
@@ -357,6 +405,16 @@ class SaeTrainer:
     @torch.no_grad()
     def finalize(self) -> dict[str, SparseAutoencoder]:
         """The weights to keep: schedule-free optimizers hold their average apart until eval()."""
+        if self.zero_config is not None:  # gather the partitions (every rank takes part) into plain SAEs
+            saes = {}
+            for hook, st in self.states.items():
+                weights, _ = st.zero.full_state() if st.zero is not None else (st.sae.state_dict(), None)
+                sae = create_sae(st.sae.cfg, device=self.device)
+                sae.load_state_dict(weights)
+                sae.decoder_weight_norm = st.sae.decoder_weight_norm
+                sae.fold_decoder_weight_norm()
+                saes[hook] = sae
+            return saes
         for st in self.states.values():
             if hasattr(st.optimizer, "eval"):
                 st.optimizer.eval()
