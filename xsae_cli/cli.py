@@ -74,6 +74,7 @@ def root(
     machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="This machine's rank for --launcher."),
     main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="Address of machine 0 for --launcher."),
     main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="Port on machine 0 for --launcher."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="accelerate YAML config for --launcher accelerate (see recipes/accelerate/)."),
     deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="DeepSpeed JSON config (ZeRO-1/2/3 for `sae train`; see recipes/deepspeed/)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
@@ -91,23 +92,27 @@ def root(
             "machine_rank": machine_rank,
             "main_process_ip": main_process_ip,
             "main_process_port": main_process_port,
+            "accelerate_config": str(accelerate_config) if accelerate_config else None,
             "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
         }
     }
     cfg = load_config(config, flags=flags)
     ctx.obj = AppState(config=cfg, config_path=str(config) if config else None)
+    from xsae_cli.core import launch
+
+    name = launch.check_launcher(cfg.hardware.launcher)
+    relaunching = name != "none" and not launch.in_launched_process() and ctx.invoked_subcommand is not None
+    cpu = cfg.hardware.device == "cpu" or (cfg.hardware.device == "auto" and not _cuda_available())
+    if relaunching and not cpu:  # a GPU recipe on a machine without its GPUs fails now, not in every rank
+        launch.check_gpus(cfg.hardware.num_processes, _cuda_count())
     if cfg.hardware.device != "auto" or cfg.hardware.dtype != "float32":
         # Fail before any work when the asked-for device or dtype is not there.
         from xsae_cli.core.hardware import resolve_device, resolve_dtype
 
         resolve_dtype(cfg.hardware.dtype, resolve_device(cfg.hardware.device))
 
-    from xsae_cli.core import launch
-
-    name = launch.check_launcher(cfg.hardware.launcher)
-    if name != "none" and not launch.in_launched_process() and ctx.invoked_subcommand is not None:
+    if relaunching:
         hw = cfg.hardware
-        cpu = hw.device == "cpu" or (hw.device == "auto" and not _cuda_available())
         spec = launch.LaunchSpec(
             launcher=name,
             num_processes=hw.num_processes,
@@ -127,6 +132,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _mount() -> None:

@@ -102,28 +102,3 @@ def test_corrupt_sae_file_is_refused_with_its_path(tmp_path: Path, demo_zoo: Pat
     w = out / "transformer.h.2" / "sae_weights.safetensors"
     w.write_bytes(w.read_bytes()[:-50])
     assert_user_error(run_xsae("sae", "export", str(out / "transformer.h.2"), str(tmp_path / "o")), "sae_weights.safetensors")
-
-
-def test_accelerate_two_cpu_ranks_train_one_sae(demo_zoo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    proc = run_xsae("--launcher", "accelerate", "--num-processes", "2", "--main-process-port", "29519", "--device", "cpu", "--seed", "0", *TINY, "--tokens", "8k", "--out", str(out), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    t = metrics["training"]
-    assert t["world_size"] == 2
-    assert t["tokens"] <= t["steps"] * 512 * 2 and t["tokens"] > (t["steps"] - 1) * 512 * 2  # both ranks contributed to every step
-    assert t["tokens"] >= 7168
-    # The saved SAE and the checkpoint have the single-process format and load the same way.
-    from xsae_cli.core.io import Checkpoints
-    from xsae_cli.sae.formats import load_sae
-
-    sae = load_sae(out / "transformer.h.2")
-    assert sae.cfg.d_in == 64 and sae.cfg.k == 8
-    step, state, meta = Checkpoints(out).latest()
-    assert step == t["steps"] and meta["tokens"] == t["tokens"]
-    from xsae_cli.sae.train import SaeTrainer, TrainSettings
-
-    settings = TrainSettings(**json.loads((out / "run.json").read_text())["settings"])
-    trainer = SaeTrainer(settings, {"transformer.h.2": 64}, out)  # a single-process trainer resumes it
-    assert trainer.try_resume() and trainer.step == t["steps"] and trainer.tokens == t["tokens"]
-    assert torch.equal(trainer.finalize()["transformer.h.2"].W_dec.detach(), sae.W_dec.detach())

@@ -54,6 +54,7 @@ def train(
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Stream activations instead of caching a harvest on disk."),
     log_with: Optional[str] = typer.Option(None, "--log-with", help="tensorboard or wandb (through accelerate's trackers)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': spread a model too large for one GPU over all visible GPUs (accelerate)."),
     force: bool = typer.Option(False, "--force", help="Start over even if the run folder holds a finished run."),
 ) -> None:
     """Harvest activations, train one SAE per hook, evaluate on held-out text, save SAELens files."""
@@ -91,6 +92,7 @@ def train(
         cache=not no_cache,
         force=force,
         trust_remote_code=cfg.zoo.trust_remote_code,
+        device_map=device_map,
     )
     metrics = train_run(spec, settings)
     if metrics and "rank" not in metrics:  # the other ranks of a launch report nothing

@@ -53,6 +53,15 @@ def check_launcher(name: str) -> str:
     return name
 
 
+def check_gpus(wanted: int, found: int) -> None:
+    """One process per GPU: refuse a launch that asks for more GPUs than this machine has."""
+    if found < wanted:
+        raise XsaeError(
+            f"--num-processes {wanted} wants {wanted} GPU(s) on this machine; found {found}",
+            "lower --num-processes to the GPUs present, or pass --device cpu to run CPU ranks",
+        )
+
+
 def in_launched_process() -> bool:
     return os.environ.get("XSAE_LAUNCHED") == "1"
 

@@ -75,6 +75,7 @@ class RunSpec:
     cache: bool = True
     force: bool = False
     trust_remote_code: bool = False
+    device_map: str | None = None  # e.g. "auto": spread a model too large for one GPU over all visible GPUs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,21 +87,32 @@ def _init_distributed(spec: RunSpec) -> tuple[int, int]:
         return 0, 1
     from accelerate import PartialState
 
-    state = PartialState(cpu=resolve_device(spec.device).type == "cpu")
+    from datetime import timedelta
+
+    # Rank 0 harvests while the others wait at a barrier: allow hours, not the default 30 minutes.
+    state = PartialState(cpu=resolve_device(spec.device).type == "cpu", timeout=timedelta(hours=12))
     return state.process_index, state.num_processes
 
 
-def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
+def _identity(spec: RunSpec, resolved: Any = None) -> str:
+    """What names the model's weights in the harvest cache key, without loading them."""
     from xsae_cli.zoo.registry import Registry, resolve_entry
+
+    entry = Registry().find(spec.model.lower())
+    if entry and entry.sha256:
+        return entry.sha256
+    return str((resolved or resolve_entry(spec.model)).path)
+
+
+def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
+    from xsae_cli.zoo.registry import resolve_entry
     from xsae_cli.zoo.sources import load_model
 
     resolved = resolve_entry(spec.model)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.model_dtype, device)
-    model, tokenizer = load_model(resolved, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code)
-    entry = Registry().find(spec.model.lower())
-    identity = entry.sha256 if entry and entry.sha256 else str(resolved.path)
-    return model, tokenizer, device, identity
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code, device_map=spec.device_map)
+    return model, tokenizer, device, _identity(spec, resolved)
 
 
 def _contexts(spec: RunSpec, tokenizer: Any, seed: int) -> tuple[Any, Any]:
@@ -143,23 +155,30 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     seed_everything(settings.seed)
     t0 = time.perf_counter()
     rank, world = _init_distributed(spec)
-    model, tokenizer, device, identity = _load(spec)
-    train_ctx, held_ctx = _contexts(spec, tokenizer, settings.seed)
-    store = ActivationStore(
-        model, tokenizer, spec.hooks, train_ctx, site=spec.site, batch_contexts=spec.batch_contexts,
-        device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, seed=settings.seed, model_name=spec.model,
-    )
-    d_in = store.d_in
+    if world > 1 and not spec.cache:
+        raise XsaeError("multi-process training reads a cached harvest", "drop --no-cache when using --launcher")
+    # In a launch only rank 0 runs the model (harvest, then evaluation); the other ranks read its
+    # harvest, so a model that needs every GPU (--device-map auto) is loaded once, not once per rank.
+    model = tokenizer = held_ctx = store = None
+    d_in: dict[str, int] | None = None
+    if rank == 0:
+        model, tokenizer, device, identity = _load(spec)
+        train_ctx, held_ctx = _contexts(spec, tokenizer, settings.seed)
+        store = ActivationStore(
+            model, tokenizer, spec.hooks, train_ctx, site=spec.site, batch_contexts=spec.batch_contexts,
+            device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, seed=settings.seed, model_name=spec.model,
+        )
+        d_in = store.d_in
+        atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
+    else:
+        device, identity = resolve_device(spec.device), _identity(spec)
     metadata = {
         h: {"model_name": spec.model, "hook_name": h, "context_size": spec.context_size, "prepend_bos": True, "dataset_path": spec.corpus, "hook_site": spec.site}
         for h in spec.hooks
     }
-    atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
 
     harvest_seconds = 0.0
     harvest_stats: dict[str, Any] = {}
-    if world > 1 and not spec.cache:
-        raise XsaeError("multi-process training reads a cached harvest", "drop --no-cache when using --launcher")
     if spec.cache:
         cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, settings.seed)
         if not (cache_dir / "meta.json").exists() and rank == 0:
@@ -172,6 +191,7 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         if world > 1:
             torch.distributed.barrier()  # rank 0 harvested; the others read the same shards
         shards = ShardedActivations(cache_dir)
+        d_in = d_in or {h: shards.d_in[h] for h in spec.hooks}
 
         if len(shards) < settings.tokens and rank == 0:
             info(f"the corpus gave {len(shards):,} token activations: training makes {settings.tokens / len(shards):.1f} passes over them (reshuffled each pass)")

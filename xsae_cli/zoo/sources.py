@@ -234,11 +234,13 @@ def load_model(
     dtype: Any = None,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    device_map: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a runnable transformers model (and tokenizer) for activation work.
 
     Causal LMs load with their LM head (needed for CE-loss and logit-lens metrics); encoders
-    such as BERT load as the base model.
+    such as BERT load as the base model. ``device_map="auto"`` lets accelerate spread a model
+    that no single GPU holds over every visible GPU (then CPU RAM), layer by layer.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -255,7 +257,10 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
-    model = cls.from_pretrained(folder, **kwargs).to(device)
+    if device_map:
+        model = cls.from_pretrained(folder, device_map=device_map, **kwargs)
+    else:
+        model = cls.from_pretrained(folder, **kwargs).to(device)
     model.eval()
     tokenizer = None
     if with_tokenizer:
