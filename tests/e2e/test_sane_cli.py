@@ -77,6 +77,8 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(run_xsae("sane", "tokenize", "no-such-model"), "unknown model 'no-such-model'")
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(tmp_path), "--models", "tiny-gpt2"), "not a SANE checkpoint")
     assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--latent-dim", "64", "--out", str(tmp_path / "r")), "latent_dim 64", "chunk_size 64")
+    assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "lin")), "--seeds 1")
+    assert_user_error(run_xsae("sane", "evaluate", "--families", "tiny-nope", "--real", "", "--out", str(tmp_path / "lin")), "tiny-nope")
 
 
 @pytest.mark.slow
@@ -92,13 +94,21 @@ def test_demo_zoo_with_real_models(demo_zoo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_lineage(demo_zoo: Path, tmp_path: Path) -> None:
-    """`xsae sane evaluate`: lineage zoo, retrieval for SANE and both baselines, permutation checked."""
-    proc = run_xsae("--json", "sane", "evaluate", "--out", str(tmp_path / "lin"), "--families", "tiny-gpt2,tiny-qwen2", "--seeds", "2", "--epochs", "1", env=ONE_THREAD, timeout=1800)
+    """`xsae sane evaluate`: lineage zoo, held-out retrieval for SANE and both baselines, function check, JSON."""
+    args = ["sane", "evaluate", "--out", str(tmp_path / "lin"), "--families", "tiny-gpt2,tiny-qwen2", "--seeds", "2", "--real", "", "--folds", "1", "--epochs", "1", "--steps-per-epoch", "5"]
+    proc = run_xsae("--json", *args, env=ONE_THREAD, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     assert r["n_bases"] == 4 and r["n_variants"] == 4 * len(r["transforms"])
-    assert set(r["top1"]) == {"sane", "quantile_baseline", "random_encoder_baseline"}
-    assert r["permutation_max_logit_diff"] < 1e-4
-    assert r["reconstruction_held_out"]["mse_tensor_mean_masked"] > 0 and "r2_masked" in r["reconstruction_held_out"]
+    held = r["folds"][0]["held_out"]
+    assert "perm_full" in held and "perm_full" not in r["folds"][0]["trained_on"] and list(r["per_type"]) == [t for t in r["transforms"] if t in held]
+    for row in r["per_type"].values():
+        assert set(row) >= {"sane", "quantile_baseline", "random_encoder_baseline"}
+        assert all(0 <= row[k]["top1"] <= 1 and 0 <= row[k]["auroc"] <= 1 for k in ("sane", "quantile_baseline", "random_encoder_baseline"))
+    assert r["per_type"]["perm_full"]["quantile_baseline"]["top1"] == 1.0  # quantiles cannot see a permutation
+    assert r["function_check_max_rel_logit_diff"] < 1e-4
+    assert r["folds"][0]["reconstruction_held_out"]["mse_tensor_mean_masked"] > 0 and set(r["goals"]) >= {"top1_at_least_0.95", "never_below_quantile_top1"}
+    assert r["versions"]["torch"] and r["settings"]["seeds"] == 2
     assert (tmp_path / "lin" / "lineage.json").exists()
+    assert_user_error(run_xsae(*args), "already exists", "--force")
     assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "x")), "--seeds 1")

@@ -9,6 +9,8 @@ import typer
 
 from xsae_cli.core import console as out
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.sane.evaluate import FAMILIES as LINEAGE_FAMILIES
+from xsae_cli.sane.evaluate import REAL as LINEAGE_REAL
 
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
@@ -181,19 +183,20 @@ def embed(
     output_dir: Path = typer.Option(Path("out"), "--output-dir", help="Where model_embeddings.json/.npz go."),
     window_size: Optional[int] = typer.Option(None, "--window-size", help="Chunks per window (default: the checkpoint's)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap windows per model (evenly spaced; the JSON records the fraction of chunks seen). Default: cover the whole model."),
     force: bool = typer.Option(False, "--force", help="Replace existing embeddings."),
 ) -> None:
-    """One 512-d embedding per model (windows covering the whole model, pooled)."""
+    """One 512-d embedding per model (windows covering the whole model, or --max-windows evenly spaced ones, pooled)."""
     from xsae_cli.sane.embed import embed_models
 
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar)
+        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar, max_windows=max_windows)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:
-        out.console.print(out.table("embedded", ["model", "chunks", "windows", "seconds"], [[n, f"{m['n_chunks']:,}", m["windows"], f"{m['seconds']:.2f}"] for n, m in d["models"].items()]))
+        out.console.print(out.table("embedded", ["model", "chunks", "windows", "coverage", "seconds"], [[n, f"{m['n_chunks']:,}", m["windows"], f"{m['coverage']:.0%}", f"{m['seconds']:.2f}"] for n, m in d["models"].items()]))
         out.console.print(f"wrote [bold]{d['written']['json']}[/bold] ({d['dim']}-d)")
 
     out.emit(brief, render)
@@ -216,33 +219,61 @@ def neighbors(
 @app.command("evaluate")
 def evaluate(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", help="Work folder: lineage zoo, caches, lineage.json."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A SANE checkpoint (default: train a small one on the lineage bases)."),
-    families: str = typer.Option("tiny-gpt2,tiny-gptneox,tiny-qwen2,tiny-mistral,tiny-gemma", "--families", help="Tiny demo families used as bases."),
+    out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", help="Work folder: lineage zoo, caches, runs, lineage.json."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Score this SANE checkpoint in every fold (default: train one per fold, with its held-out types left out)."),
+    families: str = typer.Option(",".join(LINEAGE_FAMILIES), "--families", help="Tiny families used as random-initialised bases."),
     seeds: int = typer.Option(3, "--seeds", help="Random-initialised bases per family."),
-    epochs: int = typer.Option(3, "--epochs", help="Training epochs when no --checkpoint is given."),
+    real: str = typer.Option(",".join(LINEAGE_REAL), "--real", help="Real demo models used as bases ('' for none)."),
+    folds: int = typer.Option(2, "--folds", help="1: hold out permutations, norm rescaling and the hard types only; 2: every type held out once."),
+    epochs: int = typer.Option(3, "--epochs", help="Training epochs per fold."),
+    steps_per_epoch: int = typer.Option(40, "--steps-per-epoch"),
+    max_windows: int = typer.Option(32, "--max-windows", help="Windows per model when embedding (evenly spaced; tiny models fit whole)."),
+    real_layers: int = typer.Option(3, "--real-layers", help="Evenly spaced blocks of a real base that are written out and compared."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing lineage.json (the built zoo is reused)."),
 ) -> None:
-    """Lineage benchmark: top-1 retrieval of each variant's base vs quantile and random-encoder baselines."""
+    """Lineage benchmark: retrieval of each variant's base (held-out transform types) vs quantile and random-encoder baselines."""
+    from xsae_cli.sane.evaluate import LineageSettings, format_table
     from xsae_cli.sane.evaluate import evaluate as run_eval
-    from xsae_cli.sane.evaluate import format_table
 
+    fams = tuple(f.strip() for f in families.split(",") if f.strip())
+    reals = tuple(f.strip() for f in real.split(",") if f.strip())
+    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed)
     if seeds < 2:
         raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
-    fams = [f.strip() for f in families.split(",") if f.strip()]
+    if (out_dir / "lineage.json").exists() and not force:
+        raise XsaeError(f"{out_dir / 'lineage.json'} already exists", "pass --force to replace it, or choose another --out")
     with out.progress() as bar:
         state: dict[str, Any] = {}
+        n_members = (len(fams) * seeds + len(reals)) * 16
+
+        def on_member(name: str) -> None:
+            if "build" not in state:
+                state["build"] = bar.add_task("build lineage zoo", total=n_members, unit="models")
+            bar.advance(state["build"])
 
         def on_step(step: int, total: int, losses: dict[str, float]) -> None:
-            if "task" not in state:
-                state["task"] = bar.add_task("train", total=total, unit="steps")
-            bar.update(state["task"], completed=step)
+            if step == 1 or "task" not in state:
+                state["task"] = bar.add_task("train SANE (fold)", total=total, unit="steps")
+            bar.update(state["task"], completed=step, description=f"train SANE loss {losses['loss']:.3f}")
 
-        result = run_eval(out_dir, checkpoint, fams, seeds=seeds, train_epochs=epochs, seed=ctx.obj.config.hardware.seed, log=out.info, on_step=on_step)
+        result = run_eval(out_dir, settings, checkpoint, log=out.info, on_step=on_step, on_member=on_member, force=force)
 
     def render(r: dict[str, Any]) -> None:
-        out.console.print(out.table(f"lineage top-1 ({r['n_bases']} bases, {r['n_variants']} variants)", ["transform", "SANE", "quantile stats", "random encoder"], format_table(r)))
-        rec = r["reconstruction_held_out"]
-        out.console.print(f"held-out masked-chunk reconstruction R^2 vs per-tensor mean: {rec['r2_masked']:.3f} (visible chunks {rec['r2_visible']:.3f})")
-        out.console.print(f"family top-1 among bases (SANE): {r['family_top1_sane_bases']:.2f}; permutation max |logit diff| {r['permutation_max_logit_diff']:.1e}; wrote {out_dir / 'lineage.json'}")
+        out.console.print(out.table(
+            f"lineage retrieval of the base, held-out transform types ({r['n_bases']} bases, {r['n_variants']} variants): top-1 / MRR / AUROC",
+            ["transform", "fold", "SANE", "quantile stats", "random encoder", "base nearest (S / Q / R)"], format_table(r),
+        ))
+        for f in r["folds"]:
+            p = f["pairs"]
+            rec = f["reconstruction_held_out"]
+            out.console.print(
+                f"fold {f['fold']}: same-lineage pairs mAP / AUROC: SANE {p['sane']['map']:.3f} / {p['sane']['auroc']:.3f}, "
+                f"quantile {p['quantile_baseline']['map']:.3f} / {p['quantile_baseline']['auroc']:.3f}, "
+                f"random encoder {p['random_encoder_baseline']['map']:.3f} / {p['random_encoder_baseline']['auroc']:.3f}; "
+                f"masked R^2 vs per-tensor mean {rec['r2_masked']:.3f} (visible {rec['r2_visible']:.3f})"
+            )
+        met = ", ".join(f"{k}: {'met' if v['met'] else 'NOT met ' + str(v['failing'])}" for k, v in r["goals"].items())
+        out.console.print(f"goals: {met}")
+        out.console.print(f"function-preserving transforms: max relative logit change {r['function_check_max_rel_logit_diff']:.1e}; wrote {out_dir / 'lineage.json'}")
 
     out.emit(result, render)

@@ -30,11 +30,24 @@ from xsae_cli.sane.dataset import TokenizedModel, collate
 FORMAT = "xsae-sane-embeddings"
 
 
-def embed_tokenized(model: Any, tm: TokenizedModel, window_size: int, batch_size: int = 8, device: Any = "cpu", on_window: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+def window_starts(tm: TokenizedModel, window_size: int, max_windows: int | None = None) -> list[int]:
+    """Windows covering the whole model, or ``max_windows`` evenly spaced ones when it needs more.
+
+    A capped embedding sees only part of the model (``max_windows * window_size`` chunks); models
+    with the same tensor table get the same windows, so their embeddings stay comparable.
+    """
+    starts = tm.cover_starts(window_size)
+    if max_windows is None or max_windows <= 0 or len(starts) <= max_windows:
+        return starts
+    last = max(tm.n_chunks - window_size, 0)
+    return [int(round(x)) for x in np.linspace(0, last, max_windows)]
+
+
+def embed_tokenized(model: Any, tm: TokenizedModel, window_size: int, batch_size: int = 8, device: Any = "cpu", on_window: Callable[[int], None] | None = None, max_windows: int | None = None) -> tuple[np.ndarray, int]:
     """The 512-d embedding of one tokenised model and the number of windows it took."""
     import torch
 
-    starts = tm.cover_starts(window_size)
+    starts = window_starts(tm, window_size, max_windows)
     pooled_sum = None
     count = 0.0
     with torch.no_grad():
@@ -64,8 +77,12 @@ def embed_models(
     force: bool = False,
     warn: Callable[[str], None] | None = None,
     progress: Any = None,
+    max_windows: int | None = None,
 ) -> dict[str, Any]:
-    """Embed ``names`` with ``checkpoint``; write JSON + NPZ into ``output_dir`` when given."""
+    """Embed ``names`` with ``checkpoint``; write JSON + NPZ into ``output_dir`` when given.
+
+    ``max_windows`` caps the windows per model (evenly spaced, see :func:`window_starts`); the
+    fraction of chunks seen is written per model as ``coverage``."""
     from xsae_cli.core.hardware import package_versions, resolve_device
     from xsae_cli.sane.dataset import model_source, tokenize_to_cache
     from xsae_cli.sane.tokenizer import CoordScheme, model_chunk_count
@@ -102,11 +119,11 @@ def embed_models(
         task = progress.add_task(f"tokenise {src.name}", total=total, unit="chunks") if progress else None
         folder = tokenize_to_cache(src, chunk_size, scheme, warn=warn, on_tensor=(lambda done, _b, t=task: progress.update(t, completed=done)) if progress else None)
         tm = TokenizedModel(folder, src.name)
-        wtask = progress.add_task(f"embed {src.name}", total=tm.n_windows(window_size), unit="windows") if progress else None
-        vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, (lambda k, t=wtask: progress.advance(t, k)) if progress else None)
+        wtask = progress.add_task(f"embed {src.name}", total=len(window_starts(tm, window_size, max_windows)), unit="windows") if progress else None
+        vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, (lambda k, t=wtask: progress.advance(t, k)) if progress else None, max_windows=max_windows)
         vectors[src.name] = [float(x) for x in vec]
         entry = registry.find(src.name)
-        info[src.name] = {"sha256": src.sha256, "family": entry.family if entry else None, "n_chunks": tm.n_chunks, "windows": n_windows, "seconds": time.perf_counter() - t0}
+        info[src.name] = {"sha256": src.sha256, "family": entry.family if entry else None, "n_chunks": tm.n_chunks, "windows": n_windows, "coverage": min(1.0, n_windows * window_size / max(tm.n_chunks, 1)), "seconds": time.perf_counter() - t0}
     result = {
         "format": FORMAT,
         "dim": int(model.cfg.embed_dim),
@@ -118,6 +135,7 @@ def embed_models(
             "chunk_size": chunk_size,
             "scheme": meta["scheme"],
             "window_size": window_size,
+            "max_windows": max_windows,
             "model": meta["model"],
         },
         "versions": package_versions(),

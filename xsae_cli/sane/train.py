@@ -45,6 +45,7 @@ class TrainSettings:
     noise: float = 0.05
     temperature: float = 0.1
     contrast_weight: float = 0.5
+    lineage_views: float = 0.0  # P(second view = same window of another model of the lineage), when lineage is given
     save_every: int = 1
     keep: int = 0  # checkpoints kept (0 = all)
     mixed_precision: str = "no"
@@ -112,18 +113,35 @@ def load_model(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     return model, meta
 
 
-def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: TrainSettings) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """Two augmented views per window: (view, chunk mask, clean target values)."""
+def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: TrainSettings, partners: list[list[int]] | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Two augmented views per window: (view, chunk mask, clean target values).
+
+    With ``partners`` (per model: models of the same lineage with the same tensor table), the
+    second view is, with probability ``lineage_views``, the same chunk range of a partner: a known
+    descendant (fine-tune, noise, pruning...) used as one more augmentation.
+    """
     out = []
-    for _view in range(2):
+    for view in range(2):
         for m, win in windows:
-            v = permute_columns(permute_rows(win, models[m], rng), models[m], rng)
+            src_m, src = m, win
+            if view == 1 and partners and partners[m] and rng.random() < s.lineage_views:
+                src_m = partners[m][int(rng.integers(len(partners[m])))]
+                src = models[src_m].window(int(win["index"][0]), int(win["mask"].shape[0]))
+            v = permute_columns(permute_rows(src, models[src_m], rng), models[src_m], rng)
             target = v["values"]
             noisy = dict(v)
-            noisy["values"] = (target + s.noise * rng.standard_normal(target.shape)).astype(np.float32) * win["mask"][:, None]
-            cmask = (rng.random(win["mask"].shape[0]) < s.mask_prob) & win["mask"]
+            noisy["values"] = (target + s.noise * rng.standard_normal(target.shape)).astype(np.float32) * src["mask"][:, None]
+            cmask = (rng.random(src["mask"].shape[0]) < s.mask_prob) & src["mask"]
             out.append((noisy, cmask, target))
     return out
+
+
+def lineage_partners(models: list[TokenizedModel], lineage: list[int]) -> list[list[int]]:
+    """Per model: the other models of its lineage group whose tensor table (names, shapes) is the same."""
+    if len(lineage) != len(models):
+        raise ValueError(f"lineage has {len(lineage)} entries for {len(models)} models")
+    layout = [tuple((t["name"], tuple(t["shape"])) for t in m.manifest["tensors"]) for m in models]
+    return [[j for j in range(len(models)) if j != i and lineage[j] == lineage[i] and layout[j] == layout[i]] for i in range(len(models))]
 
 
 def _to(b: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -151,8 +169,11 @@ def _train(
     info: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
     stop_after_epoch: int | None = None,
+    lineage: list[int] | None = None,
 ) -> TrainResult:
-    """Train (or resume) in ``out_dir``. ``on_step(step, total_steps, losses)`` drives progress bars."""
+    """Train (or resume) in ``out_dir``. ``on_step(step, total_steps, losses)`` drives progress bars.
+
+    ``lineage`` (one group id per model) enables lineage views (see :func:`make_views`)."""
     import torch
     from accelerate import Accelerator
 
@@ -210,6 +231,7 @@ def _train(
             info(f"resuming from {ckpt} (epoch {epoch_done})")
     model, opt = accel.prepare(model, opt)
 
+    partners = lineage_partners(models, lineage) if lineage is not None and settings.lineage_views > 0 else None
     sampler = WindowSampler(models, settings.window_size)
     cover = sum(m.n_windows(settings.window_size) for m in models)
     steps = settings.steps_per_epoch or min(max(1, math.ceil(cover / settings.batch_size)), settings.max_steps_per_epoch)
@@ -224,7 +246,7 @@ def _train(
         sums = {"loss": 0.0, "recon": 0.0, "recon_masked": 0.0, "contrast": 0.0}
         for step in range(steps):
             windows = [sampler.sample(rng) for _ in range(settings.batch_size)]
-            views = make_views(windows, models, rng, settings)
+            views = make_views(windows, models, rng, settings, partners)
             batch = collate([v[0] for v in views])
             cmask = torch.from_numpy(np.stack([v[1] for v in views]))
             target = torch.from_numpy(np.stack([v[2] for v in views]))
