@@ -102,7 +102,8 @@ def root(
 
     name = launch.check_launcher(cfg.hardware.launcher)
     relaunching = name != "none" and not launch.in_launched_process() and ctx.invoked_subcommand is not None
-    cpu = cfg.hardware.device == "cpu" or (cfg.hardware.device == "auto" and not _cuda_available())
+    # Only a relaunch needs to know about CUDA: asking imports torch, which every other command would pay for.
+    cpu = relaunching and (cfg.hardware.device == "cpu" or (cfg.hardware.device == "auto" and not _cuda_available()))
     if relaunching and not cpu:  # a GPU recipe on a machine without its GPUs fails now, not in every rank
         launch.check_gpus(cfg.hardware.num_processes, _cuda_count())
     if cfg.hardware.device != "auto" or cfg.hardware.dtype != "float32":

@@ -47,7 +47,14 @@ def test_cluster(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"vectors": {}}))
     assert_user_error(run_xsae("viz", "cluster", "--input", str(bad), "--output", str(tmp_path / "o.png")), str(bad), "'embeddings'")
-    assert_user_error(run_xsae("viz", "cluster", "--input", EMB, "--output", str(tmp_path / "o.png"), "--method", "umap"), "umap")
+    assert_user_error(run_xsae("viz", "cluster", "--input", EMB, "--output", str(tmp_path / "o.png"), "--method", "isomap"), "isomap", "pca, tsne, umap")
+    # Where umap-learn is not installed (a stand-in package that fails to import, first on the path):
+    fake = tmp_path / "no-umap" / "umap"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('umap-learn is not installed')\n")
+    no_umap = run_xsae("viz", "cluster", "--input", EMB, "--output", str(tmp_path / "o.png"), "--method", "umap", env={"PYTHONPATH": str(fake.parent)})
+    assert_user_error(no_umap, "umap-learn", "pip install umap-learn")
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_curves(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ app = typer.Typer(help="Plots and offline HTML dashboards from the files the oth
 
 
 def _written(d: dict) -> None:
-    extra = ", ".join(f"{k} {v}" for k, v in d.items() if k in ("models", "method", "runs", "series", "latents", "bytes") and v is not None)
+    extra = ", ".join(f"{k} {v}" for k, v in d.items() if k in ("models", "method", "runs", "series", "latents", "figures", "bytes") and v is not None)
     out.console.print(f"wrote [bold]{d['written']}[/bold]" + (f" ({extra})" if extra else ""))
 
 
@@ -21,11 +21,11 @@ def cluster(
     ctx: typer.Context,
     input_path: Path = typer.Option(..., "--input", "-i", help="model_embeddings.json written by `xsae sane embed`."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Where to write (default: embedding_plot.<format>)."),
-    method: str | None = typer.Option(None, "--method", help="pca (default) or tsne."),
+    method: str | None = typer.Option(None, "--method", help="pca (default), tsne, or umap (optional extra: pip install umap-learn)."),
     fmt: str | None = typer.Option(None, "--format", help="png, svg or html (default: the output's suffix, else [viz] format)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
-    """Models as points: PCA or t-SNE of SANE weight embeddings, coloured by family, labelled."""
+    """Models as points: PCA, t-SNE or UMAP of SANE weight embeddings, coloured by family, labelled."""
     from xsae_cli.viz.cluster import cluster as run
     from xsae_cli.viz.common import resolve_format
 
@@ -41,12 +41,12 @@ def cluster(
 @app.command("curves")
 def curves(
     ctx: typer.Context,
-    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `xsae sae train` or `xsae sane train` (several are overlaid)."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders of `xsae sae train`, `xsae sane train` or any run with a train_log.jsonl (several are overlaid)."),
     output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Where to write (png or svg)."),
     fmt: str | None = typer.Option(None, "--format", help="png or svg (default: the output's suffix, else [viz] format)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
-    """Training curves (loss, FVU, L0, dead %, lr; SANE losses) from run logs, several runs overlaid."""
+    """Training curves (loss, FVU, L0, dead %, lr; SANE losses; any logged number against its step), several runs overlaid."""
     from xsae_cli.viz.common import resolve_format
     from xsae_cli.viz.curves import plot_curves
 
@@ -81,3 +81,31 @@ def features(
         raise XsaeError(f"[viz] page_size must be at least 1, got {page_size}", "set e.g. page_size = 50 in xsae.toml or XSAE_VIZ_PAGE_SIZE")
     _refuse(output, force)
     out.emit(write_features_page(source, output, hook=hook, page_size=page_size), _written)
+
+
+@app.command("report")
+def report(
+    ctx: typer.Context,
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders xsae wrote (sae, sane, align, restore, ...), or folders holding them (one level down)."),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="Where to write the HTML page."),
+    title: str | None = typer.Option(None, "--title", help="The page's heading (default: xsae report)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """One offline HTML page per set of runs: config, metrics, versions, curves and pictures of each."""
+    from xsae_cli.viz.report import write_report
+
+    cfg = ctx.obj.config
+    v = cfg.viz
+    if v.max_image_mb <= 0:
+        from xsae_cli.core.errors import XsaeError
+
+        raise XsaeError(f"[viz] max_image_mb must be positive, got {v.max_image_mb}", "set e.g. max_image_mb = 8 in xsae.toml or XSAE_VIZ_MAX_IMAGE_MB")
+    _refuse(output, force)
+    summary = write_report(list(run_dirs), output, method=v.method.lower(), dpi=v.dpi, seed=cfg.hardware.seed, title=title, max_image_mb=v.max_image_mb)
+    out.emit(summary, _report_written)
+
+
+def _report_written(d: dict) -> None:
+    rows = [[s["name"], s["kind"], str(s["tables"]), str(sum(s["figures"].values())), str(len(s["notes"]))] for s in d["sections"]]
+    out.console.print(out.table("viz report", ["run", "kind", "tables", "pictures", "notes"], rows))
+    _written(d)

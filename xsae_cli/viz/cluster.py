@@ -1,6 +1,7 @@
 """`xsae viz cluster`: models as points, from the SANE embeddings that `xsae sane embed` writes.
 
-PCA (what users know) by default, t-SNE on request; points coloured by family and labelled with
+PCA (what users know) by default, t-SNE on request, and UMAP when the optional ``umap-learn``
+package is installed (it pulls in numba, which is why it is an extra); points coloured by family and labelled with
 the model's name. PNG and SVG through matplotlib; HTML as one self-contained page with an inline
 SVG scatter and a few lines of JavaScript for hover names (no network, no server).
 """
@@ -18,7 +19,8 @@ from xsae_cli.core.io import atomic_write_text, read_json
 from xsae_cli.viz import style
 from xsae_cli.viz.common import esc, require, script_json
 
-METHODS = ("pca", "tsne")
+METHODS = ("pca", "tsne", "umap")
+UMAP_MISSING = "pip install umap-learn (the optional extra for --method umap), or use --method pca or tsne"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Projection:
     axis_labels: tuple[str, str]
     explained: list[float] | None = None
     perplexity: float | None = None
+    n_neighbors: int | None = None
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
@@ -96,6 +99,8 @@ def project(vectors: np.ndarray, method: str = "pca", seed: int = 0, perplexity:
             ratios += [0.0] * (2 - k)
         labels = tuple(f"PC{i + 1} ({100 * r:.1f}% of variance, embedding units)" for i, r in enumerate(ratios))
         return Projection(coords, "pca", labels, explained=ratios)  # type: ignore[arg-type]
+    if method == "umap":
+        return _umap(vectors, seed)
     from sklearn.manifold import TSNE
 
     # t-SNE needs perplexity < n; with few models the usual 30 is far too large.
@@ -110,36 +115,69 @@ def project(vectors: np.ndarray, method: str = "pca", seed: int = 0, perplexity:
     return Projection(coords, "tsne", ("t-SNE 1 (arbitrary units)", "t-SNE 2 (arbitrary units)"), perplexity=perp)
 
 
+def _umap(vectors: np.ndarray, seed: int) -> Projection:
+    try:
+        import umap
+    except ImportError as exc:
+        raise XsaeError("--method umap needs the umap-learn package, which is not installed", UMAP_MISSING) from exc
+    import warnings
+
+    n = vectors.shape[0]
+    # UMAP's default 15 neighbours is more than a small zoo has; its spectral init needs a few points.
+    neighbours = max(2, min(15, n - 1))
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed, init="spectral" if n > 4 else "random", min_dist=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": seeded UMAP is single-threaded by design
+        coords = np.asarray(reducer.fit_transform(vectors), dtype=np.float64)
+    return Projection(coords, "umap", ("UMAP 1 (arbitrary units)", "UMAP 2 (arbitrary units)"), n_neighbors=neighbours)
+
+
 def family_colors(families: list[str]) -> dict[str, str]:
     return {fam: style.color(i) for i, fam in enumerate(dict.fromkeys(families))}
 
 
 def _title(emb: Embeddings, proj: Projection) -> str:
-    what = "PCA" if proj.method == "pca" else f"t-SNE, perplexity {proj.perplexity:.2g}"
+    if proj.method == "pca":
+        what = "PCA"
+    elif proj.method == "umap":
+        what = f"UMAP, {proj.n_neighbors} neighbours"
+    else:
+        what = f"t-SNE, perplexity {proj.perplexity:.2g}"
     return f"Model weight-space embeddings ({len(emb.names)} models, {what})"
 
 
-def render_static(emb: Embeddings, proj: Projection, output: Path, fmt: str, dpi: int = style.DPI) -> Path:
+def draw_static(emb: Embeddings, proj: Projection) -> Any:
+    """The scatter as a matplotlib figure (call inside :func:`style.styled`)."""
     colors = family_colors(emb.families)
+    fig, ax = style.figure(figsize=(8.0, 6.0))
+    for fam, col in colors.items():
+        idx = [i for i, f in enumerate(emb.families) if f == fam]
+        ax.scatter(proj.coords[idx, 0], proj.coords[idx, 1], s=64, color=col, label=fam, edgecolors="white", linewidths=0.8, zorder=3)
+    lo, hi = proj.coords.min(axis=0), proj.coords.max(axis=0)
+    norm = (proj.coords - lo) / np.where(hi - lo > 0, hi - lo, 1.0)
+    for i, name in enumerate(emb.names):
+        # A label whose point sits close to an earlier one goes below it, so the two stay readable.
+        crowded = sum(1 for j in range(i) if np.abs(norm[i] - norm[j]).max() < 0.06)
+        offset = (6, 5 - 13 * crowded)
+        ax.annotate(name, proj.coords[i], xytext=offset, textcoords="offset points", fontsize=9, color="#222222", zorder=4)
+    ax.set_title(_title(emb, proj))
+    ax.set_xlabel(proj.axis_labels[0])
+    ax.set_ylabel(proj.axis_labels[1])
+    ax.legend(title="family", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.margins(0.15)
+    return fig
+
+
+def render_static(emb: Embeddings, proj: Projection, output: Path, fmt: str, dpi: int = style.DPI) -> Path:
     with style.styled():
-        fig, ax = style.figure(figsize=(8.0, 6.0))
-        for fam, col in colors.items():
-            idx = [i for i, f in enumerate(emb.families) if f == fam]
-            ax.scatter(proj.coords[idx, 0], proj.coords[idx, 1], s=64, color=col, label=fam, edgecolors="white", linewidths=0.8, zorder=3)
-        lo, hi = proj.coords.min(axis=0), proj.coords.max(axis=0)
-        norm = (proj.coords - lo) / np.where(hi - lo > 0, hi - lo, 1.0)
-        for i, name in enumerate(emb.names):
-            # A label whose point sits close to an earlier one goes below it, so the two stay readable.
-            crowded = sum(1 for j in range(i) if np.abs(norm[i] - norm[j]).max() < 0.06)
-            offset = (6, 5 - 13 * crowded)
-            ax.annotate(name, proj.coords[i], xytext=offset, textcoords="offset points", fontsize=9, color="#222222", zorder=4)
-        ax.set_title(_title(emb, proj))
-        ax.set_xlabel(proj.axis_labels[0])
-        ax.set_ylabel(proj.axis_labels[1])
-        ax.legend(title="family", loc="center left", bbox_to_anchor=(1.01, 0.5))
-        ax.margins(0.15)
-        style.save(fig, output, fmt, dpi)
+        style.save(draw_static(emb, proj), output, fmt, dpi)
     return output
+
+
+def cluster_image(emb: Embeddings, proj: Projection, fmt: str = "png", dpi: int = style.DPI) -> bytes:
+    """The scatter as PNG or SVG bytes (what the report embeds)."""
+    with style.styled():
+        return style.to_bytes(draw_static(emb, proj), fmt, dpi)
 
 
 def render_html(emb: Embeddings, proj: Projection, output: Path) -> Path:
@@ -173,6 +211,7 @@ def html_page(emb: Embeddings, proj: Projection) -> str:
         "axis_labels": list(proj.axis_labels),
         "explained_variance_ratio": proj.explained,
         "perplexity": proj.perplexity,
+        "n_neighbors": proj.n_neighbors,
         "points": [{"name": n, "family": f, "x": float(xy[i, 0]), "y": float(xy[i, 1])} for i, (n, f) in enumerate(zip(emb.names, emb.families))],
         "source": str(emb.path.name),
     }

@@ -51,7 +51,11 @@ def _hook_of(p: Path) -> str | None:
         cfg = read_json(p.parent / "cfg.json") if (p.parent / "cfg.json").exists() else {}
     except XsaeError:
         return None
-    return cfg.get("hook_name") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    # SAELens 6 keeps the hook in metadata (what `xsae sae train` writes); older files at the top.
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return cfg.get("hook_name") or meta.get("hook_name")
 
 
 def load_features(path: str | Path) -> dict[str, Any]:

@@ -107,3 +107,14 @@ def save(fig: Any, path: str | os.PathLike[str], fmt: str = "png", dpi: int = DP
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fig.savefig(fh, format=fmt, dpi=dpi, metadata={"Software": "xsae"} if fmt == "png" else {"Date": None, "Creator": "xsae"})
     return path
+
+
+def to_bytes(fig: Any, fmt: str = "png", dpi: int = DPI) -> bytes:
+    """``fig`` as png or svg bytes, for pages that embed their pictures (call inside :func:`styled`)."""
+    import io
+
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"static plots are png or svg, not {fmt}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Software": "xsae"} if fmt == "png" else {"Date": None, "Creator": "xsae"})
+    return buf.getvalue()

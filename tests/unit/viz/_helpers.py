@@ -77,3 +77,97 @@ def chromium(url: str, *args: str, timeout: int = 60) -> subprocess.CompletedPro
 
 def card_ids(dom: str) -> list[int]:
     return [int(m) for m in re.findall(r'<section class="latent-card" id="latent-\d+" data-id="(\d+)"', dom)]
+
+
+# ------------------------------------------------------------------ run folders for `viz report`
+
+def tiny_png(w: int = 40, h: int = 20) -> bytes:
+    """A small real PNG (a plot some other tool left in the run folder)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (0, 114, 178)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+SVG_SMALL = '<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="40" height="20" fill="#0072B2"/></svg>\n'
+
+
+def write_full_sae_run(root: Path, name: str = "sae") -> Path:
+    """An SAE run with the real run.json / metrics.json / cfg.json of a tiny-gpt2 `xsae sae train`."""
+    run = write_run(root, name)
+    shutil.copy(DATA / "sae_run.json", run / "run.json")
+    shutil.copy(DATA / "sae_metrics.json", run / "metrics.json")
+    shutil.copy(DATA / "sae_cfg.json", run / "transformer.h.2" / "cfg.json")
+    return run
+
+
+def write_sane_embed(root: Path, name: str = "sane-embed") -> Path:
+    """The --output-dir of `xsae sane embed` (five tiny models' real embeddings)."""
+    out = root / name
+    out.mkdir(parents=True)
+    shutil.copy(DATA / "model_embeddings.json", out / "model_embeddings.json")
+    return out
+
+
+def write_restore_run(root: Path, name: str = "restore") -> Path:
+    """A restoration run's files as `xsae restore train` wrote them (30 tiny steps)."""
+    run = root / name
+    shutil.copytree(DATA / "restore_run", run)
+    return run
+
+
+def write_align_run(root: Path, name: str = "align") -> Path:
+    """What the align group's report.json is announced to hold: a kind, config, versions and tables."""
+    run = root / name
+    run.mkdir(parents=True)
+    report = {
+        "kind": "align",
+        "a": "smollm2-135m",
+        "b": "minilm-l6",
+        "config": {"layers": ["5", "6"], "mappers": ["procrustes", "ridge"], "k": 32},
+        "versions": {"python": "3.11", "torch": "2.13.0"},
+        "tables": {
+            "mapper r2 (test)": [
+                {"layer": 5, "mapper": "procrustes", "r2": 0.41, "null": 0.02, "ceiling": 0.77},
+                {"layer": 5, "mapper": "ridge", "r2": 0.47, "null": 0.03, "ceiling": 0.81},
+                {"layer": 6, "mapper": "ridge", "r2": 0.44, "null": 0.01, "ceiling": 0.79},
+            ],
+            "similarity": {"columns": ["layer", "cka", "svcca"], "rows": [[5, 0.62, 0.55], [6, 0.58, 0.51]]},
+        },
+        "results": [{"layer_a": 5, "layer_b": 2, "directions": {"a_to_b": {"ridge": {"r2": 0.47}}}}],
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    (run / "heatmap.png").write_bytes(tiny_png())
+    (run / "bars.svg").write_text(SVG_SMALL)
+    return run
+
+
+def write_demo_tree(root: Path) -> Path:
+    """A folder holding several run folders, as `make demo` leaves runs/demo."""
+    demo = root / "demo"
+    demo.mkdir(parents=True)
+    write_full_sae_run(demo, "sae")
+    sane = write_sane_run(demo, "sane")
+    write_sane_embed(sane, "embed")
+    write_restore_run(demo, "restore")
+    write_align_run(demo, "align")
+    return demo
+
+
+def page_images(page: str) -> list[tuple[str, bytes]]:
+    """(mime, bytes) of every <img> of a page, all of which must be data: URIs."""
+    import base64
+
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    out = []
+    for src in srcs:
+        m = re.fullmatch(r"data:(image/[a-z+]+);base64,([A-Za-z0-9+/=]+)", src)
+        assert m, f"not an embedded picture: {src[:80]}"
+        out.append((m.group(1), base64.b64decode(m.group(2))))
+    return out
+
+
+EXTERNAL_REF = re.compile(r"""(?:src|href|action|srcset)\s*=\s*["']?\s*(?!data:|#)[a-z]+:""", re.IGNORECASE)

@@ -81,6 +81,13 @@ def test_find_features_in_run_folders(tmp_path: Path) -> None:
     assert find_features(run / "transformer.h.1") == run / "transformer.h.1" / "features.json"
     with pytest.raises(XsaeError, match="no features.json for hook 'x'"):
         find_features(run, "x")
+    # A real cfg.json (SAELens 6) keeps the hook in metadata, and the folder name is sanitised.
+    odd = run / "model.layers_3_"
+    (run / "transformer.h.1").rename(odd)
+    (odd / "cfg.json").write_text(json.dumps({"d_in": 64, "metadata": {"hook_name": "model.layers[3]"}}))
+    assert find_features(run, "model.layers[3]") == odd / "features.json"
+    with pytest.raises(XsaeError, match=r"several hooks \(model.layers\[3\], transformer.h.2\)"):
+        find_features(run)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(XsaeError, match=r"no features.json in .*looked for .*features.json.*xsae sae features"):

@@ -107,8 +107,31 @@ def test_bad_embeddings_named(tmp_path: Path) -> None:
     p.write_text('{"embeddings": {"a": [NaN], "b": [1.0]}}')
     with pytest.raises(XsaeError, match="NaN"):
         C.load_embeddings(p)
-    with pytest.raises(XsaeError, match="unknown --method 'umap'"):
-        C.project(np.zeros((3, 4)), "umap")
+    with pytest.raises(XsaeError, match="unknown --method 'isomap'. use one of: pca, tsne, umap"):
+        C.project(np.zeros((3, 4)), "isomap")
+
+
+def test_umap_missing_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # what `import umap` sees where umap-learn is not installed
+    with pytest.raises(XsaeError) as exc:
+        C.project(np.random.default_rng(0).normal(size=(4, 8)), "umap")
+    msg = str(exc.value)
+    assert "umap-learn" in msg and "pip install umap-learn" in msg and "\n" not in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [3, 8])
+def test_umap_real(tmp_path: Path, n: int) -> None:
+    """The optional extra's real path (numba compiles UMAP on first use: tens of seconds)."""
+    pytest.importorskip("umap", reason="umap-learn not installed (pip install umap-learn)")
+    emb = C.load_embeddings(_embeddings(tmp_path, n=n, dim=16))
+    proj = C.project(emb.vectors, "umap", seed=0)
+    assert proj.coords.shape == (n, 2) and np.isfinite(proj.coords).all() and proj.n_neighbors == min(15, n - 1)
+    assert proj.axis_labels[0] == "UMAP 1 (arbitrary units)"
+    C.render_static(emb, proj, tmp_path / "u.svg", "svg")
+    assert "UMAP" in (tmp_path / "u.svg").read_text() and all(f">m{i}<" in (tmp_path / "u.svg").read_text() for i in range(n))
 
 
 def test_resolve_format_and_script_json(tmp_path: Path) -> None:
