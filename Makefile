@@ -33,12 +33,23 @@ dev: $(VENV)/.xsae-dev
 models: $(STAMP)
 	$(XSAE) zoo fetch
 
-# The main job on the embedded default (recipes/demo.toml); later stages are added by their issues.
+# The main job on the embedded default (recipes/demo.toml): every group once, on real weights where it counts,
+# ending in one offline HTML report. Caches (harvests, tokenised weights, GGUF conversion) make a second run faster.
+DEMO := $(XSAE) --config recipes/demo.toml
 demo: models
-	$(XSAE) --config recipes/demo.toml zoo demo
-	$(XSAE) --config recipes/demo.toml zoo list
-	$(XSAE) --config recipes/demo.toml zoo info smollm2-135m
-	$(XSAE) --config recipes/demo.toml sae train --model smollm2-135m --hook model.layers.15 --arch topk --k 32 --expansion 8 --tokens 150k --out runs/demo/smol-l15 --force
+	$(DEMO) zoo demo
+	$(DEMO) zoo list
+	$(DEMO) zoo info smollm2-135m
+	@echo "== SANE: train on the demo zoo, embed, cluster plot, lineage score"
+	$(DEMO) sane train --zoo demo --epochs 1 --batch-size 4 --window-size 256 --steps-per-epoch 20 --d-model 64 --out runs/demo/sane --force
+	$(DEMO) sane embed --checkpoint runs/demo/sane/checkpoint_epoch_1 --zoo demo --max-windows 16 --output-dir runs/demo/sane-out --force
+	$(DEMO) viz cluster --input runs/demo/sane-out/model_embeddings.json --output runs/demo/sane-out/embedding_plot.png --force
+	$(DEMO) sane evaluate --out runs/demo/sane-lineage --families tiny-gpt2,tiny-qwen2 --seeds 2 --real "" --folds 1 --epochs 1 --steps-per-epoch 20 --force
+	@echo "== SAE: TopK on SmolLM2-135M (layer 15) and MiniLM-L6 (layer 3), held-out metrics"
+	$(DEMO) sae train --model smollm2-135m --hook model.layers.15 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/smol-l15 --force
+	$(DEMO) sae train --model minilm-l6 --hook encoder.layer.3 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/minilm-l3 --force
+	@echo "== report: one offline page for every run above"
+	$(DEMO) viz report runs/demo --output runs/demo/report.html --force
 
 test: dev models
 	$(PY) -m pytest -q

@@ -143,3 +143,26 @@ def test_slurm_sae_recipe_runs_zero1_under_torchrun(demo_zoo: Path, tmp_path: Pa
     training = json.loads((tmp_path / "slurm" / "metrics.json").read_text())["training"]
     assert training["world_size"] == 2 and training["zero_stage"] == 1
     assert "torchrun" in proc.stderr and HOOK in json.loads((tmp_path / "slurm" / "run.json").read_text())["d_in"]
+
+
+def test_sane_train_under_accelerate_two_cpu_ranks(demo_zoo: Path, tmp_path: Path) -> None:
+    """Both ranks train on their own windows; rank 0 writes the single-process checkpoint format."""
+    from tests.conftest import run_xsae
+
+    out = tmp_path / "sane2"
+    args = ["sane", "train", "--models", "tiny-gpt2,tiny-qwen2", "--epochs", "2", "--steps-per-epoch", "3", "--window-size", "128",
+            "--batch-size", "2", "--out", str(out)]
+    proc = run_xsae("--launcher", "accelerate", "--num-processes", "2", "--main-process-port", "29566", "--device", "cpu", *args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("epoch 2/2") == 1 and proc.stdout.count("trained on 2 models") == 1  # rank 0 reports once
+    meta = json.loads((out / "checkpoint_epoch_2" / "config.json").read_text())
+    assert [row["world_size"] for row in meta["history"]] == [2, 2]
+    assert [row["windows"] for row in meta["history"]] == [12, 12]  # 3 steps x 2 windows x 2 ranks per epoch
+    from xsae_cli.core.io import load_safetensors
+    from xsae_cli.sane.model import SaneAutoencoder, SaneModelConfig
+
+    model = SaneAutoencoder(SaneModelConfig(**meta["model"]))
+    model.load_state_dict(load_safetensors(out / "checkpoint_epoch_2" / "model.safetensors"))  # no DDP "module." prefix
+    resumed = run_xsae("--device", "cpu", *args[:5], "3", *args[6:], timeout=900)  # one process continues to epoch 3
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and (out / "checkpoint_epoch_3").is_dir()

@@ -157,6 +157,8 @@ def train(
             bar.update(state["task"], completed=step * settings.batch_size, description=f"train loss {losses['loss']:.3f}")
 
         result = run_train(tms, out_dir, settings, model_cfg, scheme.scheme_id, force=force, on_step=on_step, info=out.info, warn=out.warn)
+    if not result.is_main:  # the other processes of a launch: rank 0 reports
+        return
     summary = {
         "out": str(out_dir),
         "models": [t.name for t in tms],

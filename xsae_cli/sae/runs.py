@@ -205,7 +205,10 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     trainer = SaeTrainer(settings, d_in, out, metadata=metadata, device=device)
     trainer.fit(batches)
     saes = trainer.finalize()
-    if world > 1:
+    rank_memory = [memory_report(device)]
+    if world > 1:  # every rank's peak: what ZeRO saves shows on the ranks that hold no model
+        rank_memory = [None] * world
+        torch.distributed.all_gather_object(rank_memory, memory_report(device))
         torch.distributed.barrier()
     if trainer.rank != 0:
         return {"rank": rank, "world_size": world, "steps": trainer.step, "tokens": trainer.tokens}
@@ -223,6 +226,7 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         "harvest": _jsonable(harvest_stats),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "memory": memory_report(device),
+        "memory_per_rank": rank_memory,
     }
     metrics["training"]["world_size"] = world
     if trainer.zero_config is not None:
@@ -287,7 +291,9 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
         raise XsaeError("no held-out text to evaluate on", "use a larger corpus or a larger held-out fraction")
     store = ActivationStore(model, tokenizer, list(saes), held_ctx, site=spec.site, batch_contexts=spec.batch_contexts, device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, shuffle=False, model_name=spec.model)
     stats = {h: RunningStats(sae.cfg.d_in, sae.cfg.d_sae) for h, sae in saes.items()}
-    for batch in store.batches(4096, spec.eval_tokens):
+    # Dense codes are [rows, d_sae]: keep a batch near 128M floats, so 262k-latent SAEs evaluate in ~1 GB.
+    rows = max(64, min(4096, 2**27 // max(sae.cfg.d_sae for sae in saes.values())))
+    for batch in store.batches(rows, spec.eval_tokens):
         for h, x in batch.items():
             sae = saes[h]
             x = x.to(next(sae.parameters()).device, torch.float32)

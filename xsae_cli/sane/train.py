@@ -62,6 +62,7 @@ class TrainResult:
     epochs_done: int
     resumed_from: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True  # False on the other processes of a launch, which report nothing
     last_checkpoint: Path | None = None
 
 
@@ -227,7 +228,7 @@ def _train(
         history = list(meta.get("history", []))
         start_epoch = epoch_done
         resumed_from = epoch_done
-        if info:
+        if info and accel.is_main_process:
             info(f"resuming from {ckpt} (epoch {epoch_done})")
     model, opt = accel.prepare(model, opt)
 
@@ -271,10 +272,15 @@ def _train(
             if on_step:
                 on_step(epoch * steps + step + 1, total_steps, vals)
         secs = time.perf_counter() - t0
+        if accel.num_processes > 1:  # the epoch's losses over every process's windows, the same on all ranks
+            keys = list(sums)
+            mean = accel.reduce(torch.tensor([sums[k] for k in keys], device=accel.device), reduction="mean")
+            sums = dict(zip(keys, mean.tolist()))
         row = {k: v / steps for k, v in sums.items()}
-        row.update({"epoch": epoch + 1, "steps": steps, "seconds": secs, "windows_per_second": steps * settings.batch_size / max(secs, 1e-9)})
+        seen = steps * settings.batch_size * accel.num_processes  # every process trains on its own windows
+        row.update({"epoch": epoch + 1, "steps": steps, "seconds": secs, "world_size": accel.num_processes, "windows": seen, "windows_per_second": seen / max(secs, 1e-9)})
         history.append(row)
-        if info:
+        if info and accel.is_main_process:
             info(f"epoch {epoch + 1}/{settings.epochs}: loss {row['loss']:.4f} (recon {row['recon']:.4f}, masked {row['recon_masked']:.4f}, contrast {row['contrast']:.4f}), {row['windows_per_second']:.1f} windows/s")
         result.epochs_done = epoch + 1
         if ((epoch + 1) % settings.save_every == 0 or epoch + 1 == settings.epochs) and accel.is_main_process:
@@ -295,6 +301,7 @@ def _train(
                     shutil.rmtree(old, ignore_errors=True)
     accel.wait_for_everyone()
     result.history = history
+    result.is_main = accel.is_main_process
     if result.last_checkpoint is None and checkpoints(out_dir):
         result.last_checkpoint = checkpoints(out_dir)[-1][1]
     return result
