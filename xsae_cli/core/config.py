@@ -80,20 +80,63 @@ class SaneSettings:
 
 @dataclass(frozen=True)
 class AlignSettings:
-    layers: list[str] = field(default_factory=lambda: ["5", "6", "7"])
+    """`xsae align`: which layers, how much text, which SAEs and mappers, how hard to intervene."""
+
+    layers: list[str] = field(default_factory=lambda: ["5", "6", "7"])  # A's blocks (B at the same relative depth) or a:b pairs
+    corpus: str = "builtin"
+    text_field: str = "text"
+    limit: int = 0  # documents read from the corpus; 0 = all
+    context_size: int = 128
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_train_pairs: int = 30000  # paired rows the mappers fit on (subsampled within the train documents)
+    max_test_pairs: int = 20000
+    arch: str = "topk"
+    k: int = 32
+    expansion: int = 4
+    sae_tokens: str = "200k"  # training tokens per SAE (passes over the train documents' tokens)
+    sae_batch_size: int = 2048
+    mappers: list[str] = field(default_factory=lambda: ["procrustes", "ridge", "hypernet"])
+    hypernet_hidden: int = 256
+    hypernet_epochs: int = 20
+    hypernet_patience: int = 3
+    hypernet_dropout: float = 0.1
+    hypernet_lr: float = 0.001
+    match_threshold: float = 0.5
+    intervene_latents: int = 4
+    intervene_contexts: int = 8
+    intervene_mapper: str = "ridge"
+    strength: float = 0.5  # pushed vector norm = strength x the layer's median token norm
+    top_tokens: int = 10
 
 
 @dataclass(frozen=True)
 class RestoreSettings:
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny (tests, demo) or seed (the original 37M model)
+    corpus: list[str] = field(default_factory=lambda: ["builtin"])  # builtin, .atf, .txt, .jsonl, .parquet
+    steps: int = 2000
+    batch_size: int = 16  # windows per training step
+    seq_len: int = 0  # characters per training window; 0: the preset's max_position
+    lr: float = 1e-3
+    beam: int = 8  # predict: beams per gap length
+    top: int = 5  # predict: restorations shown per gap
+    max_gap: int = 10  # predict: longest restoration tried for [...]
+    layer: int = -1  # sae: block whose output is hooked; -1: the middle block
+    arch: str = "topk"
+    k: int = 32
+    expansion: int = 8
+    sae_batch_size: int = 1024  # sae: activation rows per step
+    epochs: int = 50  # sae: passes over the samples
+    max_samples: int = 200  # sae: corpus windows streamed through the model
 
 
 @dataclass(frozen=True)
 class VizSettings:
     format: str = "png"  # static plots: png or svg (html for an interactive cluster plot)
     dpi: int = 150
-    method: str = "pca"  # cluster projection: pca or tsne
+    method: str = "pca"  # cluster projection: pca, tsne or umap (umap needs pip install umap-learn)
     page_size: int = 50  # latent cards the features dashboard renders at a time
+    max_image_mb: float = 8.0  # report: pictures from run folders larger than this are listed, not embedded
 
 
 SECTIONS: dict[str, type] = {
