@@ -48,6 +48,11 @@ demo: models
 	@echo "== SAE: TopK on SmolLM2-135M (layer 15) and MiniLM-L6 (layer 3), held-out metrics"
 	$(DEMO) sae train --model smollm2-135m --hook model.layers.15 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/smol-l15 --force
 	$(DEMO) sae train --model minilm-l6 --hook encoder.layer.3 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/minilm-l3 --force
+	@echo "== restore: tiny restoration model on the built-in corpus, one gap, TransformerLens twin, its SAE"
+	OMP_NUM_THREADS=1 $(DEMO) restore train --preset tiny --steps 40 --batch-size 8 --seq-len 64 --lr 3e-3 --out runs/demo/restore --force
+	OMP_NUM_THREADS=1 $(DEMO) restore predict "Return the [...] of the list." --model runs/demo/restore --top 3
+	OMP_NUM_THREADS=1 $(DEMO) restore convert runs/demo/restore --force
+	OMP_NUM_THREADS=1 $(DEMO) restore sae --model runs/demo/restore --layer 2 --max-samples 16 --epochs 4 --k 8 --expansion 4 --batch-size 256 --out runs/demo/restore-sae --force
 	@echo "== report: one offline page for every run above"
 	$(DEMO) viz report runs/demo --output runs/demo/report.html --force
 
@@ -59,6 +64,7 @@ test-slow: dev models
 
 bench: dev models
 	$(PY) benchmarks/zoo_streaming.py
+	$(PY) benchmarks/restore_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
