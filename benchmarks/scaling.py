@@ -32,12 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 XSAE = [str(Path(sys.executable).with_name("xsae"))] if Path(sys.executable).with_name("xsae").exists() else [sys.executable, "-m", "xsae_cli"]
 
 
-def xsae(*args: str, timeout: int = 3600) -> tuple[float, str]:
+def xsae(*args: str, timeout: int = 3600, threads: int | None = None) -> tuple[float, str]:
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
-    proc = subprocess.run([*XSAE, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
+    proc = subprocess.run([*XSAE, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"xsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0, proc.stdout
+
+
+# (processes, OMP threads per process): the launchers give each rank one thread, so 1 process is
+# measured with its default (one per core) and with one thread.
+RUNS = ((1, None), (1, 1), (2, None))
 
 
 def launch(n: int, launcher: str, port: int) -> list[str]:
@@ -50,25 +56,27 @@ def sae_throughput(tokens: str, batch: int) -> list[dict[str, Any]]:
              "--batch-size", str(batch), "--tokens", tokens, "--checkpoint-every", "100000", "--force"]
     with tempfile.TemporaryDirectory() as tmp:
         xsae("--device", "cpu", *train, "--out", f"{tmp}/warm")  # fills the harvest cache for both
-        for n in (1, 2):
-            out = f"{tmp}/sae{n}"
-            xsae("--device", "cpu", *launch(n, "torchrun", 29571 + n), *train, "--out", out)
+        for n, threads in RUNS:
+            out = f"{tmp}/sae{n}{threads}"
+            xsae("--device", "cpu", *launch(n, "torchrun", 29571 + n), *train, "--out", out, threads=threads)
             t = json.loads(Path(out, "metrics.json").read_text())["training"]
-            rows.append({"what": "sae train (SmolLM2 L6, TopK k32 x8)", "processes": n, "rate": t["tokens_per_second"], "unit": "tokens/s",
+            rows.append({"what": f"sae train (SmolLM2 L6, TopK k32 x8), {threads or 'default'} thread(s)/process", "processes": n, "rate": t["tokens_per_second"], "unit": "tokens/s",
                          "tokens": t["tokens"], "steps": t["steps"]})
     return rows
 
 
 def sane_throughput(steps: int) -> list[dict[str, Any]]:
     rows = []
+    models = "tiny-gpt2,tiny-gptneox,tiny-qwen2,tiny-mistral,tiny-gemma"
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            out = f"{tmp}/sane{n}"
-            args = ["sane", "train", "--models", "tiny-gpt2,tiny-gptneox,tiny-qwen2,tiny-mistral,tiny-gemma",
-                    "--epochs", "1", "--steps-per-epoch", str(steps), "--batch-size", "4", "--window-size", "256", "--out", out, "--force"]
-            seconds, _ = xsae("--device", "cpu", *launch(n, "accelerate", 29581 + n), *args)
-            rows.append({"what": "sane train (5 tiny models, window 256, batch 4 per rank)", "processes": n, "rate": steps * 4 * n / seconds,
-                         "unit": "windows/s (incl. start-up)", "seconds": round(seconds, 1)})
+        base = ["sane", "train", "--models", models, "--epochs", "1", "--steps-per-epoch", str(steps), "--batch-size", "4", "--window-size", "256", "--force"]
+        xsae("--device", "cpu", *base, "--out", f"{tmp}/warm")  # tokenises the models into the cache once
+        for n, threads in RUNS:
+            out = f"{tmp}/sane{n}{threads}"
+            seconds, _ = xsae("--device", "cpu", *launch(n, "accelerate", 29581 + n), *base, "--out", out, threads=threads)
+            history = json.loads(Path(out, "checkpoint_epoch_1", "config.json").read_text())["history"]
+            rows.append({"what": f"sane train (5 tiny models, window 256, batch 4 per rank), {threads or 'default'} thread(s)/process", "processes": n, "rate": history[-1]["windows_per_second"],
+                         "unit": "windows/s (training loop)", "seconds": round(seconds, 1)})
     return rows
 
 
