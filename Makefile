@@ -48,6 +48,8 @@ demo: models
 	@echo "== SAE: TopK on SmolLM2-135M (layer 15) and MiniLM-L6 (layer 3), held-out metrics"
 	$(DEMO) sae train --model smollm2-135m --hook model.layers.15 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/smol-l15 --force
 	$(DEMO) sae train --model minilm-l6 --hook encoder.layer.3 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/minilm-l3 --force
+	@echo "== align: SAE feature spaces of SmolLM2 and MiniLM mapped both ways, every number next to its null"
+	OMP_NUM_THREADS=1 $(DEMO) align transfer --a smollm2-135m --b minilm-l6 --layers 5 --limit 20 --train-pairs 3000 --test-pairs 2000 --k 16 --expansion 2 --sae-tokens 20k --hypernet-epochs 4 --intervene-latents 2 --intervene-contexts 2 --out runs/demo/align --force
 	@echo "== restore: tiny restoration model on the built-in corpus, one gap, TransformerLens twin, its SAE"
 	OMP_NUM_THREADS=1 $(DEMO) restore train --preset tiny --steps 40 --batch-size 8 --seq-len 64 --lr 3e-3 --out runs/demo/restore --force
 	OMP_NUM_THREADS=1 $(DEMO) restore predict "Return the [...] of the list." --model runs/demo/restore --top 3

@@ -2,6 +2,214 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
 
+from xsae_cli.core import console as out
+from xsae_cli.core.errors import XsaeError
+
 app = typer.Typer(help="Map SAE feature spaces between two models, with held-out metrics and nulls.", no_args_is_help=True)
+
+
+# --------------------------------------------------------------------------------------- rendering
+
+
+def _f(value: Any, nd: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{nd}f}"
+
+
+def _refs(row: dict[str, Any], key: str, nd: int = 3) -> str:
+    """'mean/null/ceiling' of one metric."""
+    return "/".join(_f((row.get(v) or {}).get(key), nd) for v in ("mean", "null", "ceiling"))
+
+
+def _pairing_table(stats: dict[str, Any]) -> Any:
+    rows = []
+    for split, s in stats["splits"].items():
+        rows.append([split, _f(s["documents"]), _f(s["windows"]), _f(s["tokens_a"]), _f(s["tokens_b"]), _f(s["pairs"]), f"{s['kept_a']:.1%}", f"{s['kept_b']:.1%}"])
+    rows.append(["all", _f(stats["documents"]), "", _f(stats["tokens_a"]), _f(stats["tokens_b"]), _f(stats["pairs"]), f"{stats['kept_a']:.1%}", f"{stats['kept_b']:.1%}"])
+    a, b = stats["a"], stats["b"]
+    return out.table(f"pairing {a} | {b} (context {stats['context_size']})", ["split", "documents", "windows", f"tokens {a}", f"tokens {b}", "pairs", f"kept {a}", f"kept {b}"], rows)
+
+
+def render_pair(stats: dict[str, Any]) -> None:
+    out.console.print(_pairing_table(stats))
+    if stats.get("examples"):
+        out.console.print(out.table("first shared token ends (test split)", [stats["a"], stats["b"]], [[repr(x), repr(y)] for x, y in stats["examples"]]))
+    out.console.print("a pair = both tokenizers end a token at the same character; BOS/CLS/EOS/SEP are never paired; splits are by document")
+
+
+def render_report(report: dict[str, Any]) -> None:
+    from xsae_cli.align.interventions import READOUT_LM
+
+    a, b = report["a"], report["b"]
+    names = {"a->b": f"{a} -> {b}", "b->a": f"{b} -> {a}"}
+    p = report["pairing"]
+    pairs = ", ".join("{}:{} ({} <-> {})".format(r["layer_a"], r["layer_b"], r["hook_a"], r["hook_b"]) for r in report["results"])
+    out.console.print(
+        f"[bold]{a}[/bold] ({report['blocks'][a]} blocks, d={report['widths'][a]}) and [bold]{b}[/bold] ({report['blocks'][b]} blocks, d={report['widths'][b]}); "
+        f"layer pairs {pairs}"
+    )
+    used = report["pairs_used"]
+    out.console.print(
+        f"paired {p['pairs']:,} positions ({p['kept_a']:.1%} of {a}'s tokens, {p['kept_b']:.1%} of {b}'s) in {p['documents']:,} documents; "
+        f"mappers fit on {used['train']:,} train pairs, chosen on {used['val']:,} val pairs, scored on {used['test']:,} test pairs"
+    )
+    for direction in ("a->b", "b->a"):
+        rows = []
+        for r in report["results"]:
+            for row in r["directions"][direction]:
+                t = row["test"]
+                rows.append([
+                    f"{r['layer_a']}:{r['layer_b']}", row["space"], row["mapper"],
+                    _f(t["r2"]), _refs(row, "r2"), _f(t["fvu"]),
+                    _f(t["cosine"]), _refs(row, "cosine"),
+                    _f(t.get("latent_r")), _refs(row, "latent_r"),
+                    _f(t.get("f1")), _refs(row, "f1"),
+                    _f(t.get("matched")), _refs(row, "matched"),
+                ])
+        cols = ["layers", "space", "mapper", "R2", "mean/null/ceil", "FVU", "cos", "mean/null/ceil", "latent r", "mean/null/ceil", "F1", "mean/null/ceil", "matched", "mean/null/ceil"]
+        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/ceiling (target through its 2nd SAE)", cols, rows))
+    sim_rows = []
+    for r in report["results"]:
+        s = r["similarity"]
+        lm = r["latent_matching"]
+
+        def four(d: dict[str, Any], key: str | None = None) -> str:
+            get = (lambda v: (d.get(v) or {}).get(key)) if key else d.get
+            return "/".join(_f(get(v)) for v in ("test", "null", "ceiling_a", "ceiling_b"))
+
+        sv = s["svcca_acts"]
+        sim_rows.append([
+            f"{r['layer_a']}:{r['layer_b']}", four(s["cka_acts"]), four(s["cka_codes"]), four(sv),
+            f"{_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)} rows/dim)", four(lm, "matched"),
+        ])
+    out.console.print(out.table(f"similarity between the layers (test/null/ceiling {a}/ceiling {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
+    int_rows = []
+    for r in report["results"]:
+        for direction, iv in (r.get("interventions") or {}).items():
+            first = (iv.get("latents") or [{}])[0]
+            int_rows.append([
+                f"{r['layer_a']}:{r['layer_b']}", names[direction], "next-token (LM head)" if iv["readout_target"] == READOUT_LM else "embedding lens (no KL)",
+                _f(iv.get("kl")), _f(iv.get("kl_random")), _f(iv.get("overlap")), _f(iv.get("overlap_random")),
+                f"#{first.get('latent', '-')}: {' '.join(repr(x) for x in (first.get('promoted_source') or [])[:4])} -> {' '.join(repr(x) for x in (first.get('promoted_target') or [])[:4])}",
+            ])
+    if int_rows:
+        out.console.print(out.table(f"interventions (strength {report['config']['strength']} x median norm; mapper {report['config']['intervene_mapper']})", ["layers", "direction", "target readout", "KL mapped", "KL random", "token overlap", "overlap random", "example latent: source -> target"], int_rows))
+    h = report.get("harvest", {})
+    rates = ", ".join(f"{m} {v['tokens_per_second']:,.0f} tok/s" for m, v in h.items())
+    mem = report.get("memory", {})
+    t = report.get("timings", {})
+    out.console.print(
+        f"harvest {rates}; total {t.get('total', 0):.0f}s (pairing {t.get('pairing', 0):.0f}s, harvest {t.get('harvest', 0):.0f}s, SAEs {t.get('saes', 0):.0f}s, "
+        f"mapping {t.get('mapping', 0):.0f}s, interventions {t.get('interventions', 0):.0f}s); peak RSS {mem.get('peak_rss_bytes', 0) / 2**30:.2f} GiB"
+    )
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise XsaeError(f"empty list '{text}'", "pass comma-separated values, e.g. 5,6,7")
+    return items
+
+
+@app.command("pair")
+def pair(
+    ctx: typer.Context,
+    a: str = typer.Option(..., "--a", help="Model A: zoo name or model path."),
+    b: str = typer.Option(..., "--b", help="Model B: zoo name or model path."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a datasets folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Documents to read (default: all)."),
+    context_size: Optional[int] = typer.Option(None, "--context-size", help="Tokens per window, begin/end tokens included."),
+) -> None:
+    """Pair two tokenizers' positions on a corpus and show how many tokens each side keeps."""
+    from xsae_cli.align.transfer import TransferSpec, pair_stats
+
+    s = ctx.obj.config.align
+    spec = TransferSpec(
+        a=a, b=b, out=Path("."), corpus=corpus or s.corpus, text_field=s.text_field,
+        limit=(limit if limit is not None else s.limit) or None, context_size=context_size or s.context_size,
+        val_fraction=s.val_fraction, test_fraction=s.test_fraction, seed=ctx.obj.config.hardware.seed,
+        trust_remote_code=ctx.obj.config.zoo.trust_remote_code,
+    )
+    out.emit(pair_stats(spec), render_pair)
+
+
+@app.command("transfer")
+def transfer(
+    ctx: typer.Context,
+    a: str = typer.Option(..., "--a", help="Model A: zoo name or model path."),
+    b: str = typer.Option(..., "--b", help="Model B: zoo name or model path."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder (report.json, SAEs)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Blocks of A (B at the same relative depth), or a:b pairs; e.g. 5,6,7 or 5:1,15:3."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a datasets folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Documents to read (default: all)."),
+    context_size: Optional[int] = typer.Option(None, "--context-size", help="Tokens per window."),
+    max_train_pairs: Optional[int] = typer.Option(None, "--train-pairs", help="Paired train rows the mappers fit on."),
+    max_test_pairs: Optional[int] = typer.Option(None, "--test-pairs", help="Paired test rows scored."),
+    k: Optional[int] = typer.Option(None, "--k", help="Active latents per token of the SAEs."),
+    expansion: Optional[int] = typer.Option(None, "--expansion", help="d_sae = expansion x d_in."),
+    sae_tokens: Optional[str] = typer.Option(None, "--sae-tokens", help="Training tokens per SAE, e.g. 200k."),
+    sae_a: Optional[str] = typer.Option(None, "--sae-a", help="Folder of trained SAEs for A's layers (SAELens or sparsify layout) instead of training seed 1."),
+    sae_b: Optional[str] = typer.Option(None, "--sae-b", help="Folder of trained SAEs for B's layers."),
+    mappers: Optional[str] = typer.Option(None, "--mappers", help="Comma-separated: procrustes, ridge, hypernet."),
+    hypernet_epochs: Optional[int] = typer.Option(None, "--hypernet-epochs", help="Most epochs of the hypernet (early stopping on val)."),
+    hypernet_hidden: Optional[int] = typer.Option(None, "--hypernet-hidden", help="Hidden width of the hypernet."),
+    intervene_latents: Optional[int] = typer.Option(None, "--intervene-latents", help="Latents pushed through the other model per layer and direction (0: none)."),
+    intervene_contexts: Optional[int] = typer.Option(None, "--intervene-contexts", help="Held-out windows the interventions run on."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Pushed vector norm, as a multiple of the layer's median token norm."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report (retrains the SAEs)."),
+) -> None:
+    """Pair, train SAEs, fit mappers both ways, score against nulls and ceilings, intervene; write report.json."""
+    from xsae_cli.align.hypernet import HypernetSettings
+    from xsae_cli.align.transfer import TransferSpec, run_transfer, warn_small
+    from xsae_cli.sae.runs import parse_tokens
+
+    cfg = ctx.obj.config
+    s = cfg.align
+
+    def pick(flag: Any, default: Any) -> Any:
+        return flag if flag is not None else default
+
+    hyper = HypernetSettings(
+        hidden=pick(hypernet_hidden, s.hypernet_hidden), dropout=s.hypernet_dropout, lr=s.hypernet_lr,
+        max_epochs=pick(hypernet_epochs, s.hypernet_epochs), patience=s.hypernet_patience, seed=cfg.hardware.seed,
+    )
+    spec = TransferSpec(
+        a=a, b=b, out=out_dir, layers=pick(_split_list(layers), list(s.layers)), corpus=pick(corpus, s.corpus), text_field=s.text_field,
+        limit=pick(limit, s.limit) or None, context_size=pick(context_size, s.context_size), val_fraction=s.val_fraction, test_fraction=s.test_fraction,
+        max_train_pairs=pick(max_train_pairs, s.max_train_pairs), max_test_pairs=pick(max_test_pairs, s.max_test_pairs),
+        arch=s.arch, k=pick(k, s.k), expansion=pick(expansion, s.expansion), sae_tokens=parse_tokens(pick(sae_tokens, s.sae_tokens)),
+        sae_batch_size=s.sae_batch_size, sae_a=sae_a, sae_b=sae_b, mappers=pick(_split_list(mappers), list(s.mappers)), hypernet=hyper,
+        match_threshold=s.match_threshold, intervene_latents=pick(intervene_latents, s.intervene_latents),
+        intervene_contexts=pick(intervene_contexts, s.intervene_contexts), intervene_mapper=s.intervene_mapper,
+        strength=pick(strength, s.strength), top_tokens=s.top_tokens, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
+        seed=cfg.hardware.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code,
+    )
+    report = run_transfer(spec)
+    warn_small(report)
+    out.emit(report, render_report)
+    out.info(f"wrote {Path(out_dir) / 'report.json'}")
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="A folder written by `xsae align transfer` (or its report.json)."),
+) -> None:
+    """Reprint a saved alignment report (use the root --json for the JSON itself)."""
+    from xsae_cli.align.transfer import load_report
+
+    out.emit(load_report(run_dir), render_report)
