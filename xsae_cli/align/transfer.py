@@ -447,12 +447,39 @@ def latent_matching(a: Views, b: Views, threshold: float, seed: int) -> dict[str
         alive = (t > 0).sum(0) >= 5
         return hungarian_matches(correlation_matrix(p, t), threshold, alive)
 
+    corr = correlation_matrix(a.codes1["test"], b.codes1["test"])
+    alive = (b.codes1["test"] > 0).sum(0) >= 5
     return _round({
-        "test": match(a.codes1["test"], b.codes1["test"]),
+        "test": hungarian_matches(corr, threshold, alive),
+        "top_pairs": top_matched_pairs(corr, alive),
         "null": match(a.codes1["test"], _shuffle(b.codes1["test"], seed)),
         "ceiling_a": match(a.codes2["test"], a.codes1["test"]),
         "ceiling_b": match(b.codes2["test"], b.codes1["test"]),
     })
+
+
+TOP_PAIRS = 24
+
+
+def top_matched_pairs(corr: torch.Tensor, alive: torch.Tensor, n: int = TOP_PAIRS) -> dict[str, Any]:
+    """The ``n`` best one-to-one latent pairs and their test correlations with each other.
+
+    What ``xsae viz align`` draws as a heatmap: the full [d_sae_a, d_sae_b] matrix is too big to keep
+    in a report, and the pairs' own block (diagonal = the pair, off-diagonal = how specific it is)
+    is the part a reader looks at. Rows are A's latents, columns B's, both in order of the pair's r.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cols = torch.nonzero(alive).flatten()
+    if cols.numel() == 0:
+        return {"latents_a": [], "latents_b": [], "r": []}
+    sub = corr[:, cols].double().nan_to_num(0.0).numpy()
+    rows, picked = linear_sum_assignment(sub, maximize=True)
+    order = sub[rows, picked].argsort()[::-1][:n]
+    la = [int(rows[i]) for i in order]
+    lb = [int(cols[picked[i]]) for i in order]
+    block = corr[la][:, lb].double()
+    return {"latents_a": la, "latents_b": lb, "r": [[round(float(v), 3) for v in row] for row in block]}
 
 
 # --------------------------------------------------------------------------------------- protocol
@@ -677,6 +704,7 @@ NOTES = {
     "ridge": "closed form, penalty chosen on val from alpha = c * mean eigenvalue of X^T X, c in 1e-5..100",
     "hypernet": "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept",
     "matched": "one-to-one latent pairs by Hungarian assignment on test correlations, counted above the threshold; rank 1 = the partner is that latent's best predictor",
+    "top_pairs": "latent_matching.top_pairs: the best one-to-one pairs of SAE A and SAE B latents (Hungarian on test correlations) and their test correlation block, rows A's latents and columns B's in the same order (what xsae viz align draws)",
     "svcca": "fit on train rows (SVD to 99% variance, then CCA), scored on test rows. CCA-type indices need many more rows than dimensions: the in-sample value is inflated, so the held-out one is reported next to it",
     "cka": "linear CKA on test rows; biased upwards when rows are not many times the widths (see the shuffled null)",
     "interventions": "decoder direction of a source latent mapped by the linear part of the intervention mapper, added at every content position of held-out windows at strength x the median token norm; a random direction of the same norm is the control. Without an LM head (MiniLM) there is no KL; promoted tokens come from an embedding lens",

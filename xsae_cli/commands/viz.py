@@ -109,3 +109,29 @@ def _report_written(d: dict) -> None:
     rows = [[s["name"], s["kind"], str(s["tables"]), str(sum(s["figures"].values())), str(len(s["notes"]))] for s in d["sections"]]
     out.console.print(out.table("viz report", ["run", "kind", "tables", "pictures", "notes"], rows))
     _written(d)
+
+
+@app.command("align")
+def align(
+    ctx: typer.Context,
+    report_path: Path = typer.Argument(..., help="report.json of `xsae align transfer`, or its --out folder."),
+    output: Path = typer.Option(Path("align_plots"), "--output", "-o", help="A folder (align_bars.<format> and align_heatmap.<format>) or one .png/.svg file holding both."),
+    fmt: str | None = typer.Option(None, "--format", help="png or svg (default: the output's suffix, else format in the viz config section)."),
+    metric: str = typer.Option("r2", "--metric", help="Score the bars show: r2, cosine, latent_r, f1 or matched_fraction."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+) -> None:
+    """Alignment pictures: matched latents' correlation heatmap, and each mapper next to its null and ceiling per layer pair and direction."""
+    from xsae_cli.viz.align import plot_align
+    from xsae_cli.viz.common import resolve_format
+
+    v = ctx.obj.config.viz
+    fmt = resolve_format(output, fmt, v.format if v.format in ("png", "svg") else "png", ("png", "svg"))
+    summary = plot_align(report_path, output, fmt=fmt, metric=metric.lower(), dpi=v.dpi, force=force)
+    for note in summary["notes"]:
+        out.warn(note)
+    out.emit(summary, _align_written)
+
+
+def _align_written(d: dict) -> None:
+    panels = ", ".join(f"{k} {n} panels" for k, n in d["panels"].items())
+    out.console.print(f"wrote [bold]{', '.join(d['files'])}[/bold] ({d['metric']}; {len(d['layer_pairs'])} layer pairs; {panels})")

@@ -83,8 +83,37 @@ def _figures(info: RunInfo, method: str, dpi: int, seed: int) -> list[Figure]:
             figs.append(Figure("Model embeddings", "image/png", png, f"{len(emb.names)} models from {rel} ({proj.method.upper() if proj.method != 'tsne' else 't-SNE'}), coloured by family: {', '.join(fams)}", "cluster"))
         except XsaeError as exc:
             info.notes.append(f"cluster plot of {rel}: {exc}")
+    if "align" in info.kinds:
+        figs += _align_figures(info, dpi)
     for pic in info.pictures:
         figs.append(Figure(pic.name, pic.mime, pic.data, f"{pic.name} ({len(pic.data) / 1024:.0f} KB, from the run folder)", "picture"))
+    return figs
+
+
+def _align_figures(info: RunInfo, dpi: int) -> list[Figure]:
+    """An align run's own pictures (``xsae viz align``), when its report.json is a real alignment report."""
+    import json
+
+    from xsae_cli.viz import align as AL
+
+    path = info.path / AL.REPORT_NAME
+    try:
+        fmt = json.loads(path.read_text(encoding="utf-8")).get("format") if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return []  # already a note from reading the run
+    if fmt != AL.ALIGN_FORMAT:
+        return []  # a report in another shape: its tables are shown, there is nothing to draw
+    try:
+        rep = AL.load_align_report(path)
+        images = AL.figures_bytes(rep, "png", dpi)
+    except XsaeError as exc:
+        info.notes.append(f"alignment plots: {exc}")
+        return []
+    info.notes += rep.notes
+    pairs = ", ".join(lp.label.removeprefix("layers ") for lp in rep.layers)
+    figs = [Figure("Mappers next to null and ceiling", "image/png", images["bars"], f"held-out R² of each mapper, {rep.a} ↔ {rep.b}, both directions, layer pairs {pairs}: grey = shuffled-pair null, blue = mapper, orange = ceiling", "align")]
+    if "heatmap" in images:
+        figs.insert(0, Figure("Matched latents", "image/png", images["heatmap"], f"test correlations of the best one-to-one matched SAE latents of {rep.a} (rows) and {rep.b} (columns), per layer pair", "align"))
     return figs
 
 
@@ -121,6 +150,7 @@ def _section_html(i: int, info: RunInfo, figs: list[Figure]) -> str:
     groups = [
         ("Metrics", [t for t in info.tables if t.part == "metrics"], []),
         ("Training curves", [], [f for f in figs if f.kind == "curves"]),
+        ("Alignment", [], [f for f in figs if f.kind == "align"]),
         ("Model embeddings", [], [f for f in figs if f.kind == "cluster"]),
         ("Pictures", [], [f for f in figs if f.kind == "picture"]),
         ("Config", [t for t in info.tables if t.part == "config"], []),
@@ -154,7 +184,7 @@ def build_report(run_dirs: list[str | Path], method: str = "pca", dpi: int = sty
         sections.append(_section_html(i, info, figs))
         counts = [_plural(len(info.tables), "table"), _plural(len(figs), "picture")]
         toc.append(f'<li><a href="#run-{i}">{esc(info.name)}</a> <span class="kind k-{esc(info.kind)}">{esc(info.title)}</span> <span class="count">{esc(", ".join(c for c in counts if c))}</span></li>')
-        summary_runs.append({"name": info.name, "path": str(t.path), "kind": info.kind, "kinds": info.kinds, "tables": len(info.tables), "figures": {k: sum(f.kind == k for f in figs) for k in ("curves", "cluster", "picture")}, "files": info.files, "notes": info.notes})
+        summary_runs.append({"name": info.name, "path": str(t.path), "kind": info.kind, "kinds": info.kinds, "tables": len(info.tables), "figures": {k: sum(f.kind == k for f in figs) for k in ("curves", "cluster", "picture", *(("align",) if "align" in info.kinds else ()))}, "files": info.files, "notes": info.notes})
     heading = title or ("xsae report" + (f": {names[0]}" if len(names) == 1 else ""))
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     facts = f"{len(targets)} run{'s' if len(targets) != 1 else ''} · written {when} by xsae {__version__} · self-contained: no network needed"
@@ -199,7 +229,7 @@ th,td{border-bottom:1px solid var(--line);padding:3px 10px 3px 6px;text-align:le
 th{background:#f8f9fb;font-weight:600;position:sticky;top:0} td:first-child{white-space:nowrap;overflow-wrap:normal} td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tbody tr:hover{background:#fafbfc} .note{color:var(--muted);font-size:12px;margin:2px 0 0 14px}
 figure{margin:8px 0 14px;text-align:center} figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
-figure.curves img{max-width:1000px} figure.cluster img,figure.picture img{max-width:820px} figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
+figure.curves img,figure.align img{max-width:1000px} figure.cluster img,figure.picture img{max-width:820px} figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
 #errors{color:#b3261e;white-space:pre-wrap}
 </style></head>
 <body>
