@@ -276,6 +276,8 @@ def evaluate(
             )
         met = ", ".join(f"{k}: {'met' if v['met'] else 'NOT met ' + str(v['failing'])}" for k, v in r["goals"].items())
         out.console.print(f"goals: {met}")
-        out.console.print(f"function-preserving transforms: max relative logit change {r['function_check_max_rel_logit_diff']:.1e}; wrote {out_dir / 'lineage.json'}")
+        check = r["function_check_max_rel_logit_diff"]
+        checked = f"max relative logit change {check:.1e}" if check is not None else "no function-preserving transform in this zoo"
+        out.console.print(f"function-preserving transforms: {checked}; wrote {out_dir / 'lineage.json'}")
 
     out.emit(result, render)

@@ -318,6 +318,13 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
             report.members.append(Member(f"{bname}~{tname}", workdir / "members" / f"{bname}~{tname}", bname, tname, fam))
         if log:
             log(f"lineage zoo: {bname} and {len(TRANSFORMS)} variants ready")
+    # Members built by an earlier run were checked then: keep their figures beside this run's.
+    check_file = workdir / "function_check.json"
+    saved = json.loads(check_file.read_text()) if check_file.exists() else {}
+    saved.update(report.function_check)
+    atomic_write_json(check_file, saved)
+    bases = {m.base for m in report.members}
+    report.function_check = {b: c for b, c in saved.items() if b in bases}
     report.seconds = time.perf_counter() - t0
     return report
 
