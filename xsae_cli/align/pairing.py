@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.data.corpus import Row, TokenContexts, special_token_ids, split_documents
+from xsae_cli.data.corpus import Row, TokenContexts, begin_end_pad, special_token_ids, split_documents
 
 SPLITS = ("train", "val", "test")
 
@@ -129,23 +129,9 @@ def cut_windows(doc: int, shared: list[tuple[int, int, int]], budget_a: int, bud
 # --------------------------------------------------------------------------------------- contexts
 
 
-def begin_end(tokenizer: Any) -> tuple[int | None, int | None, int]:
-    """The begin (BOS, else CLS), end (EOS, else SEP) and pad ids a window gets on this side."""
-    begin = getattr(tokenizer, "bos_token_id", None)
-    if begin is None:
-        begin = getattr(tokenizer, "cls_token_id", None)
-    end = getattr(tokenizer, "eos_token_id", None)
-    if end is None:
-        end = getattr(tokenizer, "sep_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = end if end is not None else (begin if begin is not None else 0)
-    return begin, end, int(pad)
-
-
 def _contexts(encoded: list[list[int]], windows: list[Window], side: str, tokenizer: Any, context_size: int) -> tuple[TokenContexts, int]:
     """Windows of one side as [n, context_size] contexts; returns them and the position offset of content."""
-    begin, end, pad = begin_end(tokenizer)
+    begin, end, pad = begin_end_pad(tokenizer)
     offset = 1 if begin is not None else 0
     n = len(windows)
     ids = torch.full((n, context_size), pad, dtype=torch.int64)
@@ -271,7 +257,7 @@ def pair_corpus(
     spec_a, spec_b = set(special_token_ids(tokenizer_a)), set(special_token_ids(tokenizer_b))
     budgets = []
     for tok in (tokenizer_a, tokenizer_b):
-        begin, end, _ = begin_end(tok)
+        begin, end, _ = begin_end_pad(tok)
         budgets.append(context_size - (begin is not None) - (end is not None))
     splits: dict[str, PairedSplit] = {}
     skipped = 0

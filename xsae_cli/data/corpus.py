@@ -435,7 +435,8 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _begin_end_pad(tokenizer: Any) -> tuple[int | None, int | None, int]:
+def begin_end_pad(tokenizer: Any) -> tuple[int | None, int | None, int]:
+    """The begin (BOS, else CLS), end (EOS, else SEP) and pad ids a context gets: one rule for every group."""
     begin = getattr(tokenizer, "bos_token_id", None)
     if begin is None:
         begin = getattr(tokenizer, "cls_token_id", None)
@@ -502,7 +503,7 @@ def tokenize_contexts(
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise XsaeError(f"document {bad} is a {type(texts[bad]).__name__}, not text", "render chats first with render_texts(rows, tokenizer)")
-    begin, end, pad = _begin_end_pad(tokenizer)
+    begin, end, pad = begin_end_pad(tokenizer)
     use_begin = begin if prepend_bos else None
     docs = [d for d in _encode(texts, tokenizer) if d]
     if not docs:
