@@ -239,18 +239,12 @@ def load_or_tokenize(
     return TokenizedModel(folder, src.name)
 
 
-def permute_rows(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Permute whole weight rows (neurons, head dims, residual coords) of attention/MLP tensors.
-
-    For every permutable tensor whose rows are whole chunks, the complete rows inside the window
-    are shuffled among themselves (values move; coordinates stay with the slot), mimicking the
-    function-preserving permutation symmetry of weight space on the part of the tensor seen.
-    """
+def _complete_rows(win: dict[str, np.ndarray], model: TokenizedModel) -> Iterator[tuple[int, int, int, int]]:
+    """For every permutable tensor in the window: (row length in chunks, window offset of the
+    tensor's chunk 0, first and end row fully inside the window). Both permutations act on these."""
     idx = win["index"]
     mask = win["mask"]
     tid = win["tensor_id"].astype(np.int64)
-    values = win["values"]
-    out = values.copy()
     for t in np.unique(tid[mask]):
         rows = int(model.t_rows[t])
         if rows <= 0 or int(model.t_kind[t]) not in PERMUTABLE_KINDS:
@@ -259,46 +253,43 @@ def permute_rows(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.rand
         local = idx[sel] - model.t_start[t]
         first_row = -(-int(local[0]) // rows)
         last_row = (int(local[-1]) + 1) // rows  # exclusive: rows fully inside the window
+        yield rows, int(sel[0] - local[0]), first_row, last_row
+
+
+def permute_rows(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Permute whole weight rows (neurons, head dims, residual coords) of attention/MLP tensors.
+
+    For every permutable tensor whose rows are whole chunks, the complete rows inside the window
+    are shuffled among themselves (values move; coordinates stay with the slot), mimicking the
+    function-preserving permutation symmetry of weight space on the part of the tensor seen.
+    """
+    values = win["values"]
+    out = values.copy()
+    for rows, base, first_row, last_row in _complete_rows(win, model):
         n_rows = last_row - first_row
         if n_rows < 2:
             continue
         perm = rng.permutation(n_rows)
-        base = int(sel[0] - local[0])  # window offset of the tensor's chunk 0
         src = (first_row + perm)[:, None] * rows + np.arange(rows)[None, :]
         dst = (first_row + np.arange(n_rows))[:, None] * rows + np.arange(rows)[None, :]
         out[base + dst.reshape(-1)] = values[base + src.reshape(-1)]
-    win = dict(win)
-    win["values"] = out
-    return win
+    return dict(win, values=out)
 
 
 def permute_columns(win: dict[str, np.ndarray], model: TokenizedModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Permute the input coordinates of attention/MLP tensors: one shared shuffle of the columns of
     all complete rows of a tensor inside the window (the other half of the permutation symmetry:
     a neuron or residual-stream permutation of the layer before moves a weight matrix's columns)."""
-    idx = win["index"]
-    mask = win["mask"]
-    tid = win["tensor_id"].astype(np.int64)
     values = win["values"]
     out = values.copy()
     c = model.chunk_size
-    for t in np.unique(tid[mask]):
-        rows = int(model.t_rows[t])
-        if rows <= 0 or int(model.t_kind[t]) not in PERMUTABLE_KINDS:
-            continue
-        sel = np.nonzero(mask & (tid == t))[0]
-        local = idx[sel] - model.t_start[t]
-        first_row = -(-int(local[0]) // rows)
-        last_row = (int(local[-1]) + 1) // rows
+    for rows, base, first_row, last_row in _complete_rows(win, model):
         if last_row <= first_row:
             continue
-        base = int(sel[0] - local[0])
         lo, hi = base + first_row * rows, base + last_row * rows
         block = values[lo:hi].reshape(last_row - first_row, rows * c)
         out[lo:hi] = block[:, rng.permutation(rows * c)].reshape(-1, c)
-    win = dict(win)
-    win["values"] = out
-    return win
+    return dict(win, values=out)
 
 
 class WindowSampler:
