@@ -9,8 +9,7 @@ import typer
 
 from xsae_cli.core import console as out
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.sane.evaluate import FAMILIES as LINEAGE_FAMILIES
-from xsae_cli.sane.evaluate import REAL as LINEAGE_REAL
+from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_write_json
+from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
 # name -> ops (applied in order; "ft_short"/"ft_long" fine-tune, anything else is a transforms.apply kind)
 TRANSFORMS: dict[str, tuple[str, ...]] = {
@@ -73,8 +74,8 @@ FOLDS: tuple[tuple[str, ...], ...] = (
     ("perm_mlp", "perm_heads", "perm_resid", "perm_full", "norm_rescale", "noise_0.3", "ft_long", "perm_full+ft_long"),
     ("noise_1e-3", "noise_1e-2", "prune_10", "prune_50", "int8", "ft_short", "noise_1e-2+ft_short", "prune_30+ft_short"),
 )
-FAMILIES = ("tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert")
-REAL = ("smollm2-135m", "minilm-l6")
+FAMILIES = LINEAGE_FAMILIES
+REAL = LINEAGE_REAL
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 METHODS = ("sane", "quantile_baseline", "random_encoder_baseline")
 
