@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps-per-epoch", type=int, default=40)
+    ap.add_argument("--view", default="circuits", choices=("circuits", "canonical", "weights"), help="what SANE reads (weights: as stored, the earlier behaviour)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,9 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from xsae_cli.sane.evaluate import METHODS, LineageSettings, evaluate
 
-    s = LineageSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
+    s = LineageSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view)
     if args.quick:
-        s = LineageSettings(families=("tiny-gpt2", "tiny-qwen2"), seeds=2, real=(), folds=1, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
+        s = LineageSettings(families=("tiny-gpt2", "tiny-qwen2"), seeds=2, real=(), folds=1, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view)
     t0 = time.perf_counter()
     r = evaluate(Path(args.out), s, log=lambda m: print(m, flush=True), force=True)
     wall = time.perf_counter() - t0
@@ -66,7 +67,8 @@ def main() -> None:
             h = f["train_history"][-1]
             print(f"  last epoch: loss {h['loss']:.3f} recon {h['recon']:.3f} contrast {h['contrast']:.3f}, {h['windows_per_second']:.1f} windows/s")
     print("\ngoals:", json.dumps(r["goals"]))
-    print(f"function check (max relative logit change): {r['function_check_max_rel_logit_diff']:.1e}")
+    fc = r["function_check_max_rel_logit_diff"]
+    print(f"function check (max relative logit change): {fc:.1e}" if fc is not None else "function check: not recorded for this zoo")
     print(f"seconds: {json.dumps({k: round(v, 1) for k, v in r['seconds'].items()})}; wall {wall:.0f} s; wrote {Path(args.out) / 'lineage.json'}")
 
 

@@ -6,7 +6,8 @@ Two inputs:
   (header + ``truncate``), so it costs no disk but streams like a real 13.5 GB checkpoint.
 
 "read" is a bare ``readinto`` loop; "read_sum" also touches every float (as the zoo streaming
-benchmark's plain read does); "stream" is ``zoo.weights.iter_weights`` with a sum per tensor.
+benchmark's plain read does); "stream" is ``zoo.weights.iter_weights`` with a sum per tensor. "tokenize" cuts the weights as stored;
+"tokenize:canonical" and "tokenize:circuits" the derived views (two passes over the file each).
 
 Each measurement runs in a fresh subprocess so ru_maxrss is that measurement's own peak; best of 3.
 Run: ``.venv/bin/python benchmarks/sane_tokenize.py [--layers 32] [--skip-7b]``; prints JSON.
@@ -60,13 +61,16 @@ CHILD = textwrap.dedent(
         extra = {}
     else:
         from xsae_cli.sane.dataset import ModelSource, tokenize_to_cache
+        from xsae_cli.sane.tokenizer import CoordScheme
         from xsae_cli.zoo.sources import resolve
         from xsae_cli.zoo.weights import tensor_index
-        r = resolve(str(path))
+        view = mode.split(":", 1)[1] if ":" in mode else "weights"
+        # the folder (with its config.json) when there is one: the derived views need the architecture
+        r = resolve(str(path.parent if (path.parent / "config.json").exists() else path))
         largest = max(t.numel * {"bfloat16": 2, "float16": 2}.get(t.dtype, 4) for t in tensor_index(r))
-        out = tokenize_to_cache(ModelSource("bench", r, "b" * 64), cache_dir=cache)
+        out = tokenize_to_cache(ModelSource("bench", r, "b" * 64), scheme=CoordScheme(view=view), cache_dir=cache)
         m = json.loads((out / "manifest.json").read_text())
-        extra = {"n_chunks": m["n_chunks"], "largest_tensor_bytes": largest, "cache_bytes": sum(f.stat().st_size for f in out.iterdir())}
+        extra = {"n_chunks": m["n_chunks"], "view": m["view"]["view"], "largest_tensor_bytes": largest, "cache_bytes": sum(f.stat().st_size for f in out.iterdir())}
     secs = time.perf_counter() - t0
     print(json.dumps({"mode": mode, "bytes": size, "seconds": secs, "mb_per_s": size / 1e6 / secs, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports": base, **extra}))
     """
@@ -108,7 +112,8 @@ def smollm2_file() -> Path:
 
 
 def write_sparse_7b(path: Path, layers: int) -> None:
-    """Llama-2-7B shapes in bf16; the data region is a hole (reads as zeros, costs no disk)."""
+    """Llama-2-7B shapes in bf16; the data region is a hole (reads as zeros, costs no disk). A
+    config.json beside it lets the canonical and circuit views read the architecture."""
     V, H, I = 32000, 4096, 11008
     shapes = {"model.embed_tokens.weight": [V, H]}
     for i in range(layers):
@@ -132,6 +137,11 @@ def write_sparse_7b(path: Path, layers: int) -> None:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         fh.truncate(8 + len(raw) + off)
+    cfg = {"model_type": "llama", "hidden_size": H, "intermediate_size": I, "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": layers, "vocab_size": V, "tie_word_embeddings": False}
+    (path.parent / "config.json").write_text(json.dumps(cfg))
+
+
+VIEWS = ("tokenize:canonical", "tokenize:circuits")  # "tokenize" alone: the weights as stored
 
 
 def main() -> None:
@@ -144,17 +154,21 @@ def main() -> None:
         tmp = Path(tmp)
         f = smollm2_file()
         _run_once("read", f, tmp / "c")  # warm the page cache so both sides read from memory
-        results["smollm2-135m"] = {m: run(m, f, tmp / f"c-{m}") for m in ("read", "read_sum", "stream", "tokenize")}
+        results["smollm2-135m"] = {m: run(m, f, tmp / f"c-{m}") for m in ("read", "read_sum", "stream", "tokenize", *VIEWS)}
         if not args.skip_7b:
-            big = tmp / "llama7b-shaped.safetensors"
+            (tmp / "llama7b").mkdir()
+            big = tmp / "llama7b" / "model.safetensors"
             write_sparse_7b(big, args.layers)
-            results[f"llama7b-shaped-{args.layers}L-bf16-sparse"] = {m: run(m, big, tmp / f"c7-{m}") for m in ("read", "tokenize")}
+            results[f"llama7b-shaped-{args.layers}L-bf16-sparse"] = {m: run(m, big, tmp / f"c7-{m.replace(':', '-')}") for m in ("read", "tokenize", *VIEWS)}
     for r in results.values():
-        tok, read = r["tokenize"], r["read"]
-        r["tokenize_vs_read"] = tok["mb_per_s"] / read["mb_per_s"]
-        if "read_sum" in r:
-            r["tokenize_vs_read_sum"] = tok["mb_per_s"] / r["read_sum"]["mb_per_s"]
-        r["peak_rss_minus_largest_tensor_gb"] = (tok["peak_rss_bytes"] - tok["largest_tensor_bytes"]) / 1e9
+        read = r["read"]
+        for m in ("tokenize", *VIEWS):
+            tok = r[m]
+            tag = m.replace("tokenize", "").replace(":", "_")
+            r[f"tokenize{tag}_vs_read"] = tok["mb_per_s"] / read["mb_per_s"]
+            if "read_sum" in r:
+                r[f"tokenize{tag}_vs_read_sum"] = tok["mb_per_s"] / r["read_sum"]["mb_per_s"]
+            r[f"peak_rss{tag}_minus_largest_tensor_gb"] = (tok["peak_rss_bytes"] - tok["largest_tensor_bytes"]) / 1e9
     print(json.dumps(results, indent=2))
 
 

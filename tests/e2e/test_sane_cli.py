@@ -19,7 +19,8 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     tok = run_xsae("--json", "sane", "tokenize", "tiny-gpt2", "tiny-gemma", env=ONE_THREAD)
     assert tok.returncode == 0, tok.stderr[-2000:]
     rows = json.loads(tok.stdout)
-    assert [r["name"] for r in rows] == ["tiny-gpt2", "tiny-gemma"] and all(r["n_chunks"] > 3000 for r in rows)
+    assert [r["name"] for r in rows] == ["tiny-gpt2", "tiny-gemma"] and [r["view"] for r in rows] == ["circuits", "circuits"]
+    assert [r["n_chunks"] for r in rows] == [13 * 64, 17 * 64]  # gram + 4 blocks x (qk, ov, mlp[, gate]); both tie their head
 
     run = tmp_path / "runs" / "sane"
     tr = run_xsae("--json", "--seed", "0", "sane", "train", "--models", ",".join(TINY), "--epochs", "2", *SMALL, "--out", str(run), env=ONE_THREAD)

@@ -25,7 +25,8 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
     done = []
     for name in names:
         src = model_source(name)
-        total = model_chunk_count(tensor_index(src.resolved), cs)
+        # a derived view's chunk count is known only once it is built: an open-ended bar then
+        total = model_chunk_count(tensor_index(src.resolved), cs) if scheme.view == "weights" else None
         task = bar.add_task(f"tokenise {src.name}", total=total, unit="chunks")
         read = [0]
 
@@ -35,15 +36,25 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
 
         t0 = time.perf_counter()
         folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb)
-        bar.update(task, completed=total)
-        done.append((TokenizedModel(folder, src.name), time.perf_counter() - t0, read[0]))
+        tm = TokenizedModel(folder, src.name)
+        bar.update(task, total=tm.n_chunks, completed=tm.n_chunks)
+        # MB/s of the model's own files (a derived view reads them twice and writes far fewer chunks)
+        size = sum(f.stat().st_size for f in src.resolved.weight_files) if read[0] else 0
+        done.append((tm, time.perf_counter() - t0, size))
     return done
 
 
-def _scheme(cfg: Any) -> Any:
+VIEW_HELP = "What is tokenised: circuits (token-space circuits, free of weight-space symmetries), canonical (weights with neurons, heads and residual coordinates sorted) or weights (as stored). Default from [sane] view."
+
+
+def _scheme(cfg: Any, view: Optional[str] = None) -> Any:
+    from xsae_cli.sane.dataset import VIEWS
     from xsae_cli.sane.tokenizer import CoordScheme
 
-    return CoordScheme(layer_keywords=tuple(cfg.sane.layer_keywords))
+    v = view or cfg.sane.view
+    if v not in VIEWS:
+        raise XsaeError(f"unknown view '{v}'", f"use --view {' | '.join(VIEWS)}")
+    return CoordScheme(layer_keywords=tuple(cfg.sane.layer_keywords), view=v)
 
 
 def _model_names(models: Optional[str], zoo: Optional[str]) -> list[str]:
@@ -72,14 +83,15 @@ def tokenize(
     names: List[str] = typer.Argument(..., help="Zoo names or model paths."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Floats per chunk (default from [sane])."),
     force: bool = typer.Option(False, "--force", help="Re-tokenise even when cached."),
+    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
 ) -> None:
-    """Cut models' weights into chunks with depth/position/kind coordinates, cached on disk."""
+    """Cut models' weights (or their token-space circuits) into chunks with depth/position/kind coordinates, cached on disk."""
     cfg = ctx.obj.config
     cs = chunk_size or cfg.sane.chunk_size
     if cs < 2:
         raise XsaeError(f"--chunk-size {cs} is too small", "use 2 or more (default 64)")
     with out.progress() as bar:
-        done = _tokenise(bar, names, cs, _scheme(cfg), force=force)
+        done = _tokenise(bar, names, cs, _scheme(cfg, view), force=force)
     rows = [
         {
             "name": tm.name,
@@ -87,6 +99,7 @@ def tokenize(
             "n_tensors": tm.manifest["n_tensors"],
             "chunk_size": cs,
             "scheme": tm.scheme,
+            "view": tm.manifest.get("view", {}).get("view", "weights"),
             "seconds": secs,
             "mb_per_second": (nbytes / 1e6 / secs) if nbytes else None,
             "cached": nbytes == 0,
@@ -96,8 +109,8 @@ def tokenize(
     ]
 
     def render(data: list[dict[str, Any]]) -> None:
-        out.console.print(out.table("tokenised", ["model", "chunks", "tensors", "seconds", "MB/s", "cache"], [
-            [r["name"], f"{r['n_chunks']:,}", r["n_tensors"], f"{r['seconds']:.2f}", "cached" if r["cached"] else f"{r['mb_per_second']:.0f}", r["cache"]] for r in data
+        out.console.print(out.table("tokenised", ["model", "view", "chunks", "tensors", "seconds", "MB/s", "cache"], [
+            [r["name"], r["view"], f"{r['n_chunks']:,}", r["n_tensors"], f"{r['seconds']:.2f}", "cached" if r["cached"] else f"{r['mb_per_second']:.0f}", r["cache"]] for r in data
         ]))
 
     out.emit(rows, render)
@@ -120,6 +133,7 @@ def train(
     latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Per-chunk latent size (must be < chunk size)."),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Transformer width."),
     force: bool = typer.Option(False, "--force", help="Delete existing checkpoints and start over (default: resume)."),
+    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
 ) -> None:
     """Train the SANE autoencoder on a zoo; resumes from the last checkpoint in --out."""
     from xsae_cli.sane.model import SaneModelConfig
@@ -130,7 +144,7 @@ def train(
     s = cfg.sane
     names = _model_names(models, zoo)
     cs = chunk_size or s.chunk_size
-    scheme = _scheme(cfg)
+    scheme = _scheme(cfg, view)
     settings = TrainSettings(
         epochs=epochs if epochs is not None else s.epochs,
         batch_size=batch_size if batch_size is not None else s.batch_size,
@@ -186,14 +200,19 @@ def embed(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap windows per model (evenly spaced; the JSON records the fraction of chunks seen). Default: cover the whole model."),
     force: bool = typer.Option(False, "--force", help="Replace existing embeddings."),
+    view: Optional[str] = typer.Option(None, "--view", help="What is tokenised (default: the view the checkpoint was trained on)."),
 ) -> None:
     """One 512-d embedding per model (windows covering the whole model, or --max-windows evenly spaced ones, pooled)."""
     from xsae_cli.sane.embed import embed_models
 
+    from xsae_cli.sane.tokenizer import view_of_scheme
+    from xsae_cli.sane.train import read_checkpoint_config
+
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
+    scheme = _scheme(cfg, view or view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=_scheme(cfg), force=force, warn=out.warn, progress=bar, max_windows=max_windows)
+        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=scheme, force=force, warn=out.warn, progress=bar, max_windows=max_windows)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:
@@ -231,6 +250,7 @@ def evaluate(
     max_windows: int = typer.Option(32, "--max-windows", help="Windows per model when embedding (evenly spaced; tiny models fit whole)."),
     real_layers: int = typer.Option(3, "--real-layers", help="Evenly spaced blocks of a real base that are written out and compared."),
     force: bool = typer.Option(False, "--force", help="Replace an existing lineage.json (the built zoo is reused)."),
+    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
 ) -> None:
     """Lineage benchmark: retrieval of each variant's base (held-out transform types) vs quantile and random-encoder baselines."""
     from xsae_cli.sane.evaluate import LineageSettings, format_table
@@ -238,7 +258,7 @@ def evaluate(
 
     fams = tuple(f.strip() for f in families.split(",") if f.strip())
     reals = tuple(f.strip() for f in real.split(",") if f.strip())
-    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed)
+    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed, view=_scheme(ctx.obj.config, view).view)
     if seeds < 2:
         raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
     if (out_dir / "lineage.json").exists() and not force:

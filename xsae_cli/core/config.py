@@ -76,6 +76,7 @@ class SaneSettings:
     d_model: int = 128
     mixed_precision: str = "no"
     layer_keywords: list[str] = field(default_factory=lambda: ["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"])
+    view: str = "circuits"  # what is tokenised: circuits (token-space, symmetry-free), canonical (sorted weights) or weights
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,33 @@ def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme) -> str:
     return f"{sha256[:16]}-c{chunk_size}-{scheme.scheme_id}-v{CACHE_VERSION}"
 
 
+VIEWS = ("circuits", "canonical", "weights")
+
+
+def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
+    """``(index, stream, info)`` of what is tokenised: the weights as stored, their canonical form
+    (:mod:`canonical`) or the token-space circuits (:mod:`circuits`); a model the chosen view
+    cannot read falls back one step (circuits -> canonical -> weights) with a warning."""
+    from xsae_cli.zoo.weights import iter_weights, tensor_index
+
+    if scheme.view not in VIEWS:
+        raise XsaeError(f"unknown SANE view '{scheme.view}'", f"use one of {', '.join(VIEWS)}")
+    if scheme.view == "circuits":
+        from xsae_cli.sane.circuits import circuit_view
+
+        got = circuit_view(resolved, iter_weights, warn)
+        if got is not None:
+            return got
+        if warn is not None:
+            warn(f"no token embedding found in {getattr(resolved, 'source', resolved)}: its circuit view needs one, so its canonical form is tokenised instead")
+    if scheme.view in ("circuits", "canonical"):
+        from xsae_cli.sane.canonical import canonical_stream
+
+        stream, info = canonical_stream(resolved, iter_weights, warn=warn)
+        return tensor_index(resolved), stream, {"view": "canonical" if info["applied"] else "weights", **info}
+    return tensor_index(resolved), iter_weights(resolved), {"view": "weights", "applied": False}
+
+
 def tokenize_to_cache(
     source: ModelSource,
     chunk_size: int = 64,
@@ -108,24 +135,22 @@ def tokenize_to_cache(
     killed run leaves no partial cache. The arrays are not fsynced unless ``durable`` (it would
     double the time; the cache is derived data that ``--force`` rebuilds after a power loss).
     """
-    from xsae_cli.zoo.weights import iter_weights, tensor_index
-
     root = Path(cache_dir) if cache_dir else sane_cache_dir()
     target = root / cache_key(source.sha256, chunk_size, scheme)
     if (target / "manifest.json").exists() and not force:
         return target
-    index = tensor_index(source.resolved)
+    t0 = time.perf_counter()
+    index, weights, view = model_view(source.resolved, scheme, warn)
     total = model_chunk_count(index, chunk_size)
     if total == 0:
         raise XsaeError(f"model '{source.name}' has no floating-point tensors to tokenise", "check that the files hold weights")
-    t0 = time.perf_counter()
     tensors: list[dict[str, Any]] = []
     with atomic_dir(target, force=True) as tmp:
         writers = {k: _NpyAppender(tmp / f"{k}.npy", dt, (total, chunk_size) if k == "values" else (total, *trail), durable) for k, (dt, trail) in ARRAYS.items()}
         start = 0
         bytes_read = 0
         try:
-            for tid, block in enumerate(tokenize_stream(index, iter_weights(source.resolved), chunk_size, scheme, warn=warn)):
+            for tid, block in enumerate(tokenize_stream(index, weights, chunk_size, scheme, warn=warn)):
                 writers["values"].append(block.values)
                 writers["tensor_id"].append(np.full(block.n, tid, dtype=np.int32))
                 shape = block.shape
@@ -167,6 +192,7 @@ def tokenize_to_cache(
             "scheme": scheme.scheme_id,
             "n_chunks": total,
             "n_tensors": len(tensors),
+            "view": view,
             "seconds": time.perf_counter() - t0,
             "tensors": tensors,
         })

@@ -1,8 +1,9 @@
 """Model embeddings from a trained SANE checkpoint, and nearest neighbours between them.
 
 A model's embedding: encode the windows that cover all of its chunks (the last one padded, the
-padding masked out), pool each window's latents (mean and std over real chunks), average the
-pooled vectors weighted by real chunks, then project to ``embed_dim`` (512) with the trained head.
+padding masked out) and pool every latent of the model at once (the per-window sums add up): the
+512-float sketch of its centred latents (``pool="sketch"``, the default), or the trained head's
+projection of their mean and std (``pool="moments"``).
 
 ``model_embeddings.json``::
 
@@ -48,21 +49,19 @@ def embed_tokenized(model: Any, tm: TokenizedModel, window_size: int, batch_size
     import torch
 
     starts = window_starts(tm, window_size, max_windows)
-    pooled_sum = None
-    count = 0.0
+    total: dict[str, Any] = {}
     with torch.no_grad():
         for i in range(0, len(starts), batch_size):
             wins = [tm.window(s, window_size) for s in starts[i : i + batch_size]]
             b = {k: v.to(device) for k, v in collate(wins).items()}
             z = model.encode(b)
-            pooled, n = model.pool(z, b["mask"])
-            part = (pooled.double() * n.double().unsqueeze(-1)).sum(0)
-            pooled_sum = part if pooled_sum is None else pooled_sum + part
-            count += float(n.sum())
+            for k, v in model.pool_sums(z.double(), b).items():
+                total[k] = total.get(k, 0) + v.sum(0, keepdim=True)
             if on_window:
                 on_window(len(wins))
-        mean = (pooled_sum / max(count, 1.0)).float().unsqueeze(0)
-        vec = model.project(mean)[0].double().cpu().numpy()
+        pooled = model.pool_finish(total)
+        vec = pooled if model.sketch is not None else model.project(pooled.float())
+        vec = vec[0].double().cpu().numpy()
     return vec, len(starts)
 
 
@@ -115,7 +114,8 @@ def embed_models(
     info: dict[str, Any] = {}
     for src in sources:
         t0 = time.perf_counter()
-        total = model_chunk_count(tensor_index(src.resolved), chunk_size)
+        # a derived view's chunk count is known only once it is built: an open-ended bar then
+        total = model_chunk_count(tensor_index(src.resolved), chunk_size) if scheme.view == "weights" else None
         task = progress.add_task(f"tokenise {src.name}", total=total, unit="chunks") if progress else None
         folder = tokenize_to_cache(src, chunk_size, scheme, warn=warn, on_tensor=(lambda done, _b, t=task: progress.update(t, completed=done)) if progress else None)
         tm = TokenizedModel(folder, src.name)
@@ -126,7 +126,7 @@ def embed_models(
         info[src.name] = {"sha256": src.sha256, "family": entry.family if entry else None, "n_chunks": tm.n_chunks, "windows": n_windows, "coverage": min(1.0, n_windows * window_size / max(tm.n_chunks, 1)), "seconds": time.perf_counter() - t0}
     result = {
         "format": FORMAT,
-        "dim": int(model.cfg.embed_dim),
+        "dim": len(next(iter(vectors.values()))) if vectors else int(model.cfg.embed_dim),
         "embeddings": vectors,
         "models": info,
         "config": {

@@ -100,6 +100,7 @@ class LineageSettings:
     real_ft: tuple[int, int, float] = (4, 16, 5e-5)
     ft_batch: tuple[int, int] = (4, 32)  # tiny models: batch, tokens; real models use (2, 64)
     seed: int = 0
+    view: str = "circuits"  # what SANE and the random encoder read: circuits, canonical or weights (sane/dataset.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,15 +193,19 @@ def _state_names(state: dict[str, Any], prefix: str) -> list[str]:
     return names
 
 
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight")
+
+
 def _keep_layers(names: list[str], n_keep: int) -> list[str]:
-    """Whole blocks at evenly spaced depths (first and last included), no embeddings or heads."""
+    """Whole blocks at evenly spaced depths (first and last included) and the input token
+    embedding (the circuit view reads every block through it); no other embeddings or heads."""
     from xsae_cli.sane.transforms import LAYER_RE
 
     layers = sorted({int(m.group(1)) for n in names if (m := LAYER_RE.search(n))})
     if not layers:
         return names
     picks = {layers[round(i * (len(layers) - 1) / max(n_keep - 1, 1))] for i in range(n_keep)}
-    return [n for n in names if (m := LAYER_RE.search(n)) and int(m.group(1)) in picks]
+    return [n for n in names if ((m := LAYER_RE.search(n)) and int(m.group(1)) in picks) or n.endswith(INPUT_EMBEDDINGS)]
 
 
 class _Ids:
@@ -343,7 +348,7 @@ def quantile_features(state_iter: Any) -> dict[str, np.ndarray]:
             continue
         x = t.reshape(-1).float()
         if x.numel() > 1_000_000:
-            x = x[torch.linspace(0, x.numel() - 1, 1_000_000).long()]
+            x = x[torch.arange(1_000_000, dtype=torch.int64) * (x.numel() - 1) // 999_999]  # exact ints: float linspace overshoots at 28M
         feats[name] = np.concatenate([torch.quantile(x, q).numpy(), [float(x.mean()), float(x.std())]])
     return feats
 
@@ -401,25 +406,30 @@ def _ap(dist: np.ndarray, rel: np.ndarray) -> float:
     return float((hits[r] / (np.nonzero(r)[0] + 1)).mean())
 
 
-def retrieval_scores(names: list[str], base_of: dict[str, str], transform_of: dict[str, str], dist: np.ndarray, types: list[str]) -> dict[str, Any]:
-    """Per transform type: top-1, MRR and AUROC of each variant's base among all bases; over all
-    pairs of ``names``: mAP and AUROC of same-lineage pairs. ``dist`` is over ``names``."""
+def retrieval_scores(names: list[str], base_of: dict[str, str], transform_of: dict[str, str], dist: np.ndarray, types: list[str], real: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Per transform type: top-1, MRR and AUROC of each variant's base among all bases (and top-1
+    over the variants of ``real`` bases alone, when there are any); over all pairs of ``names``:
+    mAP and AUROC of same-lineage pairs. ``dist`` is over ``names``."""
     pos = {n: i for i, n in enumerate(names)}
     bases = [n for n in names if transform_of[n] == "base"]
     bidx = np.array([pos[b] for b in bases])
     per: dict[str, dict[str, float]] = {}
     for t in types:
         rows = [n for n in names if transform_of[n] == t]
-        top1, rr, auc = [], [], []
+        top1, rr, auc, top1_real = [], [], [], []
         for n in rows:
             d = dist[pos[n], bidx]
             own = bases.index(base_of[n])
             others = np.delete(d, own)
             rank = 1 + int((others < d[own]).sum()) + int((others == d[own]).sum())  # ties count against
             top1.append(rank == 1)
+            if base_of[n] in real:
+                top1_real.append(rank == 1)
             rr.append(1.0 / rank)
             auc.append(_auc(d[own : own + 1], others))
         per[t] = {"top1": float(np.mean(top1)), "mrr": float(np.mean(rr)), "auroc": float(np.mean(auc)), "n": len(rows)} if rows else {"n": 0}
+        if top1_real:
+            per[t]["top1_real_bases"] = float(np.mean(top1_real))
     lineage = np.array([base_of[n] for n in names])
     same = lineage[:, None] == lineage[None, :]
     off = ~np.eye(len(names), dtype=bool)
@@ -502,6 +512,7 @@ def _evaluate(
     from xsae_cli.core.hardware import package_versions
     from xsae_cli.sane.dataset import ModelSource, TokenizedModel, tokenize_to_cache
     from xsae_cli.sane.embed import embed_tokenized
+    from xsae_cli.sane.tokenizer import CoordScheme
     from xsae_cli.sane.model import SaneAutoencoder, SaneModelConfig
     from xsae_cli.sane.train import TrainSettings, load_model, train
     from xsae_cli.zoo.sources import file_sha256, resolve
@@ -531,7 +542,7 @@ def _evaluate(
     tms: dict[str, TokenizedModel] = {}
     for m in members:
         r = resolve(str(m.path))
-        tms[m.name] = TokenizedModel(tokenize_to_cache(ModelSource(m.name, r, file_sha256(list(r.weight_files))), cache_dir=cache), m.name)
+        tms[m.name] = TokenizedModel(tokenize_to_cache(ModelSource(m.name, r, file_sha256(list(r.weight_files))), scheme=CoordScheme(view=s.view), cache_dir=cache), m.name)
     qfeats = {m.name: quantile_features(iter_weights(resolve(str(m.path)))) for m in members}
     tokenize_s = time.perf_counter() - t1
 
@@ -567,7 +578,8 @@ def _evaluate(
         rand_vecs, _ = embed_all(random_model, eval_names)
         qmat = quantile_matrix([qfeats[n] for n in eval_names])
         dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs)}
-        scores = {k: retrieval_scores(eval_names, base_of, transform_of, d, held) for k, d in dists.items()}
+        real_bases = frozenset(m.name for m in members if m.transform == "base" and m.family in REAL)
+        scores = {k: retrieval_scores(eval_names, base_of, transform_of, d, held, real_bases) for k, d in dists.items()}
         from xsae_cli.sane.transforms import FUNCTION_PRESERVING
 
         nearest = {k: nearest_check(eval_names, base_of, transform_of, d, FUNCTION_PRESERVING) for k, d in dists.items()}

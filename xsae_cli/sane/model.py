@@ -11,8 +11,11 @@ Per chunk, the input is the sum of
 The encoder maps every chunk to a latent of ``latent_dim`` floats, smaller than the chunk
 (``latent_dim < chunk_size`` is enforced), and the decoder reconstructs the chunks from the
 latents plus coordinates. A window's representation pools the latents over its real chunks
-(mean and std; padding excluded); a projection head maps it to ``embed_dim`` (512) for the
-contrastive loss and for model embeddings.
+(padding excluded) into a sketch (latents times fixed Fourier features of their coordinates,
+:class:`CoordSketch`; ``pool="moments"``: mean and std); a projection head maps it to
+``embed_dim`` (512) for the contrastive loss. A model's embedding is its pooled sketch over all
+its windows (``latent_dim x embed_dim / latent_dim`` = 512 floats), or the head's projection of its pooled
+moments.
 """
 
 from __future__ import annotations
@@ -41,12 +44,26 @@ class SaneModelConfig:
     n_freq: int = 16
     ff_mult: int = 2
     dropout: float = 0.0
+    pool: str = "sketch"  # "sketch": latents x random Fourier features of their coordinates; "moments": mean and std
+    sketch_dim: int = 0  # Fourier features per latent; 0: embed_dim // latent_dim, so the sketch is embed_dim floats
 
     def validate(self) -> None:
         if self.latent_dim >= self.chunk_size:
             raise XsaeError(f"latent_dim {self.latent_dim} is not smaller than chunk_size {self.chunk_size}", "the per-chunk latent must be a bottleneck: lower latent_dim")
         if self.d_model % self.n_heads:
             raise XsaeError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", "pick matching sizes")
+        if self.pool not in ("sketch", "moments"):
+            raise XsaeError(f"unknown SANE pooling '{self.pool}'", "use sketch or moments")
+        if self.pool == "sketch" and not self.sketch_dim and self.embed_dim % self.latent_dim:
+            raise XsaeError(f"embed_dim {self.embed_dim} is not a multiple of latent_dim {self.latent_dim}", "the sketch is latent_dim x features: pick sizes that divide, or set sketch_dim")
+
+    @property
+    def n_features(self) -> int:
+        return self.sketch_dim or self.embed_dim // self.latent_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.latent_dim * self.n_features if self.pool == "sketch" else 2 * self.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +111,30 @@ def _stack(cfg: SaneModelConfig, layers: int) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+class CoordSketch(nn.Module):
+    """Fixed random Fourier features of a chunk's (depth, position, kind): the sketch's keys.
+
+    Mean-pooling latents over thousands of chunks keeps only their distribution, which every seed
+    of an architecture shares; a model's identity is *where* each value sits. Summing each
+    (centred) latent times features of its coordinates keeps that: the sum is a random projection
+    of the whole latent field, so two models whose latents agree chunk by chunk get close sketches
+    and unrelated ones near-orthogonal ones. The features are fixed (seeded), not learned, so every
+    checkpoint of a configuration uses the same keys.
+    """
+
+    def __init__(self, n: int, n_kinds: int, seed: int = 1234) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("f_depth", torch.randint(0, 33, (n,), generator=g).float(), persistent=False)
+        self.register_buffer("f_pos", torch.randint(1, 65, (n,), generator=g).float(), persistent=False)
+        self.register_buffer("phase", torch.rand(n, generator=g) * 2 * math.pi, persistent=False)
+        self.register_buffer("kind_phase", torch.rand(n_kinds, n, generator=g) * 2 * math.pi, persistent=False)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        ang = 2 * math.pi * (b["depth"].float().unsqueeze(-1) * self.f_depth + b["pos"].float().unsqueeze(-1) * self.f_pos)
+        return math.sqrt(2.0) * torch.cos(ang + self.phase + self.kind_phase[b["kind"].long()])
+
+
 class SaneAutoencoder(nn.Module):
     def __init__(self, cfg: SaneModelConfig) -> None:
         super().__init__()
@@ -111,7 +152,8 @@ class SaneAutoencoder(nn.Module):
         self.decoder = _stack(cfg, cfg.dec_layers)
         self.dec_norm = nn.LayerNorm(d)
         self.value_out = nn.Linear(d, cfg.chunk_size)
-        self.head = nn.Sequential(nn.Linear(2 * cfg.latent_dim, 256), nn.GELU(), nn.Linear(256, cfg.embed_dim))
+        self.head = nn.Sequential(nn.Linear(cfg.pooled_dim, 256), nn.GELU(), nn.Linear(256, cfg.embed_dim))
+        self.sketch = CoordSketch(cfg.n_features, len(KINDS)) if cfg.pool == "sketch" else None
 
     def encode(self, b: dict[str, torch.Tensor], chunk_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-chunk latents ``[B, W, latent_dim]``; ``chunk_mask`` True hides a chunk's values."""
@@ -127,14 +169,36 @@ class SaneAutoencoder(nn.Module):
         h = self.decoder(h, src_key_padding_mask=~b["mask"])
         return self.value_out(self.dec_norm(h))
 
-    @staticmethod
-    def pool(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and std of latents over real chunks: ``[B, 2 * latent]`` and counts ``[B]``."""
-        m = mask.unsqueeze(-1).to(z.dtype)
-        n = m.sum(1).clamp_min(1.0)
-        mean = (z * m).sum(1) / n
-        var = (((z - mean.unsqueeze(1)) ** 2) * m).sum(1) / n
-        return torch.cat([mean, (var + 1e-6).sqrt()], dim=-1), mask.sum(1).float()
+    def pool_sums(self, z: torch.Tensor, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Additive per-window sums over real chunks, so windows of one model combine exactly
+        (:meth:`pool_finish`): count, sum of latents, and either the sum of squares (moments) or
+        the sums of latent x feature and of features (sketch)."""
+        m = b["mask"].unsqueeze(-1).to(z.dtype)
+        zm = z * m
+        out = {"n": m.sum(1).squeeze(-1), "z": zm.sum(1)}
+        if self.sketch is None:
+            out["zz"] = (zm * z).sum(1)
+        else:
+            phi = self.sketch(b).to(z.dtype) * m
+            out["zphi"] = torch.einsum("bwl,bwf->blf", zm, phi).flatten(1)
+            out["phi"] = phi.sum(1)
+        return out
+
+    def pool_finish(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, pooled_dim]``: mean and std of the latents, or the sketch of the centred latents
+        (sum of (z - mean z) x features, over the real chunks, divided by their count)."""
+        n = sums["n"].clamp_min(1.0).unsqueeze(-1)
+        mean = sums["z"] / n
+        if self.sketch is None:
+            var = (sums["zz"] / n - mean**2).clamp_min(0.0)
+            return torch.cat([mean, (var + 1e-6).sqrt()], dim=-1)
+        centred = sums["zphi"] - torch.einsum("bl,bf->blf", mean, sums["phi"]).flatten(1)
+        return centred / n.sqrt()
+
+    def pool(self, z: torch.Tensor, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One window's pooled vector ``[B, pooled_dim]`` and its real-chunk counts ``[B]``."""
+        sums = self.pool_sums(z, b)
+        return self.pool_finish(sums), sums["n"]
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)
@@ -142,7 +206,7 @@ class SaneAutoencoder(nn.Module):
     def forward(self, b: dict[str, torch.Tensor], chunk_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         z = self.encode(b, chunk_mask)
         recon = self.decode(z, b)
-        pooled, _ = self.pool(z, b["mask"])
+        pooled, _ = self.pool(z, b)
         return {"latents": z, "recon": recon, "pooled": pooled, "proj": self.project(pooled)}
 
 

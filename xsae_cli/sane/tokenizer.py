@@ -39,6 +39,13 @@ KINDS = (
     "mlp_down",
     "norm",
     "head",
+    # the token-space circuit view (sane/circuits.py)
+    "circuit_qk",
+    "circuit_ov",
+    "circuit_mlp",
+    "circuit_gate",
+    "gram",
+    "circuit_head",
 )
 KIND_ID = {k: i for i, k in enumerate(KINDS)}
 N_STATS = 3  # mean, log10 std, log10 numel
@@ -47,6 +54,7 @@ BLOCK = 1 << 21  # floats normalised at a time (8 MB of float32 work space)
 
 # Ordered: the first rule whose pattern matches the (lower-cased) name wins.
 DEFAULT_KIND_RULES: tuple[tuple[str, str], ...] = (
+    *((k, rf"(^|\.){k}$") for k in ("circuit_qk", "circuit_ov", "circuit_mlp", "circuit_gate", "gram", "circuit_head")),
     ("norm", r"(^|\.)(ln_\w*|\w*layernorm\w*|\w*layer_norm\w*|\w*_norm|norm\w*|rms\w*)(\.|$)"),
     ("head", r"(^|\.)(lm_head|embed_out|classifier|cls|score|output)\.(weight|bias)$"),
     ("embedding", r"(^|\.)(wte|wpe|embed_tokens|embed_in|word_embeddings|position_embeddings|token_type_embeddings|embed_positions|embeddings?|token_embd|tok_embeddings|shared)(\.|$)"),
@@ -73,16 +81,23 @@ class CoordScheme:
     embed_keywords: tuple[str, ...] = DEFAULT_EMBED_KEYWORDS
     final_keywords: tuple[str, ...] = DEFAULT_FINAL_KEYWORDS
     kind_rules: tuple[tuple[str, str], ...] = DEFAULT_KIND_RULES
+    view: str = "circuits"  # what is tokenised: "circuits" (sane/circuits.py), "canonical" (sane/canonical.py) or "weights"
     version: int = 1
 
     @property
     def scheme_id(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return f"depth-v{self.version}-{hashlib.sha256(blob).hexdigest()[:10]}"
+        return f"{self.view}-v{self.version}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
     def layer_re(self) -> re.Pattern[str]:
         words = "|".join(re.escape(w) for w in sorted(self.layer_keywords, key=len, reverse=True))
         return re.compile(rf"(?:^|\.)(?:{words})\.(\d+)(?=\.|$)")
+
+
+def view_of_scheme(scheme_id: str) -> str:
+    """The view a scheme id was made with (ids before views began with "depth": the weights)."""
+    head = scheme_id.split("-v", 1)[0]
+    return head if head in ("circuits", "canonical", "weights") else "weights"
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,18 @@ def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
     return read_json(ckpt / "config.json", "SANE checkpoint config")
 
 
+def view_of_scheme(scheme_id: str) -> str:
+    from xsae_cli.sane.tokenizer import view_of_scheme as v
+
+    return v(scheme_id)
+
+
 def check_compatible(meta: dict[str, Any], chunk_size: int, scheme: str, where: str) -> None:
     """Refuse a checkpoint made with another chunk size or coordinate scheme, naming both values."""
     if int(meta["chunk_size"]) != int(chunk_size):
         raise XsaeError(f"{where} was trained with chunk_size {meta['chunk_size']}, but this run uses chunk_size {chunk_size}", f"use --chunk-size {meta['chunk_size']} or another checkpoint")
     if meta["scheme"] != scheme:
-        raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", "use the checkpoint's coordinate keywords or train a new model")
+        raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {view_of_scheme(meta['scheme'])}) and layer keywords, or train a new model")
 
 
 def preflight(out_dir: Path, chunk_size: int, scheme: str, force: bool) -> int | None:

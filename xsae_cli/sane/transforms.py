@@ -269,6 +269,46 @@ def _rule_bert(name: str, t: Any, a: Arch, p: _Perms) -> list[tuple[int, Any]]:
     return []
 
 
+def norm_readers(arch: Arch, names: Any) -> list[tuple[str, list[str], bool, bool]]:
+    """Pre-norms whose per-coordinate gain a following linear can absorb: ``(norm, readers,
+    conv1d, gemma)`` with tensor prefixes. ``gemma``: the stored weight is ``gain - 1``.
+
+    Shared by :func:`norm_rescale` (which moves scale between the two) and the canonical form
+    (which folds the gain into the readers): the same table, so the two stay exact inverses.
+    """
+    names = set(names)
+    mt = arch.model_type
+    out: list[tuple[str, list[str], bool, bool]] = []
+    for i in range(arch.n_layers):
+        if mt == "gpt2":
+            pre = f"transformer.h.{i}"
+            out += [(f"{pre}.ln_1", [f"{pre}.attn.c_attn"], True, False), (f"{pre}.ln_2", [f"{pre}.mlp.c_fc"], True, False)]
+        elif mt == "gpt_neox":
+            pre = f"gpt_neox.layers.{i}"
+            out += [(f"{pre}.input_layernorm", [f"{pre}.attention.query_key_value"], False, False), (f"{pre}.post_attention_layernorm", [f"{pre}.mlp.dense_h_to_4h"], False, False)]
+        elif mt in LLAMA_LIKE:
+            pre = f"model.layers.{i}"
+            gem = mt == "gemma"
+            out += [(f"{pre}.input_layernorm", [f"{pre}.self_attn.{x}_proj" for x in "qkv"], False, gem), (f"{pre}.post_attention_layernorm", [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], False, gem)]
+    if not arch.tied:
+        if mt == "gpt_neox":
+            out.append(("gpt_neox.final_layer_norm", ["embed_out" if "embed_out.weight" in names else "lm_head"], False, False))
+        elif mt in LLAMA_LIKE and "lm_head.weight" in names:
+            out.append(("model.norm", ["lm_head"], False, mt == "gemma"))
+    # Only pairs whose tensors are all there (a model saved in part keeps the blocks it has).
+    return [(n, r, c, g) for n, r, c, g in out if n + ".weight" in names and all(x + ".weight" in names for x in r)]
+
+
+def bert_attention(names: Any) -> list[str]:
+    """Attention prefixes (``...encoder.layer.N.attention``) of a BERT state dict, in layer order."""
+    found = {}
+    for k in names:
+        m = re.search(r"^(.*encoder\.layer\.(\d+)\.attention)\.self\.query\.weight$", k)
+        if m:
+            found[int(m.group(2))] = m.group(1)
+    return [found[i] for i in sorted(found)]
+
+
 def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2.0) -> dict[str, Any]:
     """Function-preserving rescaling (see the module docstring); factors log-uniform in [1/spread, spread]."""
     import torch
@@ -279,7 +319,15 @@ def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2
     def factors(n: int) -> Any:
         return torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(spread))
 
-    def norm_into(norm: str, readers: list[str], conv1d: bool = False, gemma: bool = False) -> None:
+    if arch.model_type == "bert":
+        for att in bert_attention(out):
+            sq, sv = factors(arch.d_model), factors(arch.d_model)
+            for key, f in ((f"{att}.self.query", sq), (f"{att}.self.key", 1 / sq), (f"{att}.self.value", sv)):
+                out[key + ".weight"] = out[key + ".weight"] * f[:, None]
+                out[key + ".bias"] = out[key + ".bias"] * f
+            out[f"{att}.output.dense.weight"] = out[f"{att}.output.dense.weight"] / sv[None, :]
+        return out
+    for norm, readers, conv1d, gemma in norm_readers(arch, out):
         w = out[norm + ".weight"]
         s = factors(w.shape[0])
         out[norm + ".weight"] = (s * (1 + w) - 1) if gemma else w * s
@@ -288,35 +336,6 @@ def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2
         for lin in readers:
             key = lin + ".weight"
             out[key] = out[key] / (s[:, None] if conv1d else s[None, :])
-
-    mt = arch.model_type
-    for i in range(arch.n_layers):
-        if mt == "gpt2":
-            pre = f"transformer.h.{i}"
-            norm_into(f"{pre}.ln_1", [f"{pre}.attn.c_attn"], conv1d=True)
-            norm_into(f"{pre}.ln_2", [f"{pre}.mlp.c_fc"], conv1d=True)
-        elif mt == "gpt_neox":
-            pre = f"gpt_neox.layers.{i}"
-            norm_into(f"{pre}.input_layernorm", [f"{pre}.attention.query_key_value"])
-            norm_into(f"{pre}.post_attention_layernorm", [f"{pre}.mlp.dense_h_to_4h"])
-        elif mt in LLAMA_LIKE:
-            pre = f"model.layers.{i}"
-            gem = mt == "gemma"
-            norm_into(f"{pre}.input_layernorm", [f"{pre}.self_attn.{x}_proj" for x in "qkv"], gemma=gem)
-            norm_into(f"{pre}.post_attention_layernorm", [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], gemma=gem)
-        elif mt == "bert":
-            pre = next(k for k in out if k.endswith(f"encoder.layer.{i}.attention.self.query.weight")).rsplit(".attention.", 1)[0]
-            sq, sv = factors(arch.d_model), factors(arch.d_model)
-            att = f"{pre}.attention"
-            for key, f in ((f"{att}.self.query", sq), (f"{att}.self.key", 1 / sq), (f"{att}.self.value", sv)):
-                out[key + ".weight"] = out[key + ".weight"] * f[:, None]
-                out[key + ".bias"] = out[key + ".bias"] * f
-            out[f"{att}.output.dense.weight"] = out[f"{att}.output.dense.weight"] / sv[None, :]
-    if not arch.tied:
-        if mt == "gpt_neox":
-            norm_into("gpt_neox.final_layer_norm", ["embed_out" if "embed_out.weight" in out else "lm_head"])
-        elif mt in LLAMA_LIKE and "lm_head.weight" in out:
-            norm_into("model.norm", ["lm_head"], gemma=mt == "gemma")
     return out
 
 

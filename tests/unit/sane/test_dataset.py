@@ -22,9 +22,10 @@ def test_cache_holds_every_tensor_and_reconstructs_it(demo_zoo, tiny_models) -> 
     assert tm.name == "tiny-gpt2"
     man = tm.manifest
     assert man["n_chunks"] == tm.n_chunks == sum(t["n_chunks"] for t in man["tensors"])
-    assert tm.folder.name == cache_key(man["sha256"], 64, CoordScheme())
+    assert tm.folder.name == cache_key(man["sha256"], 64, CoordScheme(view="weights"))
     assert isinstance(tm.arrays["values"], np.memmap)
     tensors = {t["name"]: t for t in man["tensors"]}
+    assert man["view"] == {"view": "weights", "applied": False}
     for name, w in iter_weights(resolve_entry("tiny-gpt2")):
         t = tensors[name]
         rows = np.asarray(tm.arrays["values"][t["start"] : t["start"] + t["n_chunks"]], dtype=np.float32).reshape(-1)[: w.numel()]
@@ -153,3 +154,25 @@ def test_tokenising_memory_is_bounded_by_one_tensor(tmp_path: Path) -> None:
     trace = r["trace"]
     assert max(trace) < 8 * tensor, f"RSS grew {max(trace) / 1e6:.0f} MB for 16 MB tensors of a 384 MB model"
     assert max(trace[12:]) - max(trace[:12]) < 2 * tensor, [round(t / 1e6) for t in trace]  # a plateau, not growth with the model
+
+
+def test_views_are_cached_apart_and_recorded(demo_zoo, tmp_path) -> None:
+    """The canonical and circuit views of one model: their own cache folders and manifests."""
+    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+
+    src = model_source("tiny-qwen2")
+    canon = TokenizedModel(tokenize_to_cache(src, scheme=CoordScheme(view="canonical"), cache_dir=tmp_path), src.name)
+    circ = TokenizedModel(tokenize_to_cache(src, scheme=CoordScheme(), cache_dir=tmp_path), src.name)
+    assert canon.folder != circ.folder
+    assert canon.manifest["view"]["view"] == "canonical" and canon.manifest["view"]["sorted"] == {"resid": 1, "heads": 4, "mlp": 4}
+    v = circ.manifest["view"]
+    assert v["view"] == "circuits" and v["anchors"] == 64 and v["layers"] == [0, 1, 2, 3]
+    names = [t["name"] for t in circ.manifest["tensors"]]
+    assert names[0] == "embed.gram" and "layers.3.circuit_gate" in names and len(names) == 1 + 4 * 4 + 1
+    assert names[-1] == "lm_head.circuit_head"  # tiny Qwen2 does not tie its head
+    by = {t["name"]: t for t in circ.manifest["tensors"]}
+    from xsae_cli.sane.tokenizer import KIND_ID
+
+    assert by["embed.gram"]["depth"] == 0.0 and by["layers.0.circuit_qk"]["kind"] == KIND_ID["circuit_qk"]
+    assert by["layers.3.circuit_ov"]["depth"] == (3 + 0.5) / 4 and circ.n_chunks == 18 * 64
+    assert by["lm_head.circuit_head"]["depth"] == 1.0

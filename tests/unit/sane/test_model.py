@@ -83,3 +83,23 @@ def test_nt_xent_prefers_matching_views() -> None:
     good = nt_xent(a, a + 0.01 * torch.randn(8, 32, generator=g))
     bad = nt_xent(a, torch.randn(8, 32, generator=g))
     assert good < bad
+
+
+def test_sketch_keeps_where_latents_sit_and_windows_add_up() -> None:
+    torch.manual_seed(0)
+    sk = SaneAutoencoder(small()).eval()
+    mo = SaneAutoencoder(SaneModelConfig(d_model=32, n_heads=4, enc_layers=1, dec_layers=1, latent_dim=8, pool="moments")).eval()
+    assert sk.cfg.pooled_dim == 512 and sk.cfg.n_features == 64 and mo.cfg.pooled_dim == 16
+    b = batch(B=1, W=16, n_real=16)
+    z = torch.randn(1, 16, 8, dtype=torch.float64)
+    swapped = z[:, torch.randperm(16)]  # the same latents at other coordinates
+    assert torch.allclose(mo.pool(z, b)[0], mo.pool(swapped, b)[0])  # moments cannot tell
+    a, c = sk.pool(z, b)[0], sk.pool(swapped, b)[0]
+    assert float(torch.nn.functional.cosine_similarity(a, c)) < 0.5
+    # two windows of one model pool to what one window over all their chunks gives
+    halves = {k: torch.cat([v[:, :8], v[:, 8:]]) for k, v in b.items()}
+    sums = sk.pool_sums(torch.cat([z[:, :8], z[:, 8:]]), halves)
+    total = {k: v.sum(0, keepdim=True) for k, v in sums.items()}
+    assert torch.allclose(sk.pool_finish(total), sk.pool(z, b)[0], atol=1e-10)
+    # an added constant (a shift every model shares) does not move the sketch: latents are centred
+    assert torch.allclose(sk.pool(z + 3.0, b)[0], a, atol=1e-9)

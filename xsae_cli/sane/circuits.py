@@ -1,0 +1,185 @@
+"""The token-space circuit view: each block's bilinear circuits read between a fixed set of tokens.
+
+Why: a weight matrix is only defined up to the network's symmetries (permuted neurons, heads and
+residual coordinates; gains moved between a norm and its readers), and sorting those away
+(:mod:`canonical`) is exact but fragile: once a fine-tune or noise moves the sort keys, the
+sorted order and every chunk after it change. The vocabulary is the one axis no symmetry
+touches. So this view reads every block through the (normalised) input embeddings ``A`` of a fixed
+set of anchor tokens, as in the transformer-circuits framework (Elhage et al., 2021):
+
+- ``QK[i, j] = sum over heads of (A W_q^T)_i . (A W_k^T)_j``: how much token i attends to j;
+- ``OV[i, j] = sum over heads of (A W_o)_i . (A W_v^T)_j``: how much attending to j writes i;
+- ``MLP[i, j] = (A W_down)_i . (A W_up^T)_j`` (and the gate's path for gated MLPs): the linear
+  path through the MLP;
+- ``gram = A A^T`` (depth 0) and, for an untied head, the anchors' logits for the anchors (depth 1).
+
+Every one is unchanged by all the function-preserving transforms of :mod:`transforms` (the
+permutations cancel inside the dot products, norm gains are folded into their readers first,
+BERT's query/key and value/output rescalings cancel in the products), yet each entry moves
+smoothly with the weights: a model and its fine-tune keep matching entries at the same place. Each
+circuit is an ``S x S`` "tensor" (``S`` = 64 anchors: one 64-float chunk per row) that the
+tokenizer treats like any weight, with its block's depth and its own kind.
+
+Cost: two streaming passes (the first finds the anchor rows and the norm gains); every weight is
+reduced at once to an ``S x width`` projection, so memory is one tensor plus ``S`` rows per
+projection. Models without a known token embedding fall back to the canonical form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from xsae_cli.sane.canonical import CanonicalPlan, _read_config, arch_of, plan_from
+from xsae_cli.sane.transforms import LLAMA_LIKE, Arch, _layer
+
+N_ANCHORS = 64
+CIRCUIT_KINDS = ("circuit_qk", "circuit_ov", "circuit_mlp", "circuit_gate", "gram", "circuit_head")
+
+_EMBED = {"gpt2": ("wte.weight",), "gpt_neox": ("embed_in.weight",), "bert": ("word_embeddings.weight",)}
+_EMBED_LLAMA = ("embed_tokens.weight",)
+
+
+def _embed_name(arch: Arch, name: str) -> bool:
+    return name.endswith(_EMBED.get(arch.model_type, _EMBED_LLAMA))
+
+
+def anchor_ids(vocab: int, n: int = N_ANCHORS) -> list[int]:
+    """Evenly spaced token ids past the first few (often special tokens): the same for every model
+    with this vocabulary size, so models of one tokenizer read the same tokens."""
+    import numpy as np
+
+    lo = min(3, max(vocab - 1, 0))
+    return sorted({int(x) for x in np.round(np.linspace(lo, vocab - 1, min(n, vocab - lo)))})
+
+
+def _roles(arch: Arch, name: str, t: Any) -> list[tuple[str, Any]]:
+    """``(role, matrix [out, in])`` pieces of one (scale-folded) weight; roles q k v o up gate down head."""
+    mt = arch.model_type
+    if not name.endswith(".weight") or t.dim() != 2:
+        return []
+    if mt in LLAMA_LIKE:
+        m = re.search(r"\.(q|k|v|o|up|gate|down)_proj\.weight$", name)
+        if m:
+            return [(m.group(1), t)]
+        return [("head", t)] if name.endswith("lm_head.weight") and not arch.tied else []
+    if mt == "gpt2":  # Conv1D [in, out]
+        if name.endswith("attn.c_attn.weight"):
+            w = t.t()
+            d = arch.d_model
+            return [("q", w[:d]), ("k", w[d : 2 * d]), ("v", w[2 * d :])]
+        if name.endswith("attn.c_proj.weight"):
+            return [("o", t.t())]
+        if name.endswith("mlp.c_fc.weight"):
+            return [("up", t.t())]
+        if name.endswith("mlp.c_proj.weight"):
+            return [("down", t.t())]
+        return []
+    if mt == "gpt_neox":
+        if name.endswith("attention.query_key_value.weight"):
+            w = t.reshape(arch.n_heads, 3, arch.head_dim, -1)
+            return [(r, w[:, i].reshape(arch.n_heads * arch.head_dim, -1)) for i, r in enumerate("qkv")]
+        if name.endswith("attention.dense.weight"):
+            return [("o", t)]
+        if name.endswith("mlp.dense_h_to_4h.weight"):
+            return [("up", t)]
+        if name.endswith("mlp.dense_4h_to_h.weight"):
+            return [("down", t)]
+        if name.endswith(("embed_out.weight", "lm_head.weight")) and not arch.tied:
+            return [("head", t)]
+        return []
+    if mt == "bert":
+        m = re.search(r"\.attention\.self\.(query|key|value)\.weight$", name)
+        if m:
+            return [(m.group(1)[0], t)]
+        if name.endswith(".attention.output.dense.weight"):
+            return [("o", t)]
+        if name.endswith(".intermediate.dense.weight"):
+            return [("up", t)]
+        if name.endswith(".output.dense.weight"):
+            return [("down", t)]
+    return []
+
+
+def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({name: S x S circuit}, info)`` from a second pass over ``items`` (scale-folded on the way)."""
+    import torch
+
+    a = anchors.double()
+    a = a - a.mean(1, keepdim=True)
+    a = a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)  # what a norm hands the first block
+    proj: dict[tuple[int, str], Any] = {}
+    head = None
+    for name, t in items:
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        pieces = _roles(arch, name, t)
+        if not pieces:
+            continue
+        pieces = _roles(arch, name, plan.apply(name, t, permute=False).double())
+        layer = _layer(name)
+        for role, w in pieces:
+            if role == "head":
+                head = a @ w.t()  # [S, vocab]
+                continue
+            if layer is None:
+                continue
+            # readers (q k v up gate) see the anchors on their input side, writers (o down) on their output side
+            proj[(layer, role)] = a @ w if role in ("o", "down") else a @ w.t()
+    out: dict[str, Any] = {"embed.gram": a @ a.t()}
+    layers = sorted({lay for lay, _ in proj})
+    s = a.shape[0]
+    hd, nh, nkv = arch.head_dim, arch.n_heads, arch.n_kv_heads
+    for lay in layers:
+        p = {r: proj.get((lay, r)) for r in ("q", "k", "v", "o", "up", "gate", "down")}
+        pre = f"layers.{lay}"
+
+        def heads(x: Any, n: int) -> Any:
+            x = x.reshape(s, n, hd)
+            return x.repeat_interleave(nh // n, dim=1) if n != nh else x
+
+        if p["q"] is not None and p["k"] is not None:
+            out[f"{pre}.circuit_qk"] = torch.einsum("ihd,jhd->ij", heads(p["q"], nh), heads(p["k"], nkv))
+        if p["o"] is not None and p["v"] is not None:
+            out[f"{pre}.circuit_ov"] = torch.einsum("ihd,jhd->ij", heads(p["o"], nh), heads(p["v"], nkv))
+        if p["down"] is not None and p["up"] is not None:
+            out[f"{pre}.circuit_mlp"] = p["down"] @ p["up"].t()
+        if p["down"] is not None and p["gate"] is not None:
+            out[f"{pre}.circuit_gate"] = p["down"] @ p["gate"].t()
+    if head is not None:
+        out["lm_head.circuit_head"] = head[:, _anchor_cols(head.shape[1], s)]
+    return {k: v.float().contiguous() for k, v in out.items()}, {"layers": layers, "n_circuits": len(out)}
+
+
+def _anchor_cols(vocab: int, s: int) -> Any:
+    import torch
+
+    return torch.tensor(anchor_ids(vocab, s))
+
+
+def circuit_view(resolved: Any, iter_weights: Any, warn: Any = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]] | None:
+    """``(index, stream, info)`` of the circuit view, or None when the model has no known token
+    embedding (the caller falls back to the canonical form)."""
+    from xsae_cli.zoo.weights import TensorInfo
+
+    arch, why = arch_of(getattr(resolved, "config", None) or _read_config(resolved))
+    if arch is None:
+        return None
+    rows: dict[str, Any] = {}
+
+    def capture() -> Iterator[tuple[str, Any]]:
+        for name, t in iter_weights(resolved):
+            if "e" not in rows and _embed_name(arch, name) and getattr(t, "dim", lambda: 0)() == 2:
+                ids = anchor_ids(t.shape[0])
+                rows["e"] = t[ids].detach().double().clone()
+                rows["ids"] = ids
+            yield name, t
+
+    plan, why = plan_from(arch, capture())
+    if plan is None or "e" not in rows:
+        return None
+    circuits, info = circuit_tensors(arch, iter_weights(resolved), plan, rows["e"])
+    index = [TensorInfo(n, tuple(v.shape), "float32", "<circuits>") for n, v in circuits.items()]
+    info = {"applied": True, "view": "circuits", "model_type": arch.model_type, "anchors": len(rows["ids"]), "anchor_ids": rows["ids"], **info}
+    return index, iter(circuits.items()), info
