@@ -21,6 +21,9 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     rows = json.loads(tok.stdout)
     assert [r["name"] for r in rows] == ["tiny-gpt2", "tiny-gemma"] and [r["view"] for r in rows] == ["circuits", "circuits"]
     assert [r["n_chunks"] for r in rows] == [13 * 64, 17 * 64]  # gram + 4 blocks x (qk, ov, mlp[, gate]); both tie their head
+    raw = run_xsae("--json", "sane", "tokenize", "--view", "weights", "tiny-gpt2", env=ONE_THREAD)
+    assert raw.returncode == 0, raw.stderr[-2000:]
+    assert json.loads(raw.stdout)[0]["view"] == "weights" and json.loads(raw.stdout)[0]["n_chunks"] > 3000
 
     run = tmp_path / "runs" / "sane"
     tr = run_xsae("--json", "--seed", "0", "sane", "train", "--models", ",".join(TINY), "--epochs", "2", *SMALL, "--out", str(run), env=ONE_THREAD)
@@ -76,6 +79,7 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(run_xsae("sane", "train", "--out", str(tmp_path / "r")), "no models given")
     assert_user_error(run_xsae("sane", "train", "--zoo", "nope", "--out", str(tmp_path / "r")), "unknown --zoo")
     assert_user_error(run_xsae("sane", "tokenize", "no-such-model"), "unknown model 'no-such-model'")
+    assert_user_error(run_xsae("sane", "tokenize", "--view", "nope", "tiny-gpt2"), "unknown view 'nope'", "--view circuits")
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(tmp_path), "--models", "tiny-gpt2"), "not a SANE checkpoint")
     assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--latent-dim", "64", "--out", str(tmp_path / "r")), "latent_dim 64", "chunk_size 64")
     assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "lin")), "--seeds 1")

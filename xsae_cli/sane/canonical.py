@@ -86,12 +86,19 @@ class CanonicalPlan:
         x = t
         if name in self.replace:
             x = self.replace[name].to(t.dtype)
+        scales = []
         if name in self.col_scale:
             s = self.col_scale[name]
-            x = x.float() * (s[:, None] if self.arch.model_type == "gpt2" else s[None, :])
+            scales.append(s[:, None] if self.arch.model_type == "gpt2" else s[None, :])
         if name in self.row_scale:
             s = self.row_scale[name]
-            x = x.float() * (s[:, None] if x.dim() == 2 else s)
+            scales.append(s[:, None] if x.dim() == 2 else s)
+        if scales:  # one float32 copy, scaled in place (never the caller's tensor)
+            x = x.float()
+            if x.data_ptr() == t.data_ptr():
+                x = x.clone()
+            for sc in scales:
+                x.mul_(sc)
         if permute and self.perms is not None:
             for axis, idx in _rule(self.arch)(name, x, self.arch, self.perms):
                 if idx is not None:

@@ -54,79 +54,115 @@ def anchor_ids(vocab: int, n: int = N_ANCHORS) -> list[int]:
     return sorted({int(x) for x in np.round(np.linspace(lo, vocab - 1, min(n, vocab - lo)))})
 
 
-def _roles(arch: Arch, name: str, t: Any) -> list[tuple[str, Any]]:
-    """``(role, matrix [out, in])`` pieces of one (scale-folded) weight; roles q k v o up gate down head."""
+# role -> (reads the residual stream, i.e. the anchors meet its input side)
+READS = {"q": True, "k": True, "v": True, "up": True, "gate": True, "head": True, "o": False, "down": False}
+
+
+def _layout(arch: Arch, name: str, t: Any) -> tuple[list[tuple[str, int, int]], int] | None:
+    """How one weight feeds the circuits: ``(pieces, contract)``. ``contract`` is the axis of ``t``
+    that meets the anchors (its input for a reader, its residual output for a writer); ``pieces``
+    are ``(role, start, stop)`` column ranges of the projection ``anchors @ t`` (fused q/k/v)."""
     mt = arch.model_type
     if not name.endswith(".weight") or t.dim() != 2:
-        return []
+        return None
+    a = arch
     if mt in LLAMA_LIKE:
         m = re.search(r"\.(q|k|v|o|up|gate|down)_proj\.weight$", name)
         if m:
-            return [(m.group(1), t)]
-        return [("head", t)] if name.endswith("lm_head.weight") and not arch.tied else []
-    if mt == "gpt2":  # Conv1D [in, out]
+            role = m.group(1)
+            return [(role, 0, t.shape[1] if role in ("o", "down") else t.shape[0])], 0 if role in ("o", "down") else 1
+        if name.endswith("lm_head.weight") and not a.tied:
+            return [("head", 0, t.shape[0])], 1
+        return None
+    if mt == "gpt2":  # Conv1D [in, out]: a reader contracts axis 0, a writer axis 1
+        d = a.d_model
         if name.endswith("attn.c_attn.weight"):
-            w = t.t()
-            d = arch.d_model
-            return [("q", w[:d]), ("k", w[d : 2 * d]), ("v", w[2 * d :])]
-        if name.endswith("attn.c_proj.weight"):
-            return [("o", t.t())]
+            return [("q", 0, d), ("k", d, 2 * d), ("v", 2 * d, 3 * d)], 0
         if name.endswith("mlp.c_fc.weight"):
-            return [("up", t.t())]
+            return [("up", 0, t.shape[1])], 0
+        if name.endswith("attn.c_proj.weight"):
+            return [("o", 0, t.shape[0])], 1
         if name.endswith("mlp.c_proj.weight"):
-            return [("down", t.t())]
-        return []
+            return [("down", 0, t.shape[0])], 1
+        return None
     if mt == "gpt_neox":
         if name.endswith("attention.query_key_value.weight"):
-            w = t.reshape(arch.n_heads, 3, arch.head_dim, -1)
-            return [(r, w[:, i].reshape(arch.n_heads * arch.head_dim, -1)) for i, r in enumerate("qkv")]
+            return [("qkv_neox", 0, t.shape[0])], 1
         if name.endswith("attention.dense.weight"):
-            return [("o", t)]
+            return [("o", 0, t.shape[1])], 0
         if name.endswith("mlp.dense_h_to_4h.weight"):
-            return [("up", t)]
+            return [("up", 0, t.shape[0])], 1
         if name.endswith("mlp.dense_4h_to_h.weight"):
-            return [("down", t)]
-        if name.endswith(("embed_out.weight", "lm_head.weight")) and not arch.tied:
-            return [("head", t)]
-        return []
+            return [("down", 0, t.shape[1])], 0
+        if name.endswith(("embed_out.weight", "lm_head.weight")) and not a.tied:
+            return [("head", 0, t.shape[0])], 1
+        return None
     if mt == "bert":
         m = re.search(r"\.attention\.self\.(query|key|value)\.weight$", name)
         if m:
-            return [(m.group(1)[0], t)]
+            return [(m.group(1)[0], 0, t.shape[0])], 1
         if name.endswith(".attention.output.dense.weight"):
-            return [("o", t)]
+            return [("o", 0, t.shape[1])], 0
         if name.endswith(".intermediate.dense.weight"):
-            return [("up", t)]
+            return [("up", 0, t.shape[0])], 1
         if name.endswith(".output.dense.weight"):
-            return [("down", t)]
-    return []
+            return [("down", 0, t.shape[1])], 0
+    return None
+
+
+def _project(a: Any, t: Any, contract: int, rows: int = 1 << 22) -> Any:
+    """``a @ t`` (contract axis 0) or ``a @ t.T`` (axis 1) in float32, a block of ``t`` at a time,
+    so a bf16 weight is never copied whole (a 7B model's head is 32000 x 4096)."""
+    import torch
+
+    step = max(1, rows // max(t.shape[1], 1))  # rows of t per block
+    if contract == 1:  # output columns = rows of t
+        return torch.cat([a @ t[i : i + step].float().t() for i in range(0, t.shape[0], step)], dim=1)
+    out = torch.zeros(a.shape[0], t.shape[1], dtype=torch.float32)
+    for i in range(0, t.shape[0], step):
+        out += a[:, i : i + step] @ t[i : i + step].float()
+    return out
 
 
 def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``({name: S x S circuit}, info)`` from a second pass over ``items`` (scale-folded on the way)."""
+    """``({name: S x S circuit}, info)`` from a second pass over ``items``.
+
+    The scale fold is applied on the small side: a reader's input-column factors multiply the
+    anchors, every other factor the projection's columns, so no weight is ever rescaled in full.
+    """
     import torch
 
     a = anchors.double()
     a = a - a.mean(1, keepdim=True)
-    a = a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)  # what a norm hands the first block
+    a = (a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)).float()  # what a norm hands the first block
     proj: dict[tuple[int, str], Any] = {}
     head = None
     for name, t in items:
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
-        pieces = _roles(arch, name, t)
-        if not pieces:
+        lay = _layout(arch, name, t.detach())
+        if lay is None:
             continue
-        pieces = _roles(arch, name, plan.apply(name, t, permute=False).double())
+        pieces, contract = lay
+        reader = READS.get(pieces[0][0], True)
+        col = plan.col_scale.get(name)  # per input coordinate of the weight
+        side = a * col if (reader and col is not None) else a
+        p = _project(side, t.detach(), contract)
+        out_scale = plan.row_scale.get(name) if reader else col
+        if out_scale is not None:
+            p = p * out_scale
         layer = _layer(name)
-        for role, w in pieces:
+        for role, lo, hi in pieces:
             if role == "head":
-                head = a @ w.t()  # [S, vocab]
+                head = p
+            elif layer is None:
                 continue
-            if layer is None:
-                continue
-            # readers (q k v up gate) see the anchors on their input side, writers (o down) on their output side
-            proj[(layer, role)] = a @ w if role in ("o", "down") else a @ w.t()
+            elif role == "qkv_neox":  # rows laid out [head, (q|k|v), head_dim]
+                x = p.reshape(a.shape[0], arch.n_heads, 3, arch.head_dim)
+                for i, r in enumerate("qkv"):
+                    proj[(layer, r)] = x[:, :, i].reshape(a.shape[0], -1)
+            else:
+                proj[(layer, role)] = p[:, lo:hi]
     out: dict[str, Any] = {"embed.gram": a @ a.t()}
     layers = sorted({lay for lay, _ in proj})
     s = a.shape[0]
