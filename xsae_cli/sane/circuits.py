@@ -194,14 +194,14 @@ def _anchor_cols(vocab: int, s: int) -> Any:
     return torch.tensor(anchor_ids(vocab, s))
 
 
-def circuit_view(resolved: Any, iter_weights: Any, warn: Any = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]] | None:
-    """``(index, stream, info)`` of the circuit view, or None when the model has no known token
-    embedding (the caller falls back to the canonical form)."""
+def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]] | None, str]:
+    """``((index, stream, info), "")`` of the circuit view, or ``(None, why)`` when the
+    architecture or its token embedding is unknown (the caller falls back to the canonical form)."""
     from xsae_cli.zoo.weights import TensorInfo
 
     arch, why = arch_of(getattr(resolved, "config", None) or _read_config(resolved))
     if arch is None:
-        return None
+        return None, why
     rows: dict[str, Any] = {}
 
     def capture() -> Iterator[tuple[str, Any]]:
@@ -213,9 +213,11 @@ def circuit_view(resolved: Any, iter_weights: Any, warn: Any = None) -> tuple[li
             yield name, t
 
     plan, why = plan_from(arch, capture())
-    if plan is None or "e" not in rows:
-        return None
+    if plan is None:
+        return None, why
+    if "e" not in rows:
+        return None, f"no {arch.model_type} input token embedding found"
     circuits, info = circuit_tensors(arch, iter_weights(resolved), plan, rows["e"])
     index = [TensorInfo(n, tuple(v.shape), "float32", "<circuits>") for n, v in circuits.items()]
     info = {"applied": True, "view": "circuits", "model_type": arch.model_type, "anchors": len(rows["ids"]), "anchor_ids": rows["ids"], **info}
-    return index, iter(circuits.items()), info
+    return (index, iter(circuits.items()), info), ""

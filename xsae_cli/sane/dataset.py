@@ -105,11 +105,11 @@ def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] |
     if scheme.view == "circuits":
         from xsae_cli.sane.circuits import circuit_view
 
-        got = circuit_view(resolved, iter_weights, warn)
+        got, why = circuit_view(resolved, iter_weights)
         if got is not None:
             return got
         if warn is not None:
-            warn(f"no token embedding found in {getattr(resolved, 'source', resolved)}: its circuit view needs one, so its canonical form is tokenised instead")
+            warn(f"no circuit view for {getattr(resolved, 'source', resolved)} ({why}): trying its canonical form")
     if scheme.view in ("circuits", "canonical"):
         from xsae_cli.sane.canonical import canonical_stream
 

@@ -176,3 +176,20 @@ def test_views_are_cached_apart_and_recorded(demo_zoo, tmp_path) -> None:
     assert by["embed.gram"]["depth"] == 0.0 and by["layers.0.circuit_qk"]["kind"] == KIND_ID["circuit_qk"]
     assert by["layers.3.circuit_ov"]["depth"] == (3 + 0.5) / 4 and circ.n_chunks == 18 * 64
     assert by["lm_head.circuit_head"]["depth"] == 1.0
+
+
+def test_a_bare_file_falls_back_to_its_weights_with_reasons(tmp_path) -> None:
+    """No config.json: no circuit view, no canonical form; the weights are tokenised, and the user is told why."""
+    import torch
+    from safetensors.torch import save_file
+
+    from xsae_cli.sane.dataset import ModelSource, TokenizedModel, tokenize_to_cache
+    from xsae_cli.zoo.sources import resolve
+
+    f = tmp_path / "bare.safetensors"
+    save_file({"layers.0.w": torch.randn(8, 64), "layers.1.w": torch.randn(8, 64)}, str(f))
+    warned: list[str] = []
+    tm = TokenizedModel(tokenize_to_cache(ModelSource("bare", resolve(str(f)), "c" * 64), cache_dir=tmp_path / "cache", warn=warned.append), "bare")
+    assert tm.manifest["view"]["view"] == "weights" and tm.n_chunks == 16
+    assert any("no circuit view" in w and "no config.json" in w for w in warned), warned
+    assert any("no canonical form" in w for w in warned), warned
