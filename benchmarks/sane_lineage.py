@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps-per-epoch", type=int, default=40)
+    ap.add_argument("--train-seed", type=int, default=0, help="SANE's training seed (the zoo and the baselines do not change)")
     ap.add_argument("--view", default="circuits", choices=("circuits", "canonical", "weights"), help="what SANE reads (weights: as stored, the earlier behaviour)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from xsae_cli.sane.evaluate import METHODS, LineageSettings, evaluate
 
-    s = LineageSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view)
+    s = LineageSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view, train_seed=args.train_seed)
     if args.quick:
         s = LineageSettings(families=("tiny-gpt2", "tiny-qwen2"), seeds=2, real=(), folds=1, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view)
     t0 = time.perf_counter()

@@ -78,7 +78,7 @@ class CanonicalPlan:
 
     def apply(self, name: str, t: Any, permute: bool = True) -> Any:
         """The canonical version of one tensor (float32 when changed, the input itself otherwise);
-        ``permute=False``: the scale fold only (what the circuit view needs)."""
+        ``permute=False``: the scale fold only."""
         import torch
 
         if not torch.is_tensor(t) or not t.is_floating_point():

@@ -100,6 +100,7 @@ class LineageSettings:
     real_ft: tuple[int, int, float] = (4, 16, 5e-5)
     ft_batch: tuple[int, int] = (4, 32)  # tiny models: batch, tokens; real models use (2, 64)
     seed: int = 0
+    train_seed: int = 0  # SANE's training seed only: the zoo, its transforms and the baselines stay as they are
     view: str = "circuits"  # what SANE and the random encoder read: circuits, canonical or weights (sane/dataset.py)
 
     def to_dict(self) -> dict[str, Any]:
@@ -563,7 +564,7 @@ def _evaluate(
         if checkpoint is None:
             run = workdir / f"run-fold{fi + 1}"
             group = {b: i for i, b in enumerate(dict.fromkeys(base_of[n] for n in train_names))}
-            ts = TrainSettings(epochs=s.epochs, batch_size=s.batch_size, window_size=s.window_size, steps_per_epoch=s.steps_per_epoch, device="cpu", lr=s.lr, seed=s.seed + fi, lineage_views=s.lineage_views)
+            ts = TrainSettings(epochs=s.epochs, batch_size=s.batch_size, window_size=s.window_size, steps_per_epoch=s.steps_per_epoch, device="cpu", lr=s.lr, seed=s.seed + 1000 * s.train_seed + fi, lineage_views=s.lineage_views)
             res = train([tms[n] for n in train_names], run, ts, SaneModelConfig(d_model=s.d_model, latent_dim=s.latent_dim), force=True, on_step=on_step, lineage=[group[base_of[n]] for n in train_names])
             ckpt = res.last_checkpoint
             history = res.history
