@@ -159,8 +159,11 @@ def _sqsum(t: Any, dim: int) -> Any:
     return torch.cat([(t[i : i + rows].double() ** 2).sum(1) for i in range(0, t.shape[0], rows)])
 
 
-def plan_from(arch: Arch, items: Iterable[tuple[str, Any]]) -> tuple[CanonicalPlan | None, str]:
-    """Read every tensor once; return the plan, or None and the reason when nothing matched."""
+def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True) -> tuple[CanonicalPlan | None, str]:
+    """Read every tensor once; return the plan, or None and the reason when nothing matched.
+
+    ``orders=False``: only the norm-gain fold (what the circuit view needs: its dot products cancel
+    every permutation and BERT's paired rescalings by themselves), so no weight matrix is read."""
     import torch
 
     resid: dict[str, Any] = {}
@@ -176,6 +179,8 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]]) -> tuple[CanonicalPl
             continue
         if t.dim() == 1:  # norm gains and biases: a few floats per coordinate
             norms[name] = t.detach().double().clone()
+        if not orders:
+            continue
         role = _writer_role(mt, name)
         if role is None:
             continue
@@ -226,6 +231,8 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]]) -> tuple[CanonicalPl
                 plan.replace[norm + ".bias"] = (norms[norm + ".bias"] / s).float()
             for lin in readers:
                 plan.col_scale[lin + ".weight"] = s.float()
+    if not orders:
+        return plan, ""
     # 2. orders
     def order(key: Any) -> Any:
         return torch.argsort(key, stable=True)

@@ -20,9 +20,10 @@ smoothly with the weights: a model and its fine-tune keep matching entries at th
 circuit is an ``S x S`` "tensor" (``S`` = 64 anchors: one 64-float chunk per row) that the
 tokenizer treats like any weight, with its block's depth and its own kind.
 
-Cost: two streaming passes (the first finds the anchor rows and the norm gains); every weight is
-reduced at once to an ``S x width`` projection, so memory is one tensor plus ``S`` rows per
-projection. Models without a known token embedding fall back to the canonical form.
+Cost: two streaming passes. The first touches only the 1-D tensors (norm gains) and the anchors'
+rows of the embedding (memory-mapped, so no weight matrix is read); the second reduces every weight
+matrix, a float32 block at a time, to an ``S x width`` projection, so memory is one tensor plus ``S``
+rows per projection. Models without a known token embedding fall back to the canonical form.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Ite
                 rows["ids"] = ids
             yield name, t
 
-    plan, why = plan_from(arch, capture())
+    plan, why = plan_from(arch, capture(), orders=False)
     if plan is None:
         return None, why
     if "e" not in rows:
