@@ -48,8 +48,7 @@ VIEW_HELP = "What is tokenised: circuits (token-space circuits, free of weight-s
 
 
 def _scheme(cfg: Any, view: Optional[str] = None) -> Any:
-    from xsae_cli.sane.dataset import VIEWS
-    from xsae_cli.sane.tokenizer import CoordScheme
+    from xsae_cli.sane.tokenizer import VIEWS, CoordScheme
 
     v = view or cfg.sane.view
     if v not in VIEWS:

@@ -21,7 +21,7 @@ import numpy as np
 from xsae_cli.core.config import xsae_cache
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_dir, atomic_write_json, read_json
-from xsae_cli.sane.tokenizer import EPS, KIND_ID, N_STATS, CoordScheme, model_chunk_count, tokenize_stream
+from xsae_cli.sane.tokenizer import EPS, KIND_ID, N_STATS, VIEWS, CoordScheme, model_chunk_count, tokenize_stream
 
 CACHE_VERSION = 2
 ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -89,9 +89,6 @@ class _NpyAppender:
 
 def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme) -> str:
     return f"{sha256[:16]}-c{chunk_size}-{scheme.scheme_id}-v{CACHE_VERSION}"
-
-
-VIEWS = ("circuits", "canonical", "weights")
 
 
 def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:

@@ -84,7 +84,7 @@ def embed_models(
     fraction of chunks seen is written per model as ``coverage``."""
     from xsae_cli.core.hardware import package_versions, resolve_device
     from xsae_cli.sane.dataset import model_source, tokenize_to_cache
-    from xsae_cli.sane.tokenizer import CoordScheme, model_chunk_count
+    from xsae_cli.sane.tokenizer import CoordScheme, model_chunk_count, view_of_scheme
     from xsae_cli.sane.train import check_compatible, load_model
     from xsae_cli.zoo.registry import Registry
     from xsae_cli.zoo.weights import tensor_index
@@ -95,7 +95,7 @@ def embed_models(
         raise XsaeError("a model is named twice in --models", "name each model once")
     checkpoint = Path(checkpoint)
     model, meta = load_model(checkpoint)
-    scheme = scheme or CoordScheme()
+    scheme = scheme or CoordScheme(view=view_of_scheme(str(meta.get("scheme", ""))))  # the checkpoint's view
     chunk_size = int(meta["chunk_size"])
     check_compatible(meta, chunk_size, scheme.scheme_id, str(checkpoint))
     window_size = window_size or int(meta["settings"]["window_size"])

@@ -94,10 +94,13 @@ class CoordScheme:
         return re.compile(rf"(?:^|\.)(?:{words})\.(\d+)(?=\.|$)")
 
 
+VIEWS = ("circuits", "canonical", "weights")  # what a scheme tokenises (sane/dataset.py: model_view)
+
+
 def view_of_scheme(scheme_id: str) -> str:
     """The view a scheme id was made with (ids before views began with "depth": the weights)."""
     head = scheme_id.split("-v", 1)[0]
-    return head if head in ("circuits", "canonical", "weights") else "weights"
+    return head if head in VIEWS else "weights"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import numpy as np
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_dir, atomic_write_json, flatten_state, load_safetensors, read_json, save_safetensors, unflatten_state
 from xsae_cli.sane.dataset import TokenizedModel, WindowSampler, collate, permute_columns, permute_rows
+from xsae_cli.sane.tokenizer import view_of_scheme
 
 CKPT_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
 MIXED = ("no", "fp16", "bf16")
@@ -83,12 +84,6 @@ def read_checkpoint_config(ckpt: Path) -> dict[str, Any]:
     if not (ckpt / "config.json").exists():
         raise XsaeError(f"{ckpt} is not a SANE checkpoint (no config.json)", "point at a checkpoint_epoch_N folder written by `xsae sane train`")
     return read_json(ckpt / "config.json", "SANE checkpoint config")
-
-
-def view_of_scheme(scheme_id: str) -> str:
-    from xsae_cli.sane.tokenizer import view_of_scheme as v
-
-    return v(scheme_id)
 
 
 def check_compatible(meta: dict[str, Any], chunk_size: int, scheme: str, where: str) -> None:

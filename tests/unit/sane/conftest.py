@@ -24,15 +24,8 @@ def tiny_models(demo_zoo: Path, sane_cache: Path) -> list:
     """The five tiny demo models' weights as stored, tokenised once per session into a private
     cache (the cache and window mechanics are the same for every view; views have their own tests)."""
     from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+    from xsae_cli.sane.tokenizer import CoordScheme
     from xsae_cli.zoo.demo import TINY
 
-    return [TokenizedModel(tokenize_to_cache(model_source(n), scheme=WEIGHTS, cache_dir=sane_cache), n) for n in TINY]
+    return [TokenizedModel(tokenize_to_cache(model_source(n), scheme=CoordScheme(view="weights"), cache_dir=sane_cache), n) for n in TINY]
 
-
-def _weights_scheme():
-    from xsae_cli.sane.tokenizer import CoordScheme
-
-    return CoordScheme(view="weights")
-
-
-WEIGHTS = _weights_scheme()
