@@ -62,6 +62,15 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     human = run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(out / "model_embeddings.json"), "--top", "2")
     assert human.returncode == 0 and "cosine distance" in human.stdout and "tiny-gpt2" in human.stdout
 
+    # A checkpoint trained on another view: `sane embed` takes the view from the checkpoint.
+    wrun = tmp_path / "runs" / "sane-weights"
+    tw = run_xsae("--json", "sane", "train", "--view", "weights", "--models", "tiny-gpt2,tiny-gemma", "--epochs", "1", *SMALL, "--out", str(wrun), env=ONE_THREAD)
+    assert tw.returncode == 0, tw.stderr[-2000:]
+    ew = run_xsae("--json", "sane", "embed", "--checkpoint", str(wrun / "checkpoint_epoch_1"), "--models", "tiny-gpt2,tiny-gemma", "--output-dir", str(tmp_path / "ow"), env=ONE_THREAD)
+    assert ew.returncode == 0, ew.stderr[-2000:]
+    wdata = json.loads((tmp_path / "ow" / "model_embeddings.json").read_text())
+    assert wdata["config"]["scheme"].startswith("weights-v1-") and wdata["models"]["tiny-gpt2"]["n_chunks"] > 3000
+
     # Bad input: one line, exit 2, both values named.
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", "tiny-gpt2", "--output-dir", str(out)), "already exists", "--force")
     assert_user_error(

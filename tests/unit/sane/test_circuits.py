@@ -47,3 +47,21 @@ def test_circuits_are_invariant_to_every_symmetry_and_tell_seeds_apart(name: str
     noisy = _circuits(elementwise(state, "noise_0.3", seed=1), arch)
     stranger = _circuits(_model(name, seed=1).state_dict(), arch)
     assert _corr(noisy, ref) > 0.7 > 0.2 > abs(_corr(stranger, ref)), (_corr(noisy, ref), _corr(stranger, ref))
+
+
+@pytest.mark.slow
+def test_real_models_circuits_are_invariant(demo_zoo) -> None:
+    from transformers import AutoModelForCausalLM, BertForMaskedLM
+
+    from xsae_cli.sane.evaluate import _real_folder
+
+    for name, cls in (("smollm2-135m", AutoModelForCausalLM), ("minilm-l6", BertForMaskedLM)):
+        torch.manual_seed(0)
+        m = cls.from_pretrained(_real_folder(name), dtype=torch.float32)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        arch = Arch.from_config(m.config)
+        ref = _circuits(state, arch)
+        for kind in ("perm_full", "norm_rescale"):
+            other = _circuits(apply(state, arch, kind, seed=1), arch)
+            for k in ref:
+                assert torch.allclose(other[k], ref[k], atol=1e-4 * float(ref[k].abs().max()), rtol=0), (name, kind, k)

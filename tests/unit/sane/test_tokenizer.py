@@ -154,3 +154,11 @@ def test_chunk_counts_of_real_models_from_headers(demo_zoo) -> None:
     assert model_chunk_count(idx, 64) == sum(-(-t.numel // 64) for t in floats)
     assert model_chunk_count(idx, 64) == 354894  # position_ids (int64) is skipped
     assert model_chunk_count(tensor_index(resolve_entry("smollm2-135m")), 64) == 134515008 // 64
+
+
+def test_scheme_ids_name_their_view() -> None:
+    from xsae_cli.sane.tokenizer import VIEWS, view_of_scheme
+
+    ids = {v: CoordScheme(view=v).scheme_id for v in VIEWS}
+    assert len(set(ids.values())) == 3 and all(i.startswith(f"{v}-v1-") and view_of_scheme(i) == v for v, i in ids.items())
+    assert view_of_scheme("depth-v1-c36b39050f") == "weights"  # checkpoints from before views
