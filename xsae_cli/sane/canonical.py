@@ -76,9 +76,8 @@ class CanonicalPlan:
     perms: _Fixed | None = None
     sorted_groups: dict[str, int] = field(default_factory=dict)  # "resid"/"heads"/"mlp" -> how many orders
 
-    def apply(self, name: str, t: Any, permute: bool = True) -> Any:
-        """The canonical version of one tensor (float32 when changed, the input itself otherwise);
-        ``permute=False``: the scale fold only."""
+    def apply(self, name: str, t: Any) -> Any:
+        """The canonical version of one tensor (float32 when changed, the input itself otherwise)."""
         import torch
 
         if not torch.is_tensor(t) or not t.is_floating_point():
@@ -99,17 +98,18 @@ class CanonicalPlan:
                 x = x.clone()
             for sc in scales:
                 x.mul_(sc)
-        if permute and self.perms is not None:
+        if self.perms is not None:
             for axis, idx in _rule(self.arch)(name, x, self.arch, self.perms):
                 if idx is not None:
                     x = x.index_select(axis, idx)
         return x
 
 
-def arch_of(config: dict[str, Any] | None) -> tuple[Arch | None, str]:
-    """The :class:`Arch` of a config, or None and why not."""
+def arch_of(resolved: Any) -> tuple[Arch | None, str]:
+    """The :class:`Arch` of a resolved model (from the config.json the zoo read), or None and why not."""
     from xsae_cli.core.errors import XsaeError
 
+    config = getattr(resolved, "config", None)
     if not config:
         return None, "no config.json"
     try:
@@ -274,7 +274,7 @@ def canonical_stream(resolved: Any, iter_weights: Any, warn: Any = None) -> tupl
     ``info`` says whether the form was applied (``{"applied": bool, "reason"?, "sorted"?}``); it
     is filled in before the stream is returned, so it can be recorded with the cache.
     """
-    arch, why = arch_of(getattr(resolved, "config", None) or _read_config(resolved))
+    arch, why = arch_of(resolved)
     plan = None
     if arch is not None:
         plan, why = plan_from(arch, iter_weights(resolved))
@@ -289,14 +289,3 @@ def canonical_stream(resolved: Any, iter_weights: Any, warn: Any = None) -> tupl
 
     return stream(), {"applied": True, "model_type": plan.arch.model_type, "sorted": plan.sorted_groups, "scaled": len(plan.col_scale) + len(plan.row_scale)}
 
-
-def _read_config(resolved: Any) -> dict[str, Any] | None:
-    import json
-
-    folder = getattr(resolved, "model_dir", None)
-    if folder is None or not (folder / "config.json").exists():
-        return None
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None

@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from xsae_cli.sane.canonical import CanonicalPlan, _read_config, arch_of, plan_from
+from xsae_cli.sane.canonical import CanonicalPlan, arch_of, plan_from
 from xsae_cli.sane.transforms import LLAMA_LIKE, Arch, _layer
 
 N_ANCHORS = 64
@@ -200,7 +200,7 @@ def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Ite
     architecture or its token embedding is unknown (the caller falls back to the canonical form)."""
     from xsae_cli.zoo.weights import TensorInfo
 
-    arch, why = arch_of(getattr(resolved, "config", None) or _read_config(resolved))
+    arch, why = arch_of(resolved)
     if arch is None:
         return None, why
     rows: dict[str, Any] = {}
