@@ -52,6 +52,10 @@ def main() -> None:
         diff = row["sane"]["top1"] - row["quantile_baseline"]["top1"]
         print(f"{t + (' *' if row['hard'] else ''):<22} {row['fold']:>4}  {cells}   {diff:+.2f}")
     print("(* hard types)")
+    print("\nseparation (median of nearest other base / own base distance; > 1 retrieves it): SANE / quantile / random")
+    for t, row in r["per_type"].items():
+        if "separation" in row["sane"]:
+            print(f"  {t + (' *' if row['hard'] else ''):<22} " + " / ".join(f"{row[k]['separation']:.2f}" for k in METHODS))
     print("\nbase strictly nearer than every model of another lineage (function-preserving types): SANE / quantile / random")
     for t, row in r["per_type"].items():
         near = row.get("base_nearer_than_other_lineages")

@@ -10,6 +10,9 @@ benchmark's plain read does); "stream" is ``zoo.weights.iter_weights`` with a su
 "tokenize:canonical" and "tokenize:circuits" the derived views (two passes over the file each).
 
 Each measurement runs in a fresh subprocess so ru_maxrss is that measurement's own peak; best of 3.
+One torch thread (the plain read is one thread too), except "tokenize:circuits@all", which keeps
+torch's default threads, as `xsae sane tokenize` does: the circuit view is compute-bound (64
+multiply-adds per weight), so on a sparse file, whose "read" runs at memory speed, cores count.
 Run: ``.venv/bin/python benchmarks/sane_tokenize.py [--layers 32] [--skip-7b]``; prints JSON.
 """
 
@@ -29,9 +32,12 @@ CHILD = textwrap.dedent(
     """
     import json, os, resource, sys, time
     import torch
-    torch.set_num_threads(1)
     from pathlib import Path
     mode, path, cache = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode.endswith("@all"):  # torch's default threads: what `xsae sane tokenize` gets
+        mode = mode[: -len("@all")]
+    else:
+        torch.set_num_threads(1)
     size = path.stat().st_size
     from xsae_cli.core.hardware import peak_rss_bytes
     base = peak_rss_bytes()
@@ -72,7 +78,7 @@ CHILD = textwrap.dedent(
         m = json.loads((out / "manifest.json").read_text())
         extra = {"n_chunks": m["n_chunks"], "view": m["view"]["view"], "largest_tensor_bytes": largest, "cache_bytes": sum(f.stat().st_size for f in out.iterdir())}
     secs = time.perf_counter() - t0
-    print(json.dumps({"mode": mode, "bytes": size, "seconds": secs, "mb_per_s": size / 1e6 / secs, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports": base, **extra}))
+    print(json.dumps({"mode": sys.argv[1], "threads": torch.get_num_threads(), "bytes": size, "seconds": secs, "mb_per_s": size / 1e6 / secs, "peak_rss_bytes": peak_rss_bytes(), "rss_after_imports": base, **extra}))
     """
 )
 
@@ -95,7 +101,10 @@ def run(mode: str, path: Path, cache: Path, repeats: int = 3) -> dict:
 
 
 def _run_once(mode: str, path: Path, cache: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(cache)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if not mode.endswith("@all"):
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(cache)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,7 +150,7 @@ def write_sparse_7b(path: Path, layers: int) -> None:
     (path.parent / "config.json").write_text(json.dumps(cfg))
 
 
-VIEWS = ("tokenize:canonical", "tokenize:circuits")  # "tokenize" alone: the weights as stored
+VIEWS = ("tokenize:canonical", "tokenize:circuits", "tokenize:circuits@all")  # "tokenize" alone: the weights as stored; "@all": every core
 
 
 def main() -> None:
@@ -154,17 +163,17 @@ def main() -> None:
         tmp = Path(tmp)
         f = smollm2_file()
         _run_once("read", f, tmp / "c")  # warm the page cache so both sides read from memory
-        results["smollm2-135m"] = {m: run(m, f, tmp / f"c-{m}") for m in ("read", "read_sum", "stream", "tokenize", *VIEWS)}
+        results["smollm2-135m"] = {m: run(m, f, tmp / f"c-{m.replace('@', '-')}") for m in ("read", "read_sum", "stream", "tokenize", *VIEWS)}
         if not args.skip_7b:
             (tmp / "llama7b").mkdir()
             big = tmp / "llama7b" / "model.safetensors"
             write_sparse_7b(big, args.layers)
-            results[f"llama7b-shaped-{args.layers}L-bf16-sparse"] = {m: run(m, big, tmp / f"c7-{m.replace(':', '-')}") for m in ("read", "tokenize", *VIEWS)}
+            results[f"llama7b-shaped-{args.layers}L-bf16-sparse"] = {m: run(m, big, tmp / f"c7-{m.replace(':', '-').replace('@', '-')}") for m in ("read", "tokenize", *VIEWS)}
     for r in results.values():
         read = r["read"]
         for m in ("tokenize", *VIEWS):
             tok = r[m]
-            tag = m.replace("tokenize", "").replace(":", "_")
+            tag = m.replace("tokenize", "").replace(":", "_").replace("@", "_")
             r[f"tokenize{tag}_vs_read"] = tok["mb_per_s"] / read["mb_per_s"]
             if "read_sum" in r:
                 r[f"tokenize{tag}_vs_read_sum"] = tok["mb_per_s"] / r["read_sum"]["mb_per_s"]

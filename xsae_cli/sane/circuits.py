@@ -13,6 +13,10 @@ set of anchor tokens, as in the transformer-circuits framework (Elhage et al., 2
   path through the MLP;
 - ``gram = A A^T`` (depth 0) and, for an untied head, the anchors' logits for the anchors (depth 1).
 
+Before the anchors are used, the embedding's outlier directions are shrunk (:func:`outlier_filter`):
+fine-tuning adds nearly the same vector to every token's embedding (with tied embeddings Adam pushes
+all unseen tokens' logits down together), which would otherwise swamp each row's own values.
+
 Every one is unchanged by all the function-preserving transforms of :mod:`transforms` (the
 permutations cancel inside the dot products, norm gains are folded into their readers first,
 BERT's query/key and value/output rescalings cancel in the products), yet each entry moves
@@ -36,6 +40,9 @@ from xsae_cli.sane.canonical import CanonicalPlan, arch_of, plan_from
 from xsae_cli.sane.transforms import LLAMA_LIKE, Arch, _layer
 
 N_ANCHORS = 64
+SAMPLE_ROWS = 4096  # embedding rows (evenly spaced, at least 2 x d_model) whose second moment finds the outlier directions
+OUTLIER_LEVEL = 3.0  # a direction is an outlier above this multiple of the bulk's mean eigenvalue
+OUTLIER_MAX = 16  # directions that may be shrunk (a fine-tune's shift takes 1-4)
 CIRCUIT_KINDS = ("circuit_qk", "circuit_ov", "circuit_mlp", "circuit_gate", "gram", "circuit_head")
 
 _EMBED = {"gpt2": ("wte.weight",), "gpt_neox": ("embed_in.weight",), "bert": ("word_embeddings.weight",)}
@@ -53,6 +60,78 @@ def anchor_ids(vocab: int, n: int = N_ANCHORS) -> list[int]:
 
     lo = min(3, max(vocab - 1, 0))
     return sorted({int(x) for x in np.round(np.linspace(lo, vocab - 1, min(n, vocab - lo)))})
+
+
+def sample_ids(vocab: int, d_model: int) -> list[int]:
+    """Evenly spaced rows, at least twice as many as coordinates where the vocabulary allows: then a
+    random embedding's largest eigenvalue stays below ``OUTLIER_LEVEL`` x the bulk's mean."""
+    import numpy as np
+
+    n = min(vocab, max(SAMPLE_ROWS, 2 * d_model))
+    return sorted({int(x) for x in np.round(np.linspace(0, vocab - 1, n))})
+
+
+def _top_eigh(x: Any, k: int, steps: int = 3) -> tuple[Any, Any]:
+    """The ``k`` largest eigenpairs (descending) of ``x^T x`` without forming it (a 4096-wide
+    model's would cost seconds): randomised subspace iteration (Halko et al., 2011). The start is a
+    fixed random mix of ``x``'s rows, i.e. of tokens, which no symmetry moves, so a permuted
+    residual stream gets the permuted result."""
+    import torch
+
+    n, d = x.shape
+    q = min(k + 8, n, d)
+    y = torch.randn(n, q, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    basis = torch.linalg.qr(x.t() @ y).Q
+    for _ in range(steps):
+        basis = torch.linalg.qr(x.t() @ (x @ basis)).Q
+    small = (x @ basis).double()
+    lam, w = torch.linalg.eigh(small.t() @ small)
+    return lam.flip(0)[:k], (basis.double() @ w.flip(1))[:, :k]
+
+
+def outlier_filter(rows: Any, level: float = OUTLIER_LEVEL) -> tuple[Any, Any, dict[str, Any]]:
+    """``(V, shrink, info)``: the outlier directions ``V`` (``d x k``) of the embedding rows ``rows``
+    (a sample of the vocabulary) and how much of each to remove; :func:`shrink_outliers` applies
+    ``A (I - V diag(shrink) V^T)`` to the anchors without forming the ``d x d`` map.
+
+    Why: a fine-tune moves every token embedding by nearly the same vector (Adam turns the softmax's
+    common push on all unseen tokens into equal steps), so after 200 steps of a tiny tied-embedding
+    model that one direction holds ~90 % of the change and the rows keep only 0.34-0.41 correlation
+    with their base (0.73-0.82 without it). A direction ``i`` with eigenvalue ``lam_i`` of the rows'
+    second moment above ``level`` x the bulk's mean ``m`` is scaled by ``(level m / lam_i)^2``: a
+    smooth function of the spectrum (a near-threshold direction is barely touched, so noise cannot
+    flip a choice), the same on a model and on any permutation of it, and the identity on a
+    random-initialised embedding, whose spectrum has no outliers. At most ``OUTLIER_MAX`` directions
+    (and ``d / 8``); real models' anisotropic directions (SmolLM2's largest is ~700x the bulk) are
+    shrunk the same way, as in "all-but-the-top" post-processing of word vectors (Mu & Viswanath, 2018).
+    """
+    import torch
+
+    x = rows.float()
+    n, d = x.shape
+    k = max(1, min(d // 8, OUTLIER_MAX))
+    lam, v = _top_eigh(x, k)
+    lam = lam.clamp_min(0)
+    total = float(torch.linalg.vector_norm(x)) ** 2  # float32 with a pairwise sum: no float64 copy of the sample
+    bulk = (total - float(lam.sum())) / max(min(n, d) - len(lam), 1)
+    scale = torch.clamp(level * bulk / lam.clamp_min(1e-300), max=1.0) ** 2
+    ratio = lam / max(bulk, 1e-300)
+    return v, 1.0 - scale, {"outlier_directions": int((scale < 1).sum()), "largest_outlier_ratio": round(float(ratio[0]), 2) if len(ratio) else 0.0}
+
+
+def shrink_outliers(a: Any, v: Any, shrink: Any) -> Any:
+    """``a (I - V diag(shrink) V^T)`` in float64."""
+    a = a.double()
+    return a - ((a @ v) * shrink) @ v.t()
+
+
+def anchor_rows(embedding: Any) -> tuple[Any, list[int], dict[str, Any]]:
+    """``(anchors, ids, info)``: the anchor tokens' embedding rows with the outlier directions of
+    the embedding shrunk, float64. Reads only the anchor and sample rows of a memory-mapped
+    ``embedding``."""
+    ids = anchor_ids(embedding.shape[0])
+    v, shrink, info = outlier_filter(embedding[sample_ids(*embedding.shape)].detach().float())
+    return shrink_outliers(embedding[ids].detach(), v, shrink), ids, info
 
 
 # role -> (reads the residual stream, i.e. the anchors meet its input side)
@@ -113,15 +192,32 @@ def _layout(arch: Arch, name: str, t: Any) -> tuple[list[tuple[str, int, int]], 
 
 def _project(a: Any, t: Any, contract: int, rows: int = 1 << 22) -> Any:
     """``a @ t`` (contract axis 0) or ``a @ t.T`` (axis 1) in float32, a block of ``t`` at a time,
-    so a bf16 weight is never copied whole (a 7B model's head is 32000 x 4096)."""
+    so a bf16 weight is never copied whole (a 7B model's MLP is 11008 x 4096). Blocks are
+    converted into one reused buffer: a fresh float32 copy per block costs a page fault per 4 KB."""
     import torch
 
     step = max(1, rows // max(t.shape[1], 1))  # rows of t per block
+    convert = t.dtype != torch.float32
+    buf = torch.empty(min(step, t.shape[0]), t.shape[1], dtype=torch.float32) if convert else None
+
+    def block(i: int) -> Any:
+        src = t[i : i + step]
+        if buf is None:
+            return src
+        dst = buf[: src.shape[0]]
+        dst.copy_(src)
+        return dst
+
     if contract == 1:  # output columns = rows of t
-        return torch.cat([a @ t[i : i + step].float().t() for i in range(0, t.shape[0], step)], dim=1)
+        out = torch.empty(a.shape[0], t.shape[0], dtype=torch.float32)
+        for i in range(0, t.shape[0], step):
+            blk = block(i)
+            torch.mm(a, blk.t(), out=out[:, i : i + blk.shape[0]])
+        return out
     out = torch.zeros(a.shape[0], t.shape[1], dtype=torch.float32)
     for i in range(0, t.shape[0], step):
-        out += a[:, i : i + step] @ t[i : i + step].float()
+        blk = block(i)
+        out.addmm_(a[:, i : i + blk.shape[0]], blk)
     return out
 
 
@@ -148,8 +244,13 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
         reader = READS.get(pieces[0][0], True)
         col = plan.col_scale.get(name)  # per input coordinate of the weight
         side = a * col if (reader and col is not None) else a
-        p = _project(side, t.detach(), contract)
         out_scale = plan.row_scale.get(name) if reader else col
+        w = t.detach()
+        if pieces[0][0] == "head":  # only the anchors' logits are kept: read and project just their rows
+            ids = _anchor_cols(w.shape[0], a.shape[0])
+            w = w[ids]
+            out_scale = out_scale[ids] if out_scale is not None else None
+        p = _project(side, w, contract)
         if out_scale is not None:
             p = p * out_scale
         layer = _layer(name)
@@ -185,7 +286,7 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
         if p["down"] is not None and p["gate"] is not None:
             out[f"{pre}.circuit_gate"] = p["down"] @ p["gate"].t()
     if head is not None:
-        out["lm_head.circuit_head"] = head[:, _anchor_cols(head.shape[1], s)]
+        out["lm_head.circuit_head"] = head
     return {k: v.float().contiguous() for k, v in out.items()}, {"layers": layers, "n_circuits": len(out)}
 
 
@@ -208,9 +309,7 @@ def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Ite
     def capture() -> Iterator[tuple[str, Any]]:
         for name, t in iter_weights(resolved):
             if "e" not in rows and _embed_name(arch, name) and getattr(t, "dim", lambda: 0)() == 2:
-                ids = anchor_ids(t.shape[0])
-                rows["e"] = t[ids].detach().double().clone()
-                rows["ids"] = ids
+                rows["e"], rows["ids"], rows["filter"] = anchor_rows(t)
             yield name, t
 
     plan, why = plan_from(arch, capture(), orders=False)
@@ -220,5 +319,5 @@ def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Ite
         return None, f"no {arch.model_type} input token embedding found"
     circuits, info = circuit_tensors(arch, iter_weights(resolved), plan, rows["e"])
     index = [TensorInfo(n, tuple(v.shape), "float32", "<circuits>") for n, v in circuits.items()]
-    info = {"applied": True, "view": "circuits", "model_type": arch.model_type, "anchors": len(rows["ids"]), "anchor_ids": rows["ids"], **info}
+    info = {"applied": True, "view": "circuits", "model_type": arch.model_type, "anchors": len(rows["ids"]), "anchor_ids": rows["ids"], **rows["filter"], **info}
     return (index, iter(circuits.items()), info), ""

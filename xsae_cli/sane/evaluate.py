@@ -409,15 +409,17 @@ def _ap(dist: np.ndarray, rel: np.ndarray) -> float:
 
 def retrieval_scores(names: list[str], base_of: dict[str, str], transform_of: dict[str, str], dist: np.ndarray, types: list[str], real: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Per transform type: top-1, MRR and AUROC of each variant's base among all bases (and top-1
-    over the variants of ``real`` bases alone, when there are any); over all pairs of ``names``:
-    mAP and AUROC of same-lineage pairs. ``dist`` is over ``names``."""
+    over the variants of ``real`` bases alone, when there are any), and the separation: the median
+    over variants of (distance to the nearest other base) / (distance to its own base), which still
+    ranks methods when every top-1 is 1.00 and is unchanged by the scale of a method's space;
+    over all pairs of ``names``: mAP and AUROC of same-lineage pairs. ``dist`` is over ``names``."""
     pos = {n: i for i, n in enumerate(names)}
     bases = [n for n in names if transform_of[n] == "base"]
     bidx = np.array([pos[b] for b in bases])
     per: dict[str, dict[str, float]] = {}
     for t in types:
         rows = [n for n in names if transform_of[n] == t]
-        top1, rr, auc, top1_real = [], [], [], []
+        top1, rr, auc, top1_real, sep = [], [], [], [], []
         for n in rows:
             d = dist[pos[n], bidx]
             own = bases.index(base_of[n])
@@ -428,7 +430,8 @@ def retrieval_scores(names: list[str], base_of: dict[str, str], transform_of: di
                 top1_real.append(rank == 1)
             rr.append(1.0 / rank)
             auc.append(_auc(d[own : own + 1], others))
-        per[t] = {"top1": float(np.mean(top1)), "mrr": float(np.mean(rr)), "auroc": float(np.mean(auc)), "n": len(rows)} if rows else {"n": 0}
+            sep.append(float(others.min() / max(float(d[own]), 1e-12)) if len(others) else float("nan"))
+        per[t] = {"top1": float(np.mean(top1)), "mrr": float(np.mean(rr)), "auroc": float(np.mean(auc)), "separation": float(np.median(sep)), "n": len(rows)} if rows else {"n": 0}
         if top1_real:
             per[t]["top1_real_bases"] = float(np.mean(top1_real))
     lineage = np.array([base_of[n] for n in names])

@@ -86,8 +86,12 @@ class CoordScheme:
 
     @property
     def scheme_id(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return f"{self.view}-v{self.version}-{hashlib.sha256(blob).hexdigest()[:10]}"
+        fields = asdict(self)
+        rev = VIEW_REVISIONS.get(self.view, 1)
+        if rev != 1:  # revision 1 of a view hashes as before, so its caches and checkpoints stay valid
+            fields["view_revision"] = rev
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return f"{self.view}-v{self.version + rev - 1}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
     def layer_re(self) -> re.Pattern[str]:
         words = "|".join(re.escape(w) for w in sorted(self.layer_keywords, key=len, reverse=True))
@@ -95,6 +99,9 @@ class CoordScheme:
 
 
 VIEWS = ("circuits", "canonical", "weights")  # what a scheme tokenises (sane/dataset.py: model_view)
+# bumped when a view's output changes, so old caches are not reused and old checkpoints are refused
+# (circuits 2: the anchors' outlier directions are shrunk, sane/circuits.py: outlier_filter)
+VIEW_REVISIONS = {"circuits": 2}
 
 
 def view_of_scheme(scheme_id: str) -> str:

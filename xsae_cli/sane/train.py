@@ -91,7 +91,10 @@ def check_compatible(meta: dict[str, Any], chunk_size: int, scheme: str, where: 
     if int(meta["chunk_size"]) != int(chunk_size):
         raise XsaeError(f"{where} was trained with chunk_size {meta['chunk_size']}, but this run uses chunk_size {chunk_size}", f"use --chunk-size {meta['chunk_size']} or another checkpoint")
     if meta["scheme"] != scheme:
-        raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {view_of_scheme(meta['scheme'])}) and layer keywords, or train a new model")
+        old_view, new_view = view_of_scheme(meta["scheme"]), view_of_scheme(scheme)
+        if old_view == new_view and meta["scheme"].split("-")[1] != scheme.split("-")[1]:  # same view, another revision
+            raise XsaeError(f"{where} was trained on revision {meta['scheme'].split('-')[1]} of the {old_view} view ({meta['scheme']}); this xsae makes {scheme}", "train a new model with `xsae sane train` (the view's output changed; see CHANGELOG)")
+        raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {old_view}) and layer keywords, or train a new model")
 
 
 def preflight(out_dir: Path, chunk_size: int, scheme: str, force: bool) -> int | None:

@@ -134,7 +134,8 @@ def test_retrieval_scores_on_a_known_distance_matrix() -> None:
     ], dtype=float)
     r = retrieval_scores(names, base_of, tr, d, ["x"])
     # A~x: nearest base A (1 < 3): hit. B~x: A at 2 < B at 4: miss, rank 2.
-    assert r["per_type"]["x"] == {"top1": 0.5, "mrr": 0.75, "auroc": 0.5, "n": 2}
+    # separation: A~x 3 / 1, B~x 2 / 4 -> median 1.75
+    assert r["per_type"]["x"] == {"top1": 0.5, "mrr": 0.75, "auroc": 0.5, "separation": 1.75, "n": 2}
     # pairs: same-lineage (A,A~x)=1, (B,B~x)=4; others 5,2,3,6 -> P(neg > pos) = (4 + 2) / 8
     assert r["auroc"] == pytest.approx(6 / 8)
     assert 0 < r["map"] < 1

@@ -58,6 +58,10 @@ def test_mismatched_checkpoints_are_refused_naming_both_values(demo_zoo, tiny_mo
     meta = read_checkpoint_config(tmp_path / "run" / "checkpoint_epoch_1")
     with pytest.raises(XsaeError, match=f"{meta['scheme']}.*depth-v9-other"):
         check_compatible(meta, 64, "depth-v9-other", "ckpt")
+    # a checkpoint of an older revision of the same view: the fix is to retrain, not another --view
+    with pytest.raises(XsaeError, match="revision v1 of the circuits view") as err:
+        check_compatible({**meta, "scheme": "circuits-v1-0123456789"}, 64, "circuits-v2-abcdefabcd", "ckpt")
+    assert "sane train" in err.value.hint
 
 
 def test_bad_settings_are_user_errors(tiny_models, tmp_path: Path) -> None:
