@@ -21,6 +21,7 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     rows = json.loads(tok.stdout)
     assert [r["name"] for r in rows] == ["tiny-gpt2", "tiny-gemma"] and [r["view"] for r in rows] == ["circuits", "circuits"]
     assert [r["n_chunks"] for r in rows] == [13 * 64, 17 * 64]  # gram + 4 blocks x (qk, ov, mlp[, gate]); both tie their head
+    assert [r["outlier_directions"] for r in rows] == [0, 0]  # random-initialised embeddings are left as they are
     raw = run_xsae("--json", "sane", "tokenize", "--view", "weights", "tiny-gpt2", env=ONE_THREAD)
     assert raw.returncode == 0, raw.stderr[-2000:]
     assert json.loads(raw.stdout)[0]["view"] == "weights" and json.loads(raw.stdout)[0]["n_chunks"] > 3000

@@ -99,6 +99,7 @@ def tokenize(
             "chunk_size": cs,
             "scheme": tm.scheme,
             "view": tm.manifest.get("view", {}).get("view", "weights"),
+            "outlier_directions": tm.manifest.get("view", {}).get("outlier_directions"),  # circuits: embedding directions shrunk
             "seconds": secs,
             "mb_per_second": (nbytes / 1e6 / secs) if nbytes else None,
             "cached": nbytes == 0,
