@@ -25,7 +25,7 @@ circuit is an ``S x S`` "tensor" (``S`` = 64 anchors: one 64-float chunk per row
 tokenizer treats like any weight, with its block's depth and its own kind.
 
 Cost: two streaming passes. The first touches only the 1-D tensors (norm gains) and the anchors'
-rows of the embedding (memory-mapped, so no weight matrix is read); the second reduces every weight
+and a few thousand sampled rows of the embedding (memory-mapped, so no weight matrix is read); the second reduces every weight
 matrix, a float32 block at a time, to an ``S x width`` projection, so memory is one tensor plus ``S``
 rows per projection. Models without a known token embedding fall back to the canonical form.
 """
@@ -197,8 +197,7 @@ def _project(a: Any, t: Any, contract: int, rows: int = 1 << 22) -> Any:
     import torch
 
     step = max(1, rows // max(t.shape[1], 1))  # rows of t per block
-    convert = t.dtype != torch.float32
-    buf = torch.empty(min(step, t.shape[0]), t.shape[1], dtype=torch.float32) if convert else None
+    buf = torch.empty(min(step, t.shape[0]), t.shape[1], dtype=torch.float32) if t.dtype != torch.float32 else None
 
     def block(i: int) -> Any:
         src = t[i : i + step]
