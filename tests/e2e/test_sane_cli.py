@@ -124,6 +124,7 @@ def test_evaluate_lineage(demo_zoo: Path, tmp_path: Path) -> None:
     assert r["function_check_max_rel_logit_diff"] < 1e-4
     assert r["folds"][0]["reconstruction_held_out"]["mse_tensor_mean_masked"] > 0 and set(r["goals"]) >= {"top1_at_least_0.95", "never_below_quantile_top1"}
     assert r["versions"]["torch"] and r["settings"]["seeds"] == 2
+    assert r["folds"][0]["kind_gains"]["gram"] > 0 and "hard_strictly_above_both" in r["goals"]  # gains fitted on the training lineages
     assert (tmp_path / "lin" / "lineage.json").exists()
     assert_user_error(run_xsae(*args), "already exists", "--force")
     assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "x")), "--seeds 1")

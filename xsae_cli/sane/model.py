@@ -154,6 +154,9 @@ class SaneAutoencoder(nn.Module):
         self.value_out = nn.Linear(d, cfg.chunk_size)
         self.head = nn.Sequential(nn.Linear(cfg.pooled_dim, 256), nn.GELU(), nn.Linear(256, cfg.embed_dim))
         self.sketch = CoordSketch(cfg.n_features, len(KINDS)) if cfg.pool == "sketch" else None
+        # Log-gain of each tensor kind's latents in the pooled embedding: zero (gain 1) unless fitted on
+        # known lineages (:mod:`sane.calibrate`); a buffer, so gradient training leaves it alone.
+        self.register_buffer("kind_gain", torch.zeros(len(KINDS)))
 
     def encode(self, b: dict[str, torch.Tensor], chunk_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-chunk latents ``[B, W, latent_dim]``; ``chunk_mask`` True hides a chunk's values."""
@@ -172,7 +175,13 @@ class SaneAutoencoder(nn.Module):
     def pool_sums(self, z: torch.Tensor, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Additive per-window sums over real chunks, so windows of one model combine exactly
         (:meth:`pool_finish`): count, sum of latents, and either the sum of squares (moments) or
-        the sums of latent x feature and of features (sketch)."""
+        the sums of latent x feature and of features (sketch).
+
+        Each chunk's latent is first scaled by its kind's gain (``exp(kind_gain)``): the pooled vector
+        is what retrieval compares, and kinds differ in how much of a model's identity survives a
+        fine-tune (a 200-step fine-tune moves the anchors' Gram by 0.2-0.4 of its squared norm, the
+        block circuits by 1.0-1.7), which a gain per kind can weigh and a shared encoder does not."""
+        z = z * self.kind_gain.exp()[b["kind"].long()].unsqueeze(-1).to(z.dtype)
         m = b["mask"].unsqueeze(-1).to(z.dtype)
         zm = z * m
         out = {"n": m.sum(1).squeeze(-1), "z": zm.sum(1)}

@@ -112,10 +112,19 @@ def load_model(ckpt: Path) -> tuple[Any, dict[str, Any]]:
 
     meta = read_checkpoint_config(ckpt)
     model = SaneAutoencoder(SaneModelConfig(**meta["model"]))
-    state = load_safetensors(Path(ckpt) / "model.safetensors")
-    model.load_state_dict(state)
+    load_weights(model, load_safetensors(Path(ckpt) / "model.safetensors"))
     model.eval()
     return model, meta
+
+
+def load_weights(model: Any, state: dict[str, Any]) -> None:
+    """Load a checkpoint's weights; one written before the per-kind pooling gains existed pools
+    with gains of 1 (zero log-gain), which is exactly how it pooled."""
+    import torch
+
+    if "kind_gain" not in state:
+        state = {**state, "kind_gain": torch.zeros_like(model.kind_gain)}
+    model.load_state_dict(state)
 
 
 def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: TrainSettings, partners: list[list[int]] | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
@@ -226,7 +235,7 @@ def _train(
     model = SaneAutoencoder(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if existing:
-        model.load_state_dict(load_safetensors(ckpt / "model.safetensors"))
+        load_weights(model, load_safetensors(ckpt / "model.safetensors"))
         opt_meta = read_json(ckpt / "optimizer.json", "optimizer state")
         opt.load_state_dict(unflatten_state(load_safetensors(ckpt / "optimizer.safetensors"), opt_meta["skeleton"]))
         history = list(meta.get("history", []))

@@ -208,3 +208,18 @@ def test_real_models_permutations_leave_logits_unchanged(demo_zoo: Path) -> None
                 m.load_state_dict(apply(state, arch, kind, seed=1))
                 got = m(input_ids=PROBE).logits
                 assert (got - ref).abs().max() / ref.abs().max() < 1e-4, (name, kind)
+
+
+def test_hard_goal_ranks_by_separation_when_top1_ties() -> None:
+    from xsae_cli.sane.evaluate import goals
+
+    def row(top1: tuple[float, float, float], sep: tuple[float, float, float]) -> dict:
+        keys = ("sane", "quantile_baseline", "random_encoder_baseline")
+        return {"hard": True, **{k: {"top1": t, "separation": s} for k, t, s in zip(keys, top1, sep)}}
+
+    g = goals({"ft_long": row((1.0, 0.55, 1.0), (2.5, 1.0, 1.41)), "noise_0.3": row((1.0, 1.0, 1.0), (8.7, 1.18, 5.64))})
+    assert g["hard_strictly_above_both"]["met"]
+    g = goals({"ft_long": row((1.0, 0.55, 1.0), (1.36, 1.0, 1.41))})  # tied top-1, smaller margin than the random encoder
+    assert not g["hard_strictly_above_both"]["met"] and g["hard_strictly_above_both"]["failing"] == ["ft_long"]
+    g = goals({"ft_long": row((0.9, 0.55, 1.0), (9.0, 1.0, 1.41))})  # a larger margin cannot make up for a lower top-1
+    assert not g["hard_strictly_above_both"]["met"]
