@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_user_error, run_xsae
+from xsae_cli.core.io import load_safetensors
+from xsae_cli.sane.tokenizer import KIND_ID
 
 TINY = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -124,7 +126,11 @@ def test_evaluate_lineage(demo_zoo: Path, tmp_path: Path) -> None:
     assert r["function_check_max_rel_logit_diff"] < 1e-4
     assert r["folds"][0]["reconstruction_held_out"]["mse_tensor_mean_masked"] > 0 and set(r["goals"]) >= {"top1_at_least_0.95", "never_below_quantile_top1"}
     assert r["versions"]["torch"] and r["settings"]["seeds"] == 2
-    assert r["folds"][0]["kind_gains"]["gram"] > 0 and "hard_strictly_above_both" in r["goals"]  # gains fitted on the training lineages
+    gains = r["folds"][0]["kind_gains"]  # fitted on the training lineages, and kept by the fold's checkpoint
+    assert gains["gram"] > 0 and "hard_strictly_above_both" in r["goals"]
+    ckpt = sorted((tmp_path / "lin" / "run-fold1").glob("checkpoint_epoch_*"))[-1]
+    assert json.loads((ckpt / "config.json").read_text())["kind_gains"] == gains
+    assert abs(float(load_safetensors(ckpt / "model.safetensors")["kind_gain"][KIND_ID["gram"]].exp()) - gains["gram"]) < 1e-2 * gains["gram"]
     assert (tmp_path / "lin" / "lineage.json").exists()
     assert_user_error(run_xsae(*args), "already exists", "--force")
     assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "x")), "--seeds 1")

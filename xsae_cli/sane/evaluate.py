@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.core.io import atomic_write_json
+from xsae_cli.core.io import atomic_write_json, save_safetensors
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
 # name -> ops (applied in order; "ft_short"/"ft_long" fine-tune, anything else is a transforms.apply kind)
@@ -587,6 +587,9 @@ def _evaluate(
             fitted = fit_kind_gains(comps, {n: base_of[n] if transform_of[n] != "base" else n for n in train_names}, len(KINDS))
             model.kind_gain.copy_(torch.from_numpy(fitted))
             gains = {KINDS[i]: round(float(np.exp(v)), 3) for i, v in enumerate(fitted) if v != 0}
+            # the fold's checkpoint keeps them, so `xsae sane embed --checkpoint` on it embeds as scored here
+            save_safetensors(model.state_dict(), Path(ckpt) / "model.safetensors", metadata={"format": "xsae-sane"})
+            atomic_write_json(Path(ckpt) / "config.json", {**meta, "kind_gains": gains})
             log(f"fold {fi + 1}: pooling gains fitted on the training lineages: " + ", ".join(f"{k} {v:.2f}" for k, v in gains.items()))
         torch.manual_seed(12345)
         random_model = SaneAutoencoder(SaneModelConfig(**meta["model"])).eval()
