@@ -65,6 +65,27 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     human = run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(out / "model_embeddings.json"), "--top", "2")
     assert human.returncode == 0 and "cosine distance" in human.stdout and "tiny-gpt2" in human.stdout
 
+    # Calibration on known descendants: a copy of the checkpoint with fitted gains; the original stays.
+    lineage = {str(_noisy_copy("tiny-gpt2", tmp_path / "gpt2-noisy", seed=1)): "tiny-gpt2", str(_noisy_copy("tiny-qwen2", tmp_path / "qwen2-noisy", seed=2)): "tiny-qwen2"}
+    (tmp_path / "lineage.json").write_text(json.dumps(lineage))
+    ca = run_xsae("--json", "sane", "calibrate", "--checkpoint", str(run / "checkpoint_epoch_3"), "--lineage", str(tmp_path / "lineage.json"), env=ONE_THREAD)
+    assert ca.returncode == 0, ca.stderr[-2000:]
+    cal = json.loads(ca.stdout)
+    calibrated = run / "checkpoint_epoch_3_calibrated"
+    assert cal["checkpoint"] == str(calibrated) and cal["n_models"] == 4 and cal["n_bases"] == 2 and "gram" in cal["kind_gains"]
+    assert json.loads((calibrated / "config.json").read_text())["kind_gains"] == cal["kind_gains"]
+    assert not load_safetensors(run / "checkpoint_epoch_3" / "model.safetensors")["kind_gain"].any()  # the original keeps gains of 1
+    ec = run_xsae("--json", "sane", "embed", "--checkpoint", str(calibrated), "--models", ",".join(TINY), "--output-dir", str(tmp_path / "oc"), env=ONE_THREAD)
+    assert ec.returncode == 0, ec.stderr[-2000:]
+    cdata = json.loads((tmp_path / "oc" / "model_embeddings.json").read_text())
+    assert not np.allclose(cdata["embeddings"]["tiny-gpt2"], data["embeddings"]["tiny-gpt2"])
+    assert_user_error(run_xsae("sane", "calibrate", "--checkpoint", str(run / "checkpoint_epoch_3"), "--lineage", str(tmp_path / "lineage.json")), "already exists", "--force")
+    (tmp_path / "bad.json").write_text(json.dumps(["tiny-gpt2"]))
+    assert_user_error(run_xsae("sane", "calibrate", "--checkpoint", str(run / "checkpoint_epoch_3"), "--lineage", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c2")), "not a lineage map")
+    one_base = tmp_path / "one_base.json"
+    one_base.write_text(json.dumps({next(iter(lineage)): "tiny-gpt2"}))
+    assert_user_error(run_xsae("sane", "calibrate", "--checkpoint", str(run / "checkpoint_epoch_3"), "--lineage", str(one_base), "--out", str(tmp_path / "c3")), "two bases")
+
     # A checkpoint trained on another view: `sane embed` takes the view from the checkpoint.
     wrun = tmp_path / "runs" / "sane-weights"
     tw = run_xsae("--json", "sane", "train", "--view", "weights", "--models", "tiny-gpt2,tiny-gemma", "--epochs", "1", *SMALL, "--out", str(wrun), env=ONE_THREAD)
@@ -85,6 +106,23 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     one.write_text(json.dumps({"embeddings": {"tiny-gpt2": data["embeddings"]["tiny-gpt2"]}}))
     assert_user_error(run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(one)), "at least two")
     assert_user_error(run_xsae("sane", "neighbors", "nope", "--embeddings", str(out / "model_embeddings.json")), "nope")
+
+
+def _noisy_copy(name: str, dest: Path, seed: int, scale: float = 0.05) -> Path:
+    """A catalogued model's folder copied with Gaussian noise (``scale`` x each tensor's std): a known descendant."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from xsae_cli.zoo.registry import Registry, resolve_entry
+
+    shutil.copytree(Path(resolve_entry(name, Registry()).model_dir), dest)
+    f = dest / "model.safetensors"
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(f)
+    save_file({k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1 else v for k, v in state.items()}, f)
+    return dest
 
 
 def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:

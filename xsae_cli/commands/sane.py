@@ -222,6 +222,32 @@ def embed(
     out.emit(brief, render)
 
 
+@app.command("calibrate")
+def calibrate(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
+    lineage: Path = typer.Option(..., "--lineage", help='JSON {"model": "its base", ...} of known descendants (zoo names or paths); at least two bases.'),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the calibrated checkpoint goes (default: <checkpoint>_calibrated)."),
+    max_windows: Optional[int] = typer.Option(32, "--max-windows", help="Windows per model (evenly spaced) when fitting."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Fit the per-kind pooling gains on known lineages, so embeddings weigh what survives fine-tuning."""
+    from xsae_cli.sane.calibrate import calibrate_checkpoint, read_lineage
+    from xsae_cli.sane.tokenizer import view_of_scheme
+    from xsae_cli.sane.train import read_checkpoint_config
+
+    scheme = _scheme(ctx.obj.config, view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
+    target = out_dir or checkpoint.parent / f"{checkpoint.name}_calibrated"
+    with out.progress() as bar:
+        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=max_windows, scheme=scheme, warn=out.warn, progress=bar)
+
+    def render(d: dict[str, Any]) -> None:
+        gains = ", ".join(f"{k} {v:.2f}" for k, v in d["kind_gains"].items())
+        out.console.print(f"fitted on {d['n_models']} models of {d['n_bases']} lineages: {gains}; checkpoint [bold]{d['checkpoint']}[/bold]")
+
+    out.emit(result, render)
+
+
 @app.command("neighbors")
 def neighbors(
     name: str = typer.Argument(..., help="A model in the embeddings file."),

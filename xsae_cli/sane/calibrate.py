@@ -16,6 +16,8 @@ soft minimum of ``log d(variant, other base)``, cosine distances, as retrieval r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,3 +86,70 @@ def fit_kind_gains(components: dict[str, dict[int, np.ndarray]], base_of: dict[s
     out = np.zeros(n_kinds)
     out[kinds] = g.detach().numpy()
     return out
+
+
+def read_lineage(path: Path) -> dict[str, str]:
+    """``{model: base}`` from a JSON object; every base is its own base (added when missing)."""
+    from xsae_cli.core.io import read_json
+
+    data = read_json(Path(path), "lineage file")
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in data.items()):
+        raise XsaeError(f"{path} is not a lineage map", 'write a JSON object {"variant": "its base", ...}, e.g. {"my-finetune": "smollm2-135m"}')
+    out = dict(data)
+    for base in set(data.values()):
+        if out.setdefault(base, base) != base:
+            raise XsaeError(f"{path}: '{base}' is a base and also descends from '{out[base]}'", "map every model to its root base")
+    return out
+
+
+def calibrate_checkpoint(
+    checkpoint: Path,
+    lineage: dict[str, str],
+    out_dir: Path,
+    force: bool = False,
+    max_windows: int | None = None,
+    scheme: Any = None,
+    warn: Callable[[str], None] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Fit the per-kind pooling gains of ``checkpoint`` on the known ``lineage`` (``{model: base}``)
+    and write the checkpoint with them to ``out_dir`` (a copy; the original stays as it was)."""
+    import shutil
+
+    import torch
+
+    from xsae_cli.core.io import atomic_dir, atomic_write_json, save_safetensors
+    from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
+    from xsae_cli.sane.tokenizer import KINDS, CoordScheme, view_of_scheme
+    from xsae_cli.sane.train import check_compatible, load_model
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    n_bases, n_variants = len(set(lineage.values())), sum(1 for k, v in lineage.items() if k != v)
+    if n_bases < 2 or not n_variants:  # checked before any model is read
+        raise XsaeError(f"fitting pooling gains needs at least two bases and one variant (got {n_bases} and {n_variants})", "give descendants of at least two lineages in --lineage")
+    if out_dir.resolve() == checkpoint.resolve():
+        raise XsaeError(f"--out {out_dir} is the checkpoint itself", "write the calibrated checkpoint to another folder")
+    if out_dir.exists() and not force:
+        raise XsaeError(f"{out_dir} already exists", "pass --force to replace it, or choose another --out")
+    model, meta = load_model(checkpoint)
+    scheme = scheme or CoordScheme(view=view_of_scheme(str(meta.get("scheme", ""))))
+    check_compatible(meta, int(meta["chunk_size"]), scheme.scheme_id, str(checkpoint))
+    window_size = int(meta["settings"]["window_size"])
+    comps = {}
+    task = progress.add_task("tokenise and embed", total=len(lineage), unit="models") if progress else None
+    for name in lineage:
+        src = model_source(name)
+        tm = TokenizedModel(tokenize_to_cache(src, int(meta["chunk_size"]), scheme, warn=warn), name)
+        comps[name] = kind_components(model, tm, window_size, max_windows)
+        if progress:
+            progress.advance(task)
+    fitted = fit_kind_gains(comps, lineage, len(KINDS))
+    model.kind_gain.copy_(torch.from_numpy(fitted))
+    gains = {KINDS[i]: round(float(np.exp(v)), 3) for i, v in enumerate(fitted) if v != 0}
+    with atomic_dir(out_dir, force=True) as tmp:
+        for f in checkpoint.iterdir():
+            if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+                shutil.copy2(f, tmp / f.name)
+        save_safetensors(model.state_dict(), tmp / "model.safetensors", metadata={"format": "xsae-sane"})
+        atomic_write_json(tmp / "config.json", {**meta, "kind_gains": gains, "calibrated_from": str(checkpoint), "calibration_lineage": lineage})
+    return {"checkpoint": str(out_dir), "from": str(checkpoint), "kind_gains": gains, "n_models": len(lineage), "n_bases": len(set(lineage.values()))}

@@ -73,3 +73,15 @@ def test_checkpoints_from_before_the_gains_pool_with_gain_one() -> None:
     load_weights(model, old)
     assert torch.equal(model.kind_gain, torch.zeros(len(KINDS)))
     assert not any(n == "kind_gain" for n, _ in model.named_parameters())  # gradient training leaves it alone
+
+
+def test_lineage_files_are_checked(tmp_path) -> None:
+    from xsae_cli.sane.calibrate import read_lineage
+
+    good = tmp_path / "l.json"
+    good.write_text('{"ft-a": "base-a", "ft-b": "base-b"}')
+    assert read_lineage(good) == {"ft-a": "base-a", "ft-b": "base-b", "base-a": "base-a", "base-b": "base-b"}
+    for text, msg in (('["x"]', "not a lineage map"), ("{}", "not a lineage map"), ('{"a": "b", "b": "c"}', "is a base and also descends"), ("{nope", "not valid JSON")):
+        good.write_text(text)
+        with pytest.raises(XsaeError, match=msg):
+            read_lineage(good)
