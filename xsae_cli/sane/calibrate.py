@@ -52,6 +52,11 @@ def kind_components(model: Any, tm: Any, window_size: int, max_windows: int | No
         model.kind_gain.copy_(saved)
 
 
+def check_counts(n_bases: int, n_variants: int) -> None:
+    if n_bases < 2 or not n_variants:
+        raise XsaeError(f"fitting pooling gains needs at least two bases and one variant (got {n_bases} and {n_variants})", "give descendants of at least two lineages")
+
+
 def fit_kind_gains(components: dict[str, dict[int, np.ndarray]], base_of: dict[str, str], n_kinds: int, steps: int = 300, lr: float = 0.05, tau: float = 0.05) -> np.ndarray:
     """Log-gains ``[n_kinds]`` (0 for kinds no model has) maximising the retrieval margin of every
     variant (a name whose ``base_of`` is another model) against the bases (names that are their own
@@ -61,8 +66,7 @@ def fit_kind_gains(components: dict[str, dict[int, np.ndarray]], base_of: dict[s
 
     bases = sorted(n for n in components if base_of[n] == n)
     variants = sorted(n for n in components if base_of[n] != n and base_of[n] in components)
-    if len(bases) < 2 or not variants:
-        raise XsaeError(f"fitting pooling gains needs at least two bases and one variant (got {len(bases)} and {len(variants)})", "give models of at least two lineages")
+    check_counts(len(bases), len(variants))
     kinds = sorted({k for c in components.values() for k in c})
     dim = next(iter(next(iter(components.values())).values())).shape[0]
 
@@ -86,6 +90,27 @@ def fit_kind_gains(components: dict[str, dict[int, np.ndarray]], base_of: dict[s
     out = np.zeros(n_kinds)
     out[kinds] = g.detach().numpy()
     return out
+
+
+def fit_into(model: Any, tms: dict[str, Any], base_of: dict[str, str], window_size: int, max_windows: int | None = None) -> dict[str, float]:
+    """Fit the gains on the tokenised models ``tms`` (name -> TokenizedModel) and set them in
+    ``model``; returns ``{kind: gain}`` for the kinds present (what checkpoints and reports record)."""
+    import torch
+
+    from xsae_cli.sane.tokenizer import KINDS
+
+    comps = {n: kind_components(model, tm, window_size, max_windows) for n, tm in tms.items()}
+    fitted = fit_kind_gains(comps, base_of, len(KINDS))
+    model.kind_gain.copy_(torch.from_numpy(fitted))
+    return {KINDS[i]: round(float(np.exp(v)), 3) for i, v in enumerate(fitted) if v != 0}
+
+
+def write_weights(model: Any, meta: dict[str, Any], folder: Path, **extra: Any) -> None:
+    """The model's weights (gains included) and its checkpoint config with ``extra`` keys, into ``folder``."""
+    from xsae_cli.core.io import atomic_write_json, save_safetensors
+
+    save_safetensors(model.state_dict(), Path(folder) / "model.safetensors", metadata={"format": "xsae-sane"})
+    atomic_write_json(Path(folder) / "config.json", {**meta, **extra})
 
 
 def read_lineage(path: Path) -> dict[str, str]:
@@ -116,17 +141,14 @@ def calibrate_checkpoint(
     and write the checkpoint with them to ``out_dir`` (a copy; the original stays as it was)."""
     import shutil
 
-    import torch
-
-    from xsae_cli.core.io import atomic_dir, atomic_write_json, save_safetensors
+    from xsae_cli.core.io import atomic_dir
     from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
-    from xsae_cli.sane.tokenizer import KINDS, CoordScheme, view_of_scheme
+    from xsae_cli.sane.tokenizer import CoordScheme, view_of_scheme
     from xsae_cli.sane.train import check_compatible, load_model
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    n_bases, n_variants = len(set(lineage.values())), sum(1 for k, v in lineage.items() if k != v)
-    if n_bases < 2 or not n_variants:  # checked before any model is read
-        raise XsaeError(f"fitting pooling gains needs at least two bases and one variant (got {n_bases} and {n_variants})", "give descendants of at least two lineages in --lineage")
+    n_bases = len(set(lineage.values()))
+    check_counts(n_bases, sum(1 for k, v in lineage.items() if k != v))  # before any model is read
     if out_dir.resolve() == checkpoint.resolve():
         raise XsaeError(f"--out {out_dir} is the checkpoint itself", "write the calibrated checkpoint to another folder")
     if out_dir.exists() and not force:
@@ -134,22 +156,16 @@ def calibrate_checkpoint(
     model, meta = load_model(checkpoint)
     scheme = scheme or CoordScheme(view=view_of_scheme(str(meta.get("scheme", ""))))
     check_compatible(meta, int(meta["chunk_size"]), scheme.scheme_id, str(checkpoint))
-    window_size = int(meta["settings"]["window_size"])
-    comps = {}
-    task = progress.add_task("tokenise and embed", total=len(lineage), unit="models") if progress else None
+    tms = {}
+    task = progress.add_task("tokenise", total=len(lineage), unit="models") if progress else None
     for name in lineage:
-        src = model_source(name)
-        tm = TokenizedModel(tokenize_to_cache(src, int(meta["chunk_size"]), scheme, warn=warn), name)
-        comps[name] = kind_components(model, tm, window_size, max_windows)
+        tms[name] = TokenizedModel(tokenize_to_cache(model_source(name), int(meta["chunk_size"]), scheme, warn=warn), name)
         if progress:
             progress.advance(task)
-    fitted = fit_kind_gains(comps, lineage, len(KINDS))
-    model.kind_gain.copy_(torch.from_numpy(fitted))
-    gains = {KINDS[i]: round(float(np.exp(v)), 3) for i, v in enumerate(fitted) if v != 0}
+    gains = fit_into(model, tms, lineage, int(meta["settings"]["window_size"]), max_windows)
     with atomic_dir(out_dir, force=True) as tmp:
         for f in checkpoint.iterdir():
             if f.is_file() and f.name not in ("model.safetensors", "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        save_safetensors(model.state_dict(), tmp / "model.safetensors", metadata={"format": "xsae-sane"})
-        atomic_write_json(tmp / "config.json", {**meta, "kind_gains": gains, "calibrated_from": str(checkpoint), "calibration_lineage": lineage})
-    return {"checkpoint": str(out_dir), "from": str(checkpoint), "kind_gains": gains, "n_models": len(lineage), "n_bases": len(set(lineage.values()))}
+        write_weights(model, meta, tmp, kind_gains=gains, calibrated_from=str(checkpoint), calibration_lineage=lineage)
+    return {"checkpoint": str(out_dir), "from": str(checkpoint), "kind_gains": gains, "n_models": len(lineage), "n_bases": n_bases}

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.core.io import atomic_write_json, save_safetensors
+from xsae_cli.core.io import atomic_write_json
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
 # name -> ops (applied in order; "ft_short"/"ft_long" fine-tune, anything else is a transforms.apply kind)
@@ -580,16 +580,10 @@ def _evaluate(
         ws = int(meta["settings"]["window_size"])
         gains: dict[str, float] = {}
         if s.fit_gains and checkpoint is None:
-            from xsae_cli.sane.calibrate import fit_kind_gains, kind_components
-            from xsae_cli.sane.tokenizer import KINDS
+            from xsae_cli.sane.calibrate import fit_into, write_weights
 
-            comps = {n: kind_components(model, tms[n], ws, s.max_windows) for n in train_names}
-            fitted = fit_kind_gains(comps, {n: base_of[n] if transform_of[n] != "base" else n for n in train_names}, len(KINDS))
-            model.kind_gain.copy_(torch.from_numpy(fitted))
-            gains = {KINDS[i]: round(float(np.exp(v)), 3) for i, v in enumerate(fitted) if v != 0}
-            # the fold's checkpoint keeps them, so `xsae sane embed --checkpoint` on it embeds as scored here
-            save_safetensors(model.state_dict(), Path(ckpt) / "model.safetensors", metadata={"format": "xsae-sane"})
-            atomic_write_json(Path(ckpt) / "config.json", {**meta, "kind_gains": gains})
+            gains = fit_into(model, {n: tms[n] for n in train_names}, {n: base_of[n] if transform_of[n] != "base" else n for n in train_names}, ws, s.max_windows)
+            write_weights(model, meta, Path(ckpt), kind_gains=gains)  # so `xsae sane embed --checkpoint` on it embeds as scored here
             log(f"fold {fi + 1}: pooling gains fitted on the training lineages: " + ", ".join(f"{k} {v:.2f}" for k, v in gains.items()))
         torch.manual_seed(12345)
         random_model = SaneAutoencoder(SaneModelConfig(**meta["model"])).eval()
