@@ -151,7 +151,7 @@ SECTIONS: dict[str, type] = {
 }
 
 # Variables under XSAE_ that are not config keys.
-RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR", "XSAE_CRASH_AT_STEP"}
+RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR", "XSAE_CRASH_AT_STEP", "XSAE_BF16_ENCODER", "XSAE_SPARSE_BACKEND"}
 
 
 @dataclass(frozen=True)

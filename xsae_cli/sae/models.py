@@ -37,6 +37,15 @@ SPARSE_BACKENDS = ("auto", "bag", "gather")
 
 #: Set to ``bag`` or ``gather`` to force one sparse backend (tests compare both on CPU).
 SPARSE_BACKEND_ENV = "XSAE_SPARSE_BACKEND"
+#: ``on`` / ``off`` decide what ``bf16_encoder = None`` (auto) means, whatever the hardware: the
+#: test suite runs once each way, so a CPU without AVX512-BF16 exercises the path others take.
+BF16_ENCODER_ENV = "XSAE_BF16_ENCODER"
+BF16_MODES = ("auto", "on", "off")
+#: Architectures whose training may select latents with a bf16 matmul by default. Their values are
+#: recomputed exactly in fp32 after the selection, so bf16 moves only near-ties of the top-k;
+#: benchmarks/bf16_encoder.py measures held-out FVU within seed noise of fp32 (RESULTS.md). ReLU
+#: and JumpReLU would train on the bf16 values themselves and stay fp32 unless asked.
+BF16_SELECTION_ARCHES = ("topk", "batchtopk")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +78,7 @@ class SaeConfig:
     metadata: dict = field(default_factory=dict)
     # -- xsae additions --
     batchtopk_threshold_lr: float = 0.01  # EMA rate of the inference threshold (SAELens's value)
-    bf16_encoder: bool | None = None  # None: on where bf16 matmuls are fast (see bf16_encoder_is_fast)
+    bf16_encoder: bool | None = None  # training only; None: see bf16_encoder_default. Inference is always exact
     norm_scaling_factor: float | None = None  # expected_average_only_in: set by fit_normalization
 
     def __post_init__(self) -> None:
@@ -149,6 +158,17 @@ def bf16_encoder_is_fast(device: torch.device | str) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
     return False
+
+
+def bf16_encoder_default(arch: str, device: torch.device | str) -> bool:
+    """What ``bf16_encoder = None`` means: ``XSAE_BF16_ENCODER`` if set, else on for the
+    architectures in :data:`BF16_SELECTION_ARCHES` where :func:`bf16_encoder_is_fast`."""
+    forced = os.environ.get(BF16_ENCODER_ENV, "auto").strip().lower() or "auto"
+    if forced not in BF16_MODES:
+        raise XsaeError(f"{BF16_ENCODER_ENV}={forced} is not a bf16 encoder mode", f"use one of {', '.join(BF16_MODES)}")
+    if forced != "auto":
+        return forced == "on"
+    return arch in BF16_SELECTION_ARCHES and bf16_encoder_is_fast(device)
 
 
 def _sparse_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -501,9 +521,13 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def use_bf16_encoder(self) -> bool:
+        """Whether *training* runs the encoder matmul in bf16; inference never does (it is exact
+        in the weights' dtype, so a saved SAE gives the same codes on every machine)."""
+        if self.dtype != torch.float32:  # a bf16 SAE is bf16 throughout; float64 stays exact
+            return False
         if self.cfg.bf16_encoder is not None:
-            return bool(self.cfg.bf16_encoder) and self.dtype != torch.float64
-        return self.dtype == torch.float32 and bf16_encoder_is_fast(self.device)
+            return bool(self.cfg.bf16_encoder)
+        return bf16_encoder_default(self.cfg.arch, self.device)
 
     @property
     def sparse_backend(self) -> str:
@@ -626,14 +650,16 @@ class SparseAutoencoder(nn.Module):
     def _centred(self, x_n: Tensor) -> Tensor:
         return x_n - self.b_dec if self.cfg.apply_b_dec_to_input else x_n
 
-    def _pre(self, xc: Tensor, scratch: bool = False) -> Tensor:
-        """Dense pre-activations; the one matmul every architecture pays, in bf16 when that is fast.
+    def _pre(self, xc: Tensor, *, training: bool = False, scratch: bool = False) -> Tensor:
+        """Dense pre-activations; the one matmul every architecture pays.
 
-        ``scratch``: write into a buffer kept between steps (only for pre-activations that no
-        autograd graph keeps). On a CPU a fresh [N, d_sae] block is a fresh mmap each step, and
-        faulting its pages in costs as much as the top-k that follows.
+        ``training``: a training step, which may run the matmul in bf16 (:attr:`use_bf16_encoder`);
+        inference is always exact in the weights' dtype. ``scratch``: write into a buffer kept
+        between steps (only for pre-activations that no autograd graph keeps). On a CPU a fresh
+        [N, d_sae] block is a fresh mmap each step, and faulting its pages in costs as much as the
+        top-k that follows.
         """
-        if self.use_bf16_encoder:
+        if training and self.use_bf16_encoder:
             with torch.autocast(xc.device.type, dtype=torch.bfloat16):
                 return torch.addmm(self.b_enc, xc, self.W_enc)
         if scratch and not torch.is_grad_enabled():
@@ -751,11 +777,11 @@ class ReluSae(SparseAutoencoder):
 
     unit_norm_decoder = False
 
-    def _codes(self, x_n: Tensor) -> Tensor:
-        return F.relu(self._pre(self._centred(x_n)).to(self.dtype))
+    def _codes(self, x_n: Tensor, training: bool = False) -> Tensor:
+        return F.relu(self._pre(self._centred(x_n), training=training).to(self.dtype))
 
     def _train(self, x_n: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
-        codes = self._codes(x_n)
+        codes = self._codes(x_n, training=True)
         x_hat = self._decode_raw(codes)
         mse = _mse(x_hat, x_n)
         l1 = (codes * self.W_dec.norm(dim=1)).sum(-1).mean()
@@ -788,7 +814,7 @@ class JumpReluSae(SparseAutoencoder):
     def _train(self, x_n: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
         with torch.no_grad():
             self.threshold.clamp_(min=0.0)
-        pre = self._pre(self._centred(x_n)).to(self.dtype)
+        pre = self._pre(self._centred(x_n), training=True).to(self.dtype)
         eps = float(self.cfg.jumprelu_bandwidth)
         codes = _JumpReLU.apply(pre, self.threshold, eps)
         x_hat = self._decode_raw(codes)
@@ -823,7 +849,7 @@ class TopKSae(SparseAutoencoder):
         """
         with torch.no_grad():
             xc = self._centred(x_n)
-            pre = self._pre(xc, scratch=training)
+            pre = self._pre(xc, training=training, scratch=training)
             pattern, vals = self._select(pre, training)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         raw = _GatherLinear.apply(x_n, b_dec, self.W_enc, self.b_enc, xc, pattern, vals if pre.dtype == self.dtype else None)

@@ -173,11 +173,12 @@ def test_relu_before_selection_drops_negative_pre_activations(arch):
 def test_batchtopk_trains_on_k_times_batch_and_infers_by_threshold():
     sae = make("batchtopk")
     x = data(40)
+    sel = selection_pre(sae, x)
     out = sae.training_forward(x)
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     assert int(out.fired.sum()) == K * 40  # exactly k * N codes over the whole batch
     assert float(out.terms["l0"]) == pytest.approx(K)
-    chosen = F.relu(pre).flatten().topk(K * 40).values
+    chosen = F.relu(pre).flatten()[F.relu(sel).flatten().topk(K * 40).indices]  # exact values of the selection
     assert torch.isclose(sae.threshold, chosen.min()).all()  # first step: the smallest kept code
     per_row = (pre >= chosen.min()).sum(-1)
     assert per_row.max() > K and per_row.min() < K  # not k per row: a batch-level budget
@@ -221,16 +222,60 @@ def test_per_token_normalisation_round_trips(mode):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_reference_loss(sae, x, dead_mask=None):
-    """TopK/BatchTopK loss written with plain dense autograd, the same selection as the SAE makes."""
+def selection_pre(sae, x):
+    """The pre-activations a training step *selects* with: bf16 where the SAE's path is bf16.
+
+    References select with these and compute values exactly, as the SAE does, so each test keeps
+    the tolerance of exact arithmetic on either path (XSAE_BF16_ENCODER=on|off).
+    """
+    with torch.no_grad():
+        return sae._pre(sae._centred(x), training=True)
+
+
+def _recorded_selection(sae):
+    """Wrap ``sae._select`` so each call's pattern is kept: [(mask [N, d_sae], training)]."""
+    calls = []
+    inner = sae._select
+
+    def select(pre, training):
+        pattern, vals = inner(pre, training)
+        mask = torch.zeros(pattern.n_rows, pattern.n_cols, dtype=torch.bool)
+        mask[pattern.rows, pattern.cols] = True
+        calls.append(mask)
+        return pattern, vals
+
+    sae._select = select
+    return calls
+
+
+def _assert_is_a_top_selection(scores, mask, per_row):
+    """``mask`` picks largest entries of ``scores`` (per row, or over the batch); ties may go either way."""
+    lo = torch.where(mask, scores, torch.full_like(scores, float("inf")))
+    hi = torch.where(mask, torch.full_like(scores, -float("inf")), scores)
+    if per_row:
+        assert (lo.min(-1).values >= hi.max(-1).values).all()
+    else:
+        assert lo.min() >= hi.max()
+
+
+def _dense_reference_loss(sae, x, dead_mask=None, masks=None):
+    """TopK/BatchTopK loss written with plain dense autograd, on the selection the SAE made.
+
+    Where the selection ran on bf16 pre-activations, nearby values tie and either side of a tie is a
+    right answer, so the SAE's own selection (``masks``, from :func:`_recorded_selection`) is used
+    after checking that it is a valid top selection of the path's pre-activations.
+    """
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    sel = selection_pre(sae, x)
     n = x.shape[0]
     if sae.cfg.arch == "topk":
-        idx = pre.detach().topk(K, dim=-1).indices
-        mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, idx, True)
+        mask = masks[0]
+        assert (mask.sum(-1) == K).all()
+        _assert_is_a_top_selection(sel, mask, per_row=True)
     else:
-        flat = F.relu(pre.detach()).flatten().topk(K * n).indices
-        mask = torch.zeros(pre.numel(), dtype=torch.bool).index_fill(0, flat, True).view_as(pre)
+        mask = masks[0]
+        assert int(mask.sum()) == K * n
+        _assert_is_a_top_selection(F.relu(sel), mask, per_row=False)
     codes = F.relu(pre) * mask
     x_hat = codes @ sae.W_dec + sae.b_dec
     err = x_hat - x
@@ -238,7 +283,7 @@ def _dense_reference_loss(sae, x, dead_mask=None):
     if dead_mask is not None and dead_mask.any():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.cfg.effective_aux_k, dead.numel())
-        local = pre.detach()[:, dead].topk(k_aux, dim=-1).indices
+        local = sel[:, dead].topk(k_aux, dim=-1).indices
         amask = torch.zeros_like(mask).scatter(1, dead[local], True)
         e_hat = (F.relu(pre) * amask) @ sae.W_dec
         scale = min(dead.numel() / sae.cfg.effective_aux_k, 1.0)
@@ -258,9 +303,10 @@ def test_sparse_backward_matches_dense_autograd(arch, dtype, tol, with_dead, bac
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(3))[:with_dead]] = True
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    masks = _recorded_selection(sae)
     out = sae.training_forward(x, dead_mask=dead)
     ours = torch.autograd.grad(out.loss, params)
-    ref_loss = _dense_reference_loss(sae, x, dead)
+    ref_loss = _dense_reference_loss(sae, x, dead, masks)
     ref = torch.autograd.grad(ref_loss, params)
     assert torch.allclose(out.loss, ref_loss, rtol=tol, atol=tol)
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], ours, ref):
@@ -346,10 +392,47 @@ def test_bf16_selection_keeps_exact_fp32_values():
     assert sae.W_enc.grad.dtype == torch.float32
 
 
-def test_bf16_auto_is_off_where_it_would_be_slow():
+def test_bf16_auto_is_off_where_it_would_be_slow(monkeypatch):
+    monkeypatch.delenv(models.BF16_ENCODER_ENV, raising=False)
     cpu_fast = models.bf16_encoder_is_fast("cpu")
     assert make("topk").use_bf16_encoder == cpu_fast
+    assert make("batchtopk").use_bf16_encoder == cpu_fast
+    assert make("relu").use_bf16_encoder is False  # would train on bf16 values: fp32 unless asked
+    assert make("jumprelu").use_bf16_encoder is False
     assert make("topk", bf16_encoder=False).use_bf16_encoder is False
+    assert make("relu", bf16_encoder=True).use_bf16_encoder is True
+    assert make("topk", dtype="float64", bf16_encoder=True).use_bf16_encoder is False
+
+
+def test_bf16_env_switch_decides_auto_only(monkeypatch):
+    monkeypatch.setenv(models.BF16_ENCODER_ENV, "on")
+    assert make("topk").use_bf16_encoder and make("relu").use_bf16_encoder
+    assert make("topk", bf16_encoder=False).use_bf16_encoder is False  # an explicit setting wins
+    monkeypatch.setenv(models.BF16_ENCODER_ENV, "off")
+    assert not make("topk").use_bf16_encoder
+    assert make("topk", bf16_encoder=True).use_bf16_encoder
+    monkeypatch.setenv(models.BF16_ENCODER_ENV, "sometimes")
+    with pytest.raises(XsaeError, match="XSAE_BF16_ENCODER"):
+        make("topk").use_bf16_encoder
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_inference_is_exact_whatever_the_training_path(arch):
+    """encode/decode/forward never use bf16: a saved SAE gives the same codes on every CPU and GPU."""
+    fast, exact = make(arch, bf16_encoder=True), make(arch, bf16_encoder=False)
+    with torch.no_grad():
+        for sae in (fast, exact):
+            sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+            if hasattr(sae, "threshold"):
+                sae.threshold.fill_(0.05)
+    x = data(32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode(x), exact.encode(x), rtol=0, atol=0)
+        torch.testing.assert_close(fast(x), exact(x), rtol=0, atol=0)
+        pre = (x - exact.b_dec) @ exact.W_enc + exact.b_enc
+        codes = exact.encode(x)
+        on = codes > 0
+        torch.testing.assert_close(codes[on], pre[on], rtol=1e-6, atol=1e-6)  # the fp32 values themselves
 
 
 # ----------------------------------------------------------------------------------------------
