@@ -42,22 +42,22 @@ demo: models
 	$(DEMO) zoo info smollm2-135m
 	@date +"%T == SANE: train on the demo zoo, embed, cluster plot, lineage score"
 	$(DEMO) sane train --zoo demo --epochs 1 --batch-size 4 --window-size 256 --steps-per-epoch 20 --d-model 64 --out runs/demo/sane --force
-	$(DEMO) sane embed --checkpoint runs/demo/sane/checkpoint_epoch_1 --zoo demo --max-windows 16 --output-dir runs/demo/sane-out --force
-	$(DEMO) viz cluster --input runs/demo/sane-out/model_embeddings.json --output runs/demo/sane-out/embedding_plot.png --force
+	$(DEMO) sane embed --checkpoint runs/demo/sane/checkpoint_epoch_1 --zoo demo --max-windows 16 --out runs/demo/sane-out --force
+	$(DEMO) viz cluster --input runs/demo/sane-out/model_embeddings.json --out runs/demo/sane-out/embedding_plot.png --force
 	$(DEMO) sane evaluate --out runs/demo/sane-lineage --families tiny-gpt2,tiny-qwen2 --seeds 2 --real "" --folds 1 --epochs 1 --steps-per-epoch 20 --force
 	@date +"%T == SAE: TopK on SmolLM2-135M (layer 6) and MiniLM-L6 (layer 3), held-out metrics"
 	$(DEMO) sae train --model smollm2-135m --hook model.layers.6 --arch topk --k 32 --expansion 8 --tokens 60k --out runs/demo/smol-l6 --force
 	$(DEMO) sae train --model minilm-l6 --hook encoder.layer.3 --arch topk --k 32 --expansion 8 --tokens 100k --out runs/demo/minilm-l3 --force
 	@date +"%T == align: SAE feature spaces of SmolLM2 and MiniLM mapped both ways, every number next to its null"
-	OMP_NUM_THREADS=1 $(DEMO) align transfer --a smollm2-135m --b minilm-l6 --layers 5 --limit 20 --train-pairs 3000 --test-pairs 2000 --k 16 --expansion 2 --sae-tokens 20k --hypernet-epochs 4 --intervene-latents 2 --intervene-contexts 2 --out runs/demo/align --force
+	OMP_NUM_THREADS=1 $(DEMO) align transfer --a smollm2-135m --b minilm-l6 --layers 5 --limit 20 --train-pairs 3000 --test-pairs 2000 --k 16 --expansion 2 --tokens 20k --mlp-epochs 4 --intervene-latents 2 --intervene-contexts 2 --out runs/demo/align --force
 	@date +"%T == restore: tiny restoration model on the built-in corpus, one gap, TransformerLens twin, its SAE"
 	OMP_NUM_THREADS=1 $(DEMO) restore train --preset tiny --steps 40 --batch-size 8 --seq-len 64 --lr 3e-3 --out runs/demo/restore --force
 	OMP_NUM_THREADS=1 $(DEMO) restore predict "Return the [...] of the list." --model runs/demo/restore --top 3
 	OMP_NUM_THREADS=1 $(DEMO) restore convert runs/demo/restore --force
 	OMP_NUM_THREADS=1 $(DEMO) restore sae --model runs/demo/restore --layer 2 --max-samples 16 --epochs 4 --k 8 --expansion 4 --batch-size 256 --out runs/demo/restore-sae --force
 	@date +"%T == report: one offline page for every run above"
-	$(DEMO) viz align runs/demo/align --output runs/demo/align/plots --force
-	$(DEMO) viz report runs/demo --output runs/demo/report.html --force
+	$(DEMO) viz align runs/demo/align --out runs/demo/align/plots --force
+	$(DEMO) viz report runs/demo --out runs/demo/report.html --force
 	@date +"%T == done: open runs/demo/report.html"
 
 test: dev models

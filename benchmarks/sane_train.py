@@ -31,14 +31,15 @@ def main() -> None:
     from xsae_cli.core.hardware import peak_rss_bytes, resolve_device
     from xsae_cli.sane.dataset import load_or_tokenize
     from xsae_cli.sane.embed import embed_tokenized
-    from xsae_cli.sane.train import TrainSettings, load_model, train
+    from xsae_cli.sane.settings import SaneTrainSettings
+    from xsae_cli.sane.train import load_model, train
 
     dev = resolve_device(args.device)
     t0 = time.perf_counter()
     tms = {n: load_or_tokenize(n) for n in args.models.split(",")}
     tokenize_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        s = TrainSettings(epochs=1, batch_size=args.batch_size, window_size=args.window_size, steps_per_epoch=args.steps, device=str(dev))
+        s = SaneTrainSettings(epochs=1, batch_size=args.batch_size, window_size=args.window_size, steps_per_epoch=args.steps, device=str(dev))
         r = train(list(tms.values()), Path(tmp) / "run", s)
         model, _meta = load_model(r.last_checkpoint)
         model.to(dev)

@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from xsae_cli import __version__
+from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
 from xsae_cli.core.config import Config, load_config
 from xsae_cli.core.errors import XsaeError
@@ -30,12 +31,34 @@ class AppState:
 class XsaeApp(typer.Typer):
     """Typer app that turns :class:`XsaeError` into one stderr line and exit code 2.
 
-    ``--debug`` keeps the traceback for bug reports.
+    ``--debug`` keeps the traceback for bug reports. Help text that names a registry's choices
+    (``{choices:sae.arch}``) is filled in only when help is shown, so other commands never pay for
+    importing the models.
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().__call__(*args, **kwargs)
+            command = typer.main.get_command(self)
+            argv = list(kwargs.pop("args", None) or (args[0] if args else sys.argv[1:]))
+            if "--help" in argv or "-h" in argv:
+                from xsae_cli.commands.options import resolve_lazy_help
+
+                resolve_lazy_help(command, argv)
+            try:
+                rc = command.main(args=argv, prog_name="xsae", standalone_mode=False)
+            except typer.Exit as exc:
+                rc = exc.exit_code
+            except typer.TyperException as exc:  # a bad flag: one line, exit 2, like every other user mistake
+                if type(exc).__name__ == "NoArgsIsHelpError":  # help was shown
+                    sys.exit(2)
+                where = getattr(getattr(exc, "ctx", None), "command_path", "xsae")
+                message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+                raise XsaeError(message, f"see `{where} --help`") from None
+            except typer.Abort:
+                rc = 130
+            if rc == 130:  # click turns Ctrl-C into exit code 130; it is not a user error
+                out.err_console.print("interrupted", highlight=False)
+            sys.exit(rc if isinstance(rc, int) else 0)
         except XsaeError as exc:
             if out.state.debug or "--debug" in sys.argv:
                 raise
@@ -60,42 +83,18 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
+@options("hardware", into="flags", raw=True)
 def root(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (default: ./xsae.toml when present)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed repeats a CPU run exactly."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-    launcher: Optional[str] = typer.Option(None, "--launcher", help="Re-run this command under accelerate, deepspeed or torchrun."),
-    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Processes per machine for --launcher."),
-    num_machines: Optional[int] = typer.Option(None, "--num-machines", help="Machines for --launcher."),
-    machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="This machine's rank for --launcher."),
-    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="Address of machine 0 for --launcher."),
-    main_process_port: Optional[int] = typer.Option(None, "--main-process-port", help="Port on machine 0 for --launcher."),
-    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="accelerate YAML config for --launcher accelerate (see recipes/accelerate/)."),
-    deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="DeepSpeed JSON config (ZeRO-1/2/3 for `sae train`; see recipes/deepspeed/)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    flags: dict = None,  # type: ignore[assignment]
 ) -> None:
     if json_out:
         out.enable_json()
     out.state.debug = debug
-    flags = {
-        "hardware": {
-            "device": device,
-            "dtype": dtype,
-            "seed": seed,
-            "launcher": launcher,
-            "num_processes": num_processes,
-            "num_machines": num_machines,
-            "machine_rank": machine_rank,
-            "main_process_ip": main_process_ip,
-            "main_process_port": main_process_port,
-            "accelerate_config": str(accelerate_config) if accelerate_config else None,
-            "deepspeed_config": str(deepspeed_config) if deepspeed_config else None,
-        }
-    }
     cfg = load_config(config, flags=flags)
     ctx.obj = AppState(config=cfg, config_path=str(config) if config else None)
     from xsae_cli.core import launch

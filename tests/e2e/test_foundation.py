@@ -124,3 +124,37 @@ def test_accelerate_launch_runs_two_cpu_ranks() -> None:
     assert re.findall(r'"world_size": (\d+)', proc.stdout) == ["2", "2"]
     assert re.findall(r'"allreduce_sum": (\d+)', proc.stdout) == ["3", "3"]  # 1 + 2: both ranks talked
     assert set(re.findall(r'"backend": "(\w+)"', proc.stdout)) == {"gloo"}
+
+
+def test_group_settings_reach_the_run_from_every_layer(cleandir: Path) -> None:
+    """[align.sae] k from the file, a flag over it, both visible in config show's sources."""
+    (cleandir / "xsae.toml").write_text("[align.sae]\nk = 12\n\n[restore.predict]\nbeam = 3\n")
+    data = json.loads(run_xsae("--json", "config", "show", cwd=cleandir, env={"XSAE_SAE_L1_COEFFICIENT": "2.5"}).stdout)
+    assert data["values"]["align.sae"]["k"] == 12 and "xsae.toml:2" in data["sources"]["align.sae.k"]
+    assert data["values"]["restore.predict"]["beam"] == 3
+    assert data["values"]["sae"]["l1_coefficient"] == 2.5 and data["sources"]["sae.l1_coefficient"] == "env XSAE_SAE_L1_COEFFICIENT"
+    assert len(data["sources"]) > 150
+
+
+def test_bad_values_are_refused_before_any_model_is_looked_up(cleandir: Path) -> None:
+    """`no-such-model` would be its own error: the value is refused first, in one line naming the flag."""
+    out = cleandir / "run"
+    assert_user_error(run_xsae("sae", "train", "--model", "no-such-model", "--hook", "6", "--out", str(out), "--k", "0", cwd=cleandir), "--k 0", ">= 1")
+    assert_user_error(run_xsae("sae", "train", "--model", "no-such-model", "--hook", "6", "--out", str(out), "--lr", "nan", cwd=cleandir), "--lr", "finite")
+    assert_user_error(run_xsae("sae", "train", "--model", "no-such-model", "--hook", "6", "--out", str(out), "--arch", "topkk", cwd=cleandir), "--arch 'topkk'", "did you mean 'topk'")
+    assert_user_error(run_xsae("sae", "train", "--model", "no-such-model", "--hook", "6", "--out", str(out), "--context-size", "-4", cwd=cleandir), "--context-size -4")
+    assert_user_error(run_xsae("restore", "train", "--out", str(out), "--seq-len", "100000", cwd=cleandir), "--seq-len 100000", "<= 16384")
+    assert_user_error(run_xsae("restore", "predict", "a [...] b", "--model", str(out), "--beam", "0", cwd=cleandir), "--beam 0")
+    assert_user_error(run_xsae("sane", "train", "--models", "no-such-model", "--lr", "nan", "--out", str(out), cwd=cleandir), "--lr", "finite")
+    assert_user_error(run_xsae("--seed", "-1x", "config", "show", cwd=cleandir), "--seed")
+    assert not out.exists()
+
+
+def test_help_shows_generated_options_with_their_choices_and_old_spellings_still_work(tmp_path: Path) -> None:
+    proc = run_xsae("sae", "train", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for flag in ("--l1-coefficient", "--warmup-fraction", "--normalize-activations", "--outlier-factor", "--no-pack"):
+        assert flag in text, flag
+    assert "{choices:" not in text and "one of relu, topk, batchtopk, jumprelu" in text.replace("│ ", "")
+    assert "--output" not in run_xsae("viz", "cluster", "--help").stdout  # hidden alias

@@ -65,14 +65,15 @@ def test_7b_ddp_recipe_on_two_cpu_ranks_writes_a_single_process_checkpoint(demo_
     assert t["tokens"] <= t["steps"] * 512 * 2 and t["tokens"] > (t["steps"] - 1) * 512 * 2  # both ranks contributed to every step
     from xsae_cli.core.io import Checkpoints
     from xsae_cli.sae.formats import load_sae
-    from xsae_cli.sae.train import SaeTrainer, TrainSettings
+    from xsae_cli.sae.runs import settings_from_run
+    from xsae_cli.sae.train import SaeTrainer
 
     sae = load_sae(out / HOOK)
     assert sae.cfg.d_in == 64 and sae.cfg.k == 8
     step, _, meta = Checkpoints(out).latest()
     assert step == t["steps"] and meta["tokens"] == t["tokens"]
-    settings = TrainSettings(**json.loads((out / "run.json").read_text())["settings"])
-    trainer = SaeTrainer(settings, {HOOK: 64}, out)  # a single-process trainer resumes it
+    desc = json.loads((out / "run.json").read_text())
+    trainer = SaeTrainer(settings_from_run(desc), {HOOK: 64}, out, seed=desc["spec"]["seed"])  # a single-process trainer resumes it
     assert trainer.try_resume() and trainer.step == t["steps"] and trainer.tokens == t["tokens"]
     assert torch.equal(trainer.finalize()[HOOK].W_dec.detach(), sae.W_dec.detach())
 
@@ -86,14 +87,15 @@ def test_7b_zero2_recipe_on_two_cpu_ranks_and_its_checkpoint_resumes_without_dee
     assert training["world_size"] == 2 and training["zero_stage"] == 2
     assert training["tokens"] <= training["steps"] * 512 * 2 and training["tokens"] > (training["steps"] - 1) * 512 * 2  # both ranks every step
     from xsae_cli.core.io import Checkpoints
-    from xsae_cli.sae.train import SaeTrainer, TrainSettings
+    from xsae_cli.sae.runs import settings_from_run
+    from xsae_cli.sae.train import SaeTrainer
 
     step, state, meta = Checkpoints(out).latest()
     assert meta["world_size"] == 2 and meta["decoder_weight_norm"] == {HOOK: True}
     adam = state[HOOK]["optimizer"]["state"]
     assert adam[2]["exp_avg"].shape == (256, 64) and float(adam[2]["step"]) == step  # W_dec's full moments, not a partition
-    settings = TrainSettings(**{**json.loads((out / "run.json").read_text())["settings"], "deepspeed_config": None})
-    trainer = SaeTrainer(settings, {HOOK: 64}, out)  # one process, no DeepSpeed
+    desc = json.loads((out / "run.json").read_text())
+    trainer = SaeTrainer(settings_from_run(desc), {HOOK: 64}, out, seed=desc["spec"]["seed"])  # one process, no DeepSpeed
     assert trainer.try_resume() and trainer.step == step
     assert torch.allclose(trainer.finalize()[HOOK].W_dec.detach(), _weights(out)["W_dec"], atol=1e-6)
     assert torch.equal(trainer.states[HOOK].optimizer.state_dict()["state"][2]["exp_avg"], adam[2]["exp_avg"])

@@ -48,8 +48,13 @@ def test_train_predict_convert_sae(tmp_path: Path) -> None:
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["d_in"] == 64 and cfg["d_sae"] == 256 and cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
     features = json.loads((folder / "features.json").read_text())
-    top = features["latents"][0]
-    assert top["top_chars"] and top["top_contexts"][0]["text"][top["top_contexts"][0]["index"]] == top["top_contexts"][0]["char"]
+    assert features["format"] == "xsae-features"  # the schema `xsae sae features` writes, so `viz features` reads it
+    top = max(features["latents"], key=lambda lat: lat["frequency"])
+    assert top["top_tokens"] and top["logit_lens"]["promoted"]
+    ctx = top["top_contexts"][0]
+    assert len(ctx["tokens"]) == len(ctx["acts"]) and ctx["acts"][ctx["max_index"]] == pytest.approx(ctx["max_act"], abs=1e-3)
+    page = run_xsae("viz", "features", str(folder), "--out", str(tmp_path / "f.html"), env=ENV)
+    assert page.returncode == 0, page.stderr[-2000:]
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:

@@ -31,22 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xsae_cli.align.linear import r2_score
+from xsae_cli.align.settings import MlpMapperSettings
 
 
-@dataclass
-class HypernetSettings:
-    hidden: int = 256
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    max_epochs: int = 20
-    patience: int = 3
-    w_mse: float = 1.0
-    w_cosine: float = 0.5
-    w_correlation: float = 0.5
-    w_sparsity: float = 0.1
-    seed: int = 0
+#: The MLP mapper's settings are the [align.mlp] config section.
+HypernetSettings = MlpMapperSettings
 
 
 class SparseInput(nn.Module):

@@ -34,12 +34,14 @@ from typing import Any
 
 import torch
 
-from xsae_cli.align.hypernet import HypernetMapper, HypernetSettings
+from xsae_cli.align.hypernet import HypernetMapper
+from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
 from xsae_cli.align.linear import Procrustes, Ridge, Svcca, linear_cka
 from xsae_cli.align.metrics import code_scores, mean_code_scores, regression_scores
 from xsae_cli.core.console import info, progress, warn
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_write_json, read_json
+from xsae_cli.sae.settings import SaeTrainSettings
 
 REPORT = "report.json"
 REPORT_FORMAT = "xsae-align-report"
@@ -50,36 +52,16 @@ DIRECTIONS = ("a->b", "b->a")
 
 @dataclass
 class TransferSpec:
-    """Everything a transfer run needs; the CLI fills it from flags and the [align] config."""
+    """One transfer run: the two models, where it goes, and the [align] / [align.sae] / [align.mlp] settings."""
 
     a: str
     b: str
     out: Path
-    layers: list[str] = field(default_factory=lambda: ["5", "6", "7"])
-    corpus: str = "builtin"
-    text_field: str = "text"
-    limit: int | None = None  # documents
-    context_size: int = 128
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    max_train_pairs: int = 30000
-    max_test_pairs: int = 20000
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 4
-    sae_tokens: int = 200_000
-    sae_batch_size: int = 2048
+    settings: AlignSettings = field(default_factory=AlignSettings)
+    sae: SaeTrainSettings = field(default_factory=lambda: SaeTrainSettings(k=32, expansion=4, tokens=200_000, batch_size=2048))
+    mlp: MlpMapperSettings = field(default_factory=MlpMapperSettings)
     sae_a: str | None = None  # folder of SAEs for model A (seed 1); the second seed is still trained
     sae_b: str | None = None
-    mappers: list[str] = field(default_factory=lambda: list(MAPPERS))
-    hypernet: HypernetSettings = field(default_factory=HypernetSettings)
-    match_threshold: float = 0.5
-    intervene_latents: int = 4
-    intervene_contexts: int = 8
-    intervene_mapper: str = "ridge"
-    strength: float = 0.5
-    top_tokens: int = 10
-    batch_contexts: int = 8
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
@@ -176,7 +158,7 @@ def _check_context(loaded: Loaded, context_size: int) -> None:
 def _texts(spec: TransferSpec) -> list[Any]:
     from xsae_cli.data.corpus import load_texts
 
-    return load_texts(spec.corpus, text_field=spec.text_field, limit=spec.limit)
+    return load_texts(spec.settings.corpus, text_field=spec.settings.text_field, limit=spec.settings.limit)
 
 
 def pair_stats(spec: TransferSpec) -> dict[str, Any]:
@@ -187,7 +169,7 @@ def pair_stats(spec: TransferSpec) -> dict[str, Any]:
     toks = []
     for name in (spec.a, spec.b):
         toks.append(_tokenizer(resolve_entry(name), name, spec.trust_remote_code))
-    corpus = pair_corpus(_texts(spec), toks[0], toks[1], names=(spec.a, spec.b), context_size=spec.context_size, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed)
+    corpus = pair_corpus(_texts(spec), toks[0], toks[1], names=(spec.a, spec.b), context_size=spec.settings.context_size, val_fraction=spec.settings.val_fraction, test_fraction=spec.settings.test_fraction, seed=spec.seed)
     return corpus.stats()
 
 
@@ -209,23 +191,7 @@ def _tokenizer(resolved: Any, name: str, trust_remote_code: bool) -> Any:
 # --------------------------------------------------------------------------------------- SAEs
 
 
-def _content_batches(rows: dict[str, torch.Tensor], batch: int, seed: int) -> Callable[[int], Any]:
-    """The trainer's batch source: passes over in-memory rows, reshuffled each pass, resumable."""
-    n = int(next(iter(rows.values())).shape[0])
-
-    def stream(skip_tokens: int) -> Any:
-        epoch, pos = divmod(skip_tokens, n) if n else (0, 0)
-        while True:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            for s in range(pos, n, batch):
-                idx = perm[s : s + batch]
-                yield {h: t[idx] for h, t in rows.items()}
-            epoch, pos = epoch + 1, 0
-
-    return stream
-
-
-def train_saes(
+def train_side_saes(
     model_name: str,
     rows: dict[str, torch.Tensor],
     folder: Path,
@@ -233,43 +199,36 @@ def train_saes(
     seed: int,
     device: Any,
     fingerprint: dict[str, Any],
-) -> dict[str, Any]:
-    """One SAE per hook on ``rows`` through :class:`SaeTrainer`; reused when ``folder`` already holds them.
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One SAE per hook on ``rows`` through the SAE pipeline: (SAEs, training figures; None if reused).
 
     ``folder/train.json`` records what they were trained on; an interrupted training resumes from
     its checkpoints, and a folder trained on something else is started over.
     """
-    from xsae_cli.sae.formats import load_sae, save_sae
-    from xsae_cli.sae.runs import hook_dirname
-    from xsae_cli.sae.train import SaeTrainer, TrainSettings
+    from xsae_cli.sae.formats import load_sae
+    from xsae_cli.sae.pipeline import InMemoryActivations, hook_dirname, train_saes
 
     hooks = list(rows)
-    settings = TrainSettings(
-        arch=spec.arch, k=spec.k, expansion=spec.expansion, batch_size=spec.sae_batch_size, tokens=spec.sae_tokens,
-        checkpoint_every=max(50, spec.sae_tokens // spec.sae_batch_size // 4), keep_checkpoints=1, seed=seed,
-        dead_tokens_threshold=min(1_000_000, max(2 * spec.sae_batch_size, spec.sae_tokens // 4)),
+    sae = spec.sae
+    settings = sae.replace(
+        checkpoint_every=max(50, sae.tokens // sae.batch_size // 4), keep_checkpoints=1,
+        dead_tokens_threshold=min(1_000_000, max(2 * sae.batch_size, sae.tokens // 4)),
     )
-    want = {"settings": json_safe(asdict(settings)), "data": fingerprint, "hooks": hooks}
+    want = {"settings": json_safe({**asdict(settings), "seed": seed}), "data": fingerprint, "hooks": hooks}
     marker = folder / "train.json"
     if marker.exists():
         if read_json(marker, "SAE training record") == want and all((folder / hook_dirname(h) / "cfg.json").exists() for h in hooks):
             info(f"reusing the SAEs of {model_name} (seed {seed}) in {folder}")
-            return {h: load_sae(folder / hook_dirname(h), device=device) for h in hooks}
+            return {h: load_sae(folder / hook_dirname(h), device=device) for h in hooks}, None
         if read_json(marker, "SAE training record") != want:
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, want)
     info(f"training SAEs on {model_name} (seed {seed}): {', '.join(hooks)}; {settings.tokens:,} tokens over {int(next(iter(rows.values())).shape[0]):,} train rows")
-    metadata = {h: {"model_name": model_name, "hook_name": h, "context_size": spec.context_size, "dataset_path": spec.corpus, "hook_site": "output", "prepend_bos": True} for h in hooks}
-    trainer = SaeTrainer(settings, {h: int(t.shape[1]) for h, t in rows.items()}, folder, metadata=metadata, device=device)
-    trainer.fit(_content_batches(rows, settings.batch_size, seed))
-    saes = trainer.finalize()
-    for h, sae in saes.items():
-        sae.fold_normalization()
-        save_sae(sae, folder / hook_dirname(h), format="saelens", force=True)
+    metadata = {h: {"model_name": model_name, "hook_name": h, "context_size": spec.settings.context_size, "dataset_path": spec.settings.corpus, "hook_site": "output", "prepend_bos": True} for h in hooks}
+    trained = train_saes(InMemoryActivations(rows, settings.batch_size, seed), settings, folder, seed=seed, metadata=metadata, device=device)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    saes["__stats__"] = {"tokens_per_second": trainer.tokens_per_second, "seconds": trainer.seconds, "tokens": trainer.tokens}  # type: ignore[assignment]
-    return saes
+    return trained.saes, {"tokens_per_second": trained.tokens_per_second, "seconds": trained.seconds, "tokens": trained.tokens}
 
 
 def load_given_saes(path: str, hooks: list[str], layers: list[int], model_name: str, widths: dict[str, int], device: Any) -> dict[str, Any]:
@@ -314,7 +273,7 @@ def sae_health(sae: Any, x: torch.Tensor, codes: torch.Tensor) -> dict[str, floa
 # --------------------------------------------------------------------------------------- mapping
 
 
-def make_mapper(name: str, space: str, hyper: HypernetSettings, on_epoch: Any = None) -> Any:
+def make_mapper(name: str, space: str, hyper: MlpMapperSettings, on_epoch: Any = None) -> Any:
     if name == "procrustes":
         return Procrustes()
     if name == "ridge":
@@ -367,7 +326,7 @@ def _views(acts: dict[str, torch.Tensor], sae1: Any, sae2: Any) -> Views:
 def score_direction(src: Views, tgt: Views, spec: TransferSpec, tick: Callable[[], None], keep_maps: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for one direction at one layer pair: every space x mapper, with mean / null / ceiling."""
     rows: list[dict[str, Any]] = []
-    thr = spec.match_threshold
+    thr = spec.settings.match_threshold
     for space in SPACES:
         if space == "acts":
             x, y, x_ceil = src.acts, tgt.acts, tgt.recon2
@@ -384,14 +343,14 @@ def score_direction(src: Views, tgt: Views, spec: TransferSpec, tick: Callable[[
         else:
             mean_scores.update(mean_code_scores(tgt.codes1["train"], tgt.codes1["test"], tgt.k, thr))
         y_null = {s: _shuffle(y[s], spec.seed + 17 + i) for i, s in enumerate(("train", "val"))}
-        for mapper_name in spec.mappers:
+        for mapper_name in spec.settings.mappers:
             row: dict[str, Any] = {"space": space, "mapper": mapper_name, "mean": _round(mean_scores)}
             for variant, (xs, ys) in {
                 "test": (x, y),
                 "null": (x, {**y, **y_null}),
                 "ceiling": (x_ceil, y),
             }.items():
-                mapper = make_mapper(mapper_name, space, spec.hypernet)
+                mapper = make_mapper(mapper_name, space, spec.mlp)
                 fitted = mapper.fit(xs["train"], ys["train"], xs["val"], ys["val"])
                 pred = fitted.predict(xs["test"])
                 scores = regression_scores(pred, y["test"], ys["train"].double().mean(0))
@@ -526,27 +485,27 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import resolve_module_name
 
     t_start = time.perf_counter()
-    for m in spec.mappers:
-        make_mapper(m, "acts", spec.hypernet)
-    if spec.intervene_latents and spec.intervene_mapper not in ("procrustes", "ridge"):
-        raise XsaeError(f"--intervene-mapper must be a linear mapper (procrustes or ridge), got '{spec.intervene_mapper}'", "a direction maps through the linear part of a map")
-    if spec.intervene_latents and spec.intervene_mapper not in spec.mappers:
-        raise XsaeError(f"the intervention mapper '{spec.intervene_mapper}' is not among --mappers ({', '.join(spec.mappers)})", f"add {spec.intervene_mapper} to --mappers")
+    for m in spec.settings.mappers:
+        make_mapper(m, "acts", spec.mlp)
+    if spec.settings.intervene_latents and spec.settings.intervene_mapper not in ("procrustes", "ridge"):
+        raise XsaeError(f"--intervene-mapper must be a linear mapper (procrustes or ridge), got '{spec.settings.intervene_mapper}'", "a direction maps through the linear part of a map")
+    if spec.settings.intervene_latents and spec.settings.intervene_mapper not in spec.settings.mappers:
+        raise XsaeError(f"the intervention mapper '{spec.settings.intervene_mapper}' is not among --mappers ({', '.join(spec.settings.mappers)})", f"add {spec.settings.intervene_mapper} to --mappers")
     out = Path(spec.out)
     prepare_out(out, spec.force)
     seed_everything(spec.seed)
     timings: dict[str, float] = {}
 
     names = (spec.a, spec.b)
-    layer_pairs = parse_layers(spec.layers, names, *(blocks_of(n) for n in names))  # before loading any weights
+    layer_pairs = parse_layers(spec.settings.layers, names, *(blocks_of(n) for n in names))  # before loading any weights
     A, B, device = load_pair(spec)
     for m in (A, B):
-        _check_context(m, spec.context_size)
+        _check_context(m, spec.settings.context_size)
     hooks_a = {la: resolve_module_name(A.model, str(la)) for la, _ in layer_pairs}
     hooks_b = {lb: resolve_module_name(B.model, str(lb)) for _, lb in layer_pairs}
 
     t0 = time.perf_counter()
-    corpus = pair_corpus(_texts(spec), A.tokenizer, B.tokenizer, names=names, context_size=spec.context_size, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed)
+    corpus = pair_corpus(_texts(spec), A.tokenizer, B.tokenizer, names=names, context_size=spec.settings.context_size, val_fraction=spec.settings.val_fraction, test_fraction=spec.settings.test_fraction, seed=spec.seed)
     timings["pairing"] = time.perf_counter() - t0
     stats = corpus.stats()
 
@@ -569,7 +528,7 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
     info(f"paired {stats['pairs']:,} positions: {stats['kept_a']:.1%} of {A.name}'s {stats['tokens_a']:,} tokens, {stats['kept_b']:.1%} of {B.name}'s {stats['tokens_b']:,}")
 
     # ---- harvest
-    caps = {"train": spec.max_train_pairs, "val": max(1, spec.max_test_pairs // 2), "test": spec.max_test_pairs}
+    caps = {"train": spec.settings.max_train_pairs, "val": max(1, spec.settings.max_test_pairs // 2), "test": spec.settings.max_test_pairs}
     chosen = {s: _subsample(corpus.splits[s].pairs, caps[s], spec.seed + i) for i, s in enumerate(("train", "val", "test"))}
     acts: dict[str, dict[str, dict[str, torch.Tensor]]] = {"a": {}, "b": {}}
     content: dict[str, dict[str, torch.Tensor]] = {}
@@ -584,7 +543,7 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
             for split in ("train", "val", "test"):
                 ctx = getattr(corpus.splits[split], side)
                 pos = chosen[split][:, [0, 1 if side == "a" else 2]]
-                h = harvest_paired(m.model, m.tokenizer, hook_list, ctx, pos, keep_content=split == "train", batch_contexts=spec.batch_contexts, model_name=m.name, on_batch=lambda k, t=task: bar.advance(t, k))
+                h = harvest_paired(m.model, m.tokenizer, hook_list, ctx, pos, keep_content=split == "train", batch_contexts=spec.settings.batch_contexts, model_name=m.name, on_batch=lambda k, t=task: bar.advance(t, k))
                 acts[side][split] = h.paired
                 if h.content is not None:
                     content[side] = h.content
@@ -597,7 +556,7 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     saes: dict[str, dict[int, dict[str, Any]]] = {"a": {}, "b": {}}
     sae_train_info: dict[str, Any] = {}
-    fingerprint = {"corpus": spec.corpus, "limit": spec.limit, "context_size": spec.context_size, "val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction, "seed": spec.seed}
+    fingerprint = {"corpus": spec.settings.corpus, "limit": spec.settings.limit, "context_size": spec.settings.context_size, "val_fraction": spec.settings.val_fraction, "test_fraction": spec.settings.test_fraction, "seed": spec.seed}
     for side, m, hooks in (("a", A, hooks_a), ("b", B, hooks_b)):
         hook_list = list(dict.fromkeys(hooks.values()))
         rows = {h: content[side][h] for h in hook_list}
@@ -606,24 +565,23 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
                 saes[side][which] = given[side]
                 sae_train_info[f"{m.name}/seed{which}"] = {"loaded_from": str(spec.sae_a if side == "a" else spec.sae_b)}
                 continue
-            got = train_saes(m.name, rows, out / "saes" / side / f"seed{which}", spec, seed, device, {**fingerprint, "model": m.name, "rows": int(next(iter(rows.values())).shape[0])})
-            stats_ = got.pop("__stats__", None)
+            got, stats_ = train_side_saes(m.name, rows, out / "saes" / side / f"seed{which}", spec, seed, device, {**fingerprint, "model": m.name, "rows": int(next(iter(rows.values())).shape[0])})
             saes[side][which] = {h: s.float().eval() for h, s in got.items()}
             sae_train_info[f"{m.name}/seed{which}"] = _round(stats_) if stats_ else {"reused": True}
     del content
     timings["saes"] = time.perf_counter() - t0
 
     # ---- mapping, similarity, interventions
-    n_fits = len(layer_pairs) * len(DIRECTIONS) * len(SPACES) * len(spec.mappers) * 3
+    n_fits = len(layer_pairs) * len(DIRECTIONS) * len(SPACES) * len(spec.settings.mappers) * 3
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     test_ctx_a, test_ctx_b = corpus.splits["test"].a, corpus.splits["test"].b
-    longest = torch.argsort(test_ctx_a.attention_mask.sum(1) + test_ctx_b.attention_mask.sum(1), descending=True)[: spec.intervene_contexts]
+    longest = torch.argsort(test_ctx_a.attention_mask.sum(1) + test_ctx_b.attention_mask.sum(1), descending=True)[: spec.settings.intervene_contexts]
     readouts: dict[str, Any] = {}
     t_map = t_int = 0.0
     with progress() as bar:
         task = bar.add_task("fitting mappers", total=n_fits, unit="fit")
-        itask = bar.add_task("interventions", total=len(layer_pairs) * 2 * spec.intervene_latents, unit="latent") if spec.intervene_latents else None
+        itask = bar.add_task("interventions", total=len(layer_pairs) * 2 * spec.settings.intervene_latents, unit="latent") if spec.settings.intervene_latents else None
         for la, lb in layer_pairs:
             ha, hb = hooks_a[la], hooks_b[lb]
             tm = time.perf_counter()
@@ -640,9 +598,9 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
                 maps[direction] = {}
                 entry["directions"][direction] = score_direction(src, tgt, spec, lambda: bar.advance(task), maps[direction])
             entry["similarity"] = similarity(va, vb, spec.seed)
-            entry["latent_matching"] = latent_matching(va, vb, spec.match_threshold, spec.seed)
+            entry["latent_matching"] = latent_matching(va, vb, spec.settings.match_threshold, spec.seed)
             t_map += time.perf_counter() - tm
-            if spec.intervene_latents:
+            if spec.settings.intervene_latents:
                 ti = time.perf_counter()
                 entry["interventions"] = {}
                 for direction, (src_m, tgt_m, src_v, tgt_v, src_h, tgt_h, src_ctx, tgt_ctx) in zip(
@@ -653,16 +611,16 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
                         if m_.name not in readouts:
                             readouts[m_.name] = Readout(m_.model, m_.tokenizer, ctx.select(longest), batch_contexts=4)
                     codes = src_v.codes1["test"]
-                    latents = pick_latents(codes, spec.intervene_latents)
+                    latents = pick_latents(codes, spec.settings.intervene_latents)
                     freqs = (codes > 0).float().mean(0)
                     dirs = src_v.sae1.W_dec.detach().float().cpu()[latents]
-                    mapped = torch.stack([maps[direction][spec.intervene_mapper].direction(d) for d in dirs]) if latents else torch.zeros((0, tgt_v.acts["test"].shape[1]))
+                    mapped = torch.stack([maps[direction][spec.settings.intervene_mapper].direction(d) for d in dirs]) if latents else torch.zeros((0, tgt_v.acts["test"].shape[1]))
                     entry["interventions"][direction] = _round(transfer_latents(
                         readouts[src_m.name], readouts[tgt_m.name], src_h, tgt_h, dirs, mapped, latents, [float(freqs[i]) for i in latents],
-                        strength=spec.strength, norm_source=median_norm(src_v.acts["test"]), norm_target=median_norm(tgt_v.acts["test"]),
-                        top=spec.top_tokens, seed=spec.seed, on_step=(lambda: bar.advance(itask)) if itask is not None else None,
+                        strength=spec.settings.strength, norm_source=median_norm(src_v.acts["test"]), norm_target=median_norm(tgt_v.acts["test"]),
+                        top=spec.settings.top_tokens, seed=spec.seed, on_step=(lambda: bar.advance(itask)) if itask is not None else None,
                     ))
-                    entry["interventions"][direction]["mapper"] = spec.intervene_mapper
+                    entry["interventions"][direction]["mapper"] = spec.settings.intervene_mapper
                 t_int += time.perf_counter() - ti
             results.append(entry)
             del va, vb

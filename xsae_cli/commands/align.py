@@ -7,8 +7,10 @@ from typing import Any, Optional
 
 import typer
 
+from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
+from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
-from xsae_cli.core.errors import XsaeError
+from xsae_cli.sae.settings import SaeTrainSettings
 
 app = typer.Typer(help="Map SAE feature spaces between two models, with held-out metrics and nulls.", no_args_is_help=True)
 
@@ -103,7 +105,8 @@ def render_report(report: dict[str, Any]) -> None:
                 f"#{first.get('latent', '-')}: {' '.join(repr(x) for x in (first.get('promoted_source') or [])[:4])} -> {' '.join(repr(x) for x in (first.get('promoted_target') or [])[:4])}",
             ])
     if int_rows:
-        out.console.print(out.table(f"interventions (strength {report['config']['strength']} x median norm; mapper {report['config']['intervene_mapper']})", ["layers", "direction", "target readout", "KL mapped", "KL random", "token overlap", "overlap random", "example latent: source -> target"], int_rows))
+        conf = report["config"].get("settings", report["config"])  # reports before 0.2 kept the settings flat
+        out.console.print(out.table(f"interventions (strength {conf['strength']} x median norm; mapper {conf['intervene_mapper']})", ["layers", "direction", "target readout", "KL mapped", "KL random", "token overlap", "overlap random", "example latent: source -> target"], int_rows))
     h = report.get("harvest", {})
     rates = ", ".join(f"{m} {v['tokens_per_second']:,.0f} tok/s" for m, v in h.items())
     mem = report.get("memory", {})
@@ -116,88 +119,51 @@ def render_report(report: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------- commands
 
-
-def _split_list(text: Optional[str]) -> Optional[list[str]]:
-    if text is None:
-        return None
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise XsaeError(f"empty list '{text}'", "pass comma-separated values, e.g. 5,6,7")
-    return items
+PAIR_FIELDS = ("corpus", "text_field", "limit", "context_size", "val_fraction", "test_fraction")
 
 
 @app.command("pair")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", into="settings", only=PAIR_FIELDS)
 def pair(
     ctx: typer.Context,
     a: str = typer.Option(..., "--a", help="Model A: zoo name or model path."),
     b: str = typer.Option(..., "--b", help="Model B: zoo name or model path."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a datasets folder."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Documents to read (default: all)."),
-    context_size: Optional[int] = typer.Option(None, "--context-size", help="Tokens per window, begin/end tokens included."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
 ) -> None:
     """Pair two tokenizers' positions on a corpus and show how many tokens each side keeps."""
     from xsae_cli.align.transfer import TransferSpec, pair_stats
 
-    s = ctx.obj.config.align
-    spec = TransferSpec(
-        a=a, b=b, out=Path("."), corpus=corpus or s.corpus, text_field=s.text_field,
-        limit=(limit if limit is not None else s.limit) or None, context_size=context_size or s.context_size,
-        val_fraction=s.val_fraction, test_fraction=s.test_fraction, seed=ctx.obj.config.hardware.seed,
-        trust_remote_code=ctx.obj.config.zoo.trust_remote_code,
-    )
+    cfg = ctx.obj.config
+    spec = TransferSpec(a=a, b=b, out=Path("."), settings=settings, seed=cfg.hardware.seed, trust_remote_code=cfg.zoo.trust_remote_code)
     out.emit(pair_stats(spec), render_pair)
 
 
 @app.command("transfer")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", "align.sae", "align.mlp", into=("settings", "sae", "mlp"), aliases={"align.sae.tokens": ["--sae-tokens"]})
 def transfer(
     ctx: typer.Context,
     a: str = typer.Option(..., "--a", help="Model A: zoo name or model path."),
     b: str = typer.Option(..., "--b", help="Model B: zoo name or model path."),
-    out_dir: Path = typer.Option(..., "--out", help="Run folder (report.json, SAEs)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Blocks of A (B at the same relative depth), or a:b pairs; e.g. 5,6,7 or 5:1,15:3."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a datasets folder."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Documents to read (default: all)."),
-    context_size: Optional[int] = typer.Option(None, "--context-size", help="Tokens per window."),
-    max_train_pairs: Optional[int] = typer.Option(None, "--train-pairs", help="Paired train rows the mappers fit on."),
-    max_test_pairs: Optional[int] = typer.Option(None, "--test-pairs", help="Paired test rows scored."),
-    k: Optional[int] = typer.Option(None, "--k", help="Active latents per token of the SAEs."),
-    expansion: Optional[int] = typer.Option(None, "--expansion", help="d_sae = expansion x d_in."),
-    sae_tokens: Optional[str] = typer.Option(None, "--sae-tokens", help="Training tokens per SAE, e.g. 200k."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (report.json, SAEs)."),
     sae_a: Optional[str] = typer.Option(None, "--sae-a", help="Folder of trained SAEs for A's layers (SAELens or sparsify layout) instead of training seed 1."),
     sae_b: Optional[str] = typer.Option(None, "--sae-b", help="Folder of trained SAEs for B's layers."),
-    mappers: Optional[str] = typer.Option(None, "--mappers", help="Comma-separated: procrustes, ridge, hypernet."),
-    hypernet_epochs: Optional[int] = typer.Option(None, "--hypernet-epochs", help="Most epochs of the hypernet (early stopping on val)."),
-    hypernet_hidden: Optional[int] = typer.Option(None, "--hypernet-hidden", help="Hidden width of the hypernet."),
-    intervene_latents: Optional[int] = typer.Option(None, "--intervene-latents", help="Latents pushed through the other model per layer and direction (0: none)."),
-    intervene_contexts: Optional[int] = typer.Option(None, "--intervene-contexts", help="Held-out windows the interventions run on."),
-    strength: Optional[float] = typer.Option(None, "--strength", help="Pushed vector norm, as a multiple of the layer's median token norm."),
     force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report (retrains the SAEs)."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
+    sae: SaeTrainSettings = None,  # type: ignore[assignment]
+    mlp: MlpMapperSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Pair, train SAEs, fit mappers both ways, score against nulls and ceilings, intervene; write report.json."""
-    from xsae_cli.align.hypernet import HypernetSettings
     from xsae_cli.align.transfer import TransferSpec, run_transfer, warn_small
-    from xsae_cli.sae.runs import parse_tokens
 
     cfg = ctx.obj.config
-    s = cfg.align
-
-    def pick(flag: Any, default: Any) -> Any:
-        return flag if flag is not None else default
-
-    hyper = HypernetSettings(
-        hidden=pick(hypernet_hidden, s.hypernet_hidden), dropout=s.hypernet_dropout, lr=s.hypernet_lr,
-        max_epochs=pick(hypernet_epochs, s.hypernet_epochs), patience=s.hypernet_patience, seed=cfg.hardware.seed,
-    )
+    hw = cfg.hardware
     spec = TransferSpec(
-        a=a, b=b, out=out_dir, layers=pick(_split_list(layers), list(s.layers)), corpus=pick(corpus, s.corpus), text_field=s.text_field,
-        limit=pick(limit, s.limit) or None, context_size=pick(context_size, s.context_size), val_fraction=s.val_fraction, test_fraction=s.test_fraction,
-        max_train_pairs=pick(max_train_pairs, s.max_train_pairs), max_test_pairs=pick(max_test_pairs, s.max_test_pairs),
-        arch=s.arch, k=pick(k, s.k), expansion=pick(expansion, s.expansion), sae_tokens=parse_tokens(pick(sae_tokens, s.sae_tokens)),
-        sae_batch_size=s.sae_batch_size, sae_a=sae_a, sae_b=sae_b, mappers=pick(_split_list(mappers), list(s.mappers)), hypernet=hyper,
-        match_threshold=s.match_threshold, intervene_latents=pick(intervene_latents, s.intervene_latents),
-        intervene_contexts=pick(intervene_contexts, s.intervene_contexts), intervene_mapper=s.intervene_mapper,
-        strength=pick(strength, s.strength), top_tokens=s.top_tokens, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
-        seed=cfg.hardware.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code,
+        a=a, b=b, out=out_dir, settings=settings, sae=sae, mlp=mlp.replace(seed=hw.seed), sae_a=sae_a, sae_b=sae_b,
+        device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code,
     )
     report = run_transfer(spec)
     warn_small(report)

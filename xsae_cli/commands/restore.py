@@ -8,7 +8,9 @@ from typing import Any, List, Optional
 
 import typer
 
+from xsae_cli.commands.options import options, renamed, split_list
 from xsae_cli.core import console as out
+from xsae_cli.restore.settings import EvaluateSettings, PredictSettings, RestoreSaeSettings, RestoreTrainSettings
 
 app = typer.Typer(help="Character-level restoration transformer for damaged texts, and SAEs on it.", no_args_is_help=True)
 
@@ -18,37 +20,18 @@ def _pct(x: float) -> str:
 
 
 @app.command("train")
+@options("restore", into="settings")
 def train(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(..., "--out", help="Run folder: the model (config.json, model.safetensors, vocab.json) and checkpoints."),
-    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="builtin, .atf, .txt, .jsonl or .parquet file, or a folder (repeat, or separate with commas)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="tiny (tests, demo) or seed (the original 37M-parameter model)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per step."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Characters per window (default: the preset's max_position)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 (CUDA) or bf16, through accelerate."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder: the model (config.json, model.safetensors, vocab.json) and checkpoints."),
     force: bool = typer.Option(False, "--force", help="Start over even if the folder holds a trained model."),
+    settings: RestoreTrainSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Train on simulated damage (masked spans of 1-10 characters); rerun the same command to resume."""
-    from xsae_cli.restore.train import RestoreTrainSettings
     from xsae_cli.restore.train import train as run
 
-    cfg = ctx.obj.config
-    r = cfg.restore
-    settings = RestoreTrainSettings(
-        preset=preset or r.preset,
-        corpus=[c for item in corpus for c in item.split(",") if c] if corpus else list(r.corpus),
-        steps=steps if steps is not None else r.steps,
-        batch_size=batch_size if batch_size is not None else r.batch_size,
-        seq_len=seq_len if seq_len is not None else r.seq_len,
-        lr=lr if lr is not None else r.lr,
-        checkpoint_every=checkpoint_every,
-        mixed_precision=mixed_precision,
-        seed=cfg.hardware.seed,
-        device=cfg.hardware.device,
-    )
+    hw = ctx.obj.config.hardware
+    settings = settings.replace(seed=hw.seed, device=hw.device)
     summary = run(settings, out_dir, force=force)
 
     def render(d: dict[str, Any]) -> None:
@@ -63,26 +46,23 @@ def train(
 
 
 @app.command("predict")
+@options("restore.predict", into="settings")
 def predict(
     ctx: typer.Context,
     text: str = typer.Argument(..., help='A damaged line, e.g. "a-na be-li2-ia [...] qi2-bi2-ma"; [...] is a gap of unknown length, [x] one lost sign.'),
     model: Path = typer.Option(..., "--model", "-m", help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint (default: Unicode code points, as the original code)."),
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beams kept per gap length."),
-    top: Optional[int] = typer.Option(None, "--top", help="Restorations shown per gap."),
-    min_len: int = typer.Option(1, "--min-len", help="Shortest restoration tried for [...]."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest restoration tried for [...]."),
+    settings: PredictSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Ranked restorations of each gap, with probabilities (beam search over the gap's characters)."""
     from xsae_cli.core.hardware import resolve_device
     from xsae_cli.restore.model import load_restoration
     from xsae_cli.restore.predict import restore_text
 
-    cfg = ctx.obj.config
-    r = cfg.restore
-    device = resolve_device(cfg.hardware.device)
+    device = resolve_device(ctx.obj.config.hardware.device)
     loaded = load_restoration(model, vocab=vocab, device=device)
-    result = restore_text(loaded.model, loaded.vocab, text, beam=beam or r.beam, top=top or r.top, min_len=min_len, max_len=max_len or r.max_gap, device=device, warn=out.warn)
+    s = settings
+    result = restore_text(loaded.model, loaded.vocab, text, beam=s.beam, top=s.top, min_len=s.min_len, max_len=s.max_len, device=device, warn=out.warn)
 
     def render(d: dict[str, Any]) -> None:
         from rich.markup import escape
@@ -98,19 +78,19 @@ def predict(
 
 
 @app.command("evaluate")
+@options("restore.evaluate", into="settings")
 def evaluate(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="A model folder from `xsae restore train`."),
     corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="Corpus to split (default: the one the model was trained on)."),
-    windows: int = typer.Option(200, "--windows", help="Held-out windows to mask and score."),
-    order: int = typer.Option(6, "--order", help="Order of the character n-gram baseline."),
+    settings: EvaluateSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Top-1/top-5 character accuracy on held-out masked spans, next to a character n-gram baseline."""
     from xsae_cli.core.hardware import resolve_device
     from xsae_cli.restore.evaluate import evaluate_model
 
-    cfg = ctx.obj.config
-    result = evaluate_model(model, corpus=list(corpus) if corpus else None, windows=windows, order=order, device=resolve_device(cfg.hardware.device))
+    device = resolve_device(ctx.obj.config.hardware.device)
+    result = evaluate_model(model, corpus=split_list(corpus), windows=settings.windows, order=settings.order, device=device)
 
     def render(d: dict[str, Any]) -> None:
         m, b = d["restoration_model"], d["ngram_baseline"]
@@ -121,9 +101,10 @@ def evaluate(
 
 
 @app.command("convert")
+@renamed("out_dir", "--output")
 def convert(
     checkpoint: Path = typer.Argument(..., help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write (default: <model>/transformer_lens, or <ckpt>-transformer-lens)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default: <model>/transformer_lens, or <ckpt>-transformer-lens)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json to copy beside a .pt checkpoint's conversion."),
     force: bool = typer.Option(False, "--force", help="Replace an existing conversion."),
 ) -> None:
@@ -137,56 +118,24 @@ def convert(
 
 
 @app.command("sae")
+@options("restore.sae", into="settings")
 def sae(
     ctx: typer.Context,
     model: Path = typer.Option(..., "--model", "-m", help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
-    out_dir: Path = typer.Option(..., "--out", help="Run folder for the SAE."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Block whose output (residual stream) is hooked, 0-based (default: the middle one)."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Corpus windows streamed through the model."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the samples."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the SAE."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the global --device)."),
-    via: str = typer.Option("direct", "--via", help="direct (hook the original model, stop after the block) or transformer-lens (run_with_cache, for comparison)."),
-    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="Text to sample (default: the model's training corpus, else builtin)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="relu, topk, batchtopk or jumprelu."),
-    k: Optional[int] = typer.Option(None, "--k", help="Active latents per character (topk, batchtopk)."),
-    expansion: Optional[int] = typer.Option(None, "--expansion", help="d_sae = expansion x d_model."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Activation rows per SAE step."),
-    batch_samples: int = typer.Option(4, "--batch-samples", help="Samples per forward pass of the model."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Characters per sample (default: the model's training windows)."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
     force: bool = typer.Option(False, "--force", help="Start over even if the folder holds a finished run."),
+    settings: RestoreSaeSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Train an SAE on the residual stream after one block; SAELens files plus a feature summary."""
     from xsae_cli.core.hardware import resolve_device
     from xsae_cli.restore.sae import RestoreSaeSpec, train_restore_sae
-    from xsae_cli.sae.train import TrainSettings
 
-    cfg = ctx.obj.config
-    r = cfg.restore
-    dev = device or cfg.hardware.device
-    resolve_device(dev)  # an absent device fails here, naming the ones that exist
-    chosen = layer if layer is not None else r.layer
-    if chosen < 0:
-        from xsae_cli.restore.model import load_restoration
-
-        chosen = load_restoration(model, vocab=vocab).model.config.n_layers // 2
-    settings = TrainSettings(
-        arch=arch or r.arch,
-        k=k if k is not None else r.k,
-        expansion=expansion if expansion is not None else r.expansion,
-        batch_size=batch_size if batch_size is not None else r.sae_batch_size,
-        checkpoint_every=checkpoint_every,
-        dead_tokens_threshold=100_000,
-        seed=cfg.hardware.seed,
-    )
-    spec = RestoreSaeSpec(
-        model=str(model), layer=chosen, out=out_dir, corpus=list(corpus) if corpus else None,
-        max_samples=max_samples if max_samples is not None else r.max_samples,
-        epochs=epochs if epochs is not None else r.epochs,
-        seq_len=seq_len, batch_samples=batch_samples, via=via, device=dev, vocab=str(vocab) if vocab else None, force=force,
-    )
-    metrics = train_restore_sae(spec, settings)
+    hw = ctx.obj.config.with_flags({"hardware": {"device": device}}).hardware if device else ctx.obj.config.hardware
+    resolve_device(hw.device)  # an absent device fails here, naming the ones that exist
+    spec = RestoreSaeSpec(model=str(model), out=out_dir, settings=settings, device=hw.device, vocab=str(vocab) if vocab else None, seed=hw.seed, force=force)
+    metrics = train_restore_sae(spec)
 
     def render(d: dict[str, Any]) -> None:
         rec = d["reconstruction"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
+from xsae_cli.commands.options import options, renamed, split_list
 from xsae_cli.core import console as out
+from xsae_cli.sae.settings import FeatureSettings, SaeRunSettings
 
 app = typer.Typer(help="Sparse autoencoders on any module of any model: train, evaluate, export.", no_args_is_help=True)
 
@@ -32,69 +34,27 @@ def _metrics_table(metrics: dict) -> None:
 
 
 @app.command("train")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("sae", into="settings")
 def train(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or model path."),
-    hook: List[str] = typer.Option(..., "--hook", help="Module path to hook (repeat for several SAEs in one run), e.g. model.layers.15."),
-    out_dir: Path = typer.Option(..., "--out", help="Run folder."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="relu, topk, batchtopk or jumprelu."),
-    k: Optional[int] = typer.Option(None, "--k", help="Active latents per token (topk, batchtopk)."),
-    expansion: Optional[int] = typer.Option(None, "--expansion", help="d_sae = expansion x d_in."),
-    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of latents (overrides --expansion)."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", help="Training tokens, e.g. 500k or 2M."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per step."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="signum (schedule-free, sparsify's default) or adam."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the optimizer's own)."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a datasets folder."),
-    context_size: Optional[int] = typer.Option(None, "--context-size", help="Tokens per context."),
-    site: str = typer.Option("output", "--site", help="Hook the module's output or input."),
-    no_pack: bool = typer.Option(False, "--no-pack", help="One document per context instead of packing."),
-    outlier_factor: Optional[float] = typer.Option(None, "--outlier-factor", help="Also drop tokens whose norm exceeds this x the median."),
-    normalize: str = typer.Option("none", "--normalize-activations", help="none, expected_average_only_in, constant_norm_rescale or layer_norm."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Stream activations instead of caching a harvest on disk."),
-    log_with: Optional[str] = typer.Option(None, "--log-with", help="tensorboard or wandb (through accelerate's trackers)."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': spread a model too large for one GPU over all visible GPUs (accelerate)."),
+    hook: List[str] = typer.Option(..., "--hook", help="Module path to hook, e.g. model.layers.15, or a block number (repeat, or separate with commas, for several SAEs in one run)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     force: bool = typer.Option(False, "--force", help="Start over even if the run folder holds a finished run."),
+    settings: SaeRunSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
 ) -> None:
     """Harvest activations, train one SAE per hook, evaluate on held-out text, save SAELens files."""
-    from xsae_cli.sae.runs import RunSpec, parse_tokens, train_run
-    from xsae_cli.sae.train import TrainSettings
+    from xsae_cli.sae.runs import RunSpec, train_run
 
     cfg = ctx.obj.config
-    s = cfg.sae
-    settings = TrainSettings(
-        arch=arch or s.arch,
-        k=k if k is not None else s.k,
-        expansion=expansion if expansion is not None else s.expansion,
-        d_sae=d_sae,
-        optimizer=optimizer or s.optimizer,
-        lr=lr if lr is not None else (s.lr or None),
-        batch_size=batch_size if batch_size is not None else s.batch_size,
-        tokens=parse_tokens(tokens if tokens is not None else s.tokens),
-        checkpoint_every=checkpoint_every,
-        normalize_activations=normalize,
-        seed=cfg.hardware.seed,
-        log_with=log_with,
-        deepspeed_config=cfg.hardware.deepspeed_config or None,
-    )
+    hw = cfg.hardware
     spec = RunSpec(
-        model=model,
-        hooks=list(hook),
-        out=out_dir,
-        corpus=corpus or s.corpus,
-        context_size=context_size if context_size is not None else s.context_size,
-        pack=not no_pack,
-        site=site,
-        outlier_factor=outlier_factor,
-        device=cfg.hardware.device,
-        model_dtype=cfg.hardware.dtype,
-        cache=not no_cache,
-        force=force,
-        trust_remote_code=cfg.zoo.trust_remote_code,
-        device_map=device_map,
+        model=model, hooks=split_list(hook) or [], out=out_dir, settings=settings, device=hw.device, model_dtype=hw.dtype, seed=hw.seed,
+        deepspeed_config=hw.deepspeed_config or None, trust_remote_code=cfg.zoo.trust_remote_code, force=force,
     )
-    metrics = train_run(spec, settings)
+    metrics = train_run(spec)
     if metrics and "rank" not in metrics:  # the other ranks of a launch report nothing
         out.emit(metrics, _metrics_table)
 
@@ -103,16 +63,18 @@ def train(
 def evaluate(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A run folder written by `xsae sae train`."),
-    eval_tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens for reconstruction metrics."),
+    eval_tokens: Optional[str] = typer.Option(None, "--tokens", help="Held-out tokens for reconstruction metrics (default: the run's eval_tokens)."),
 ) -> None:
     """FVU, L0, dead latents and CE loss recovered / KL on the run's held-out text."""
     from xsae_cli.sae.runs import evaluate_run
+    from xsae_cli.sae.settings import parse_tokens
 
-    metrics = evaluate_run(run_dir, device=ctx.obj.config.hardware.device, eval_tokens=eval_tokens)
+    metrics = evaluate_run(run_dir, device=ctx.obj.config.hardware.device, eval_tokens=parse_tokens(eval_tokens) if eval_tokens else None)
     out.emit(metrics, _metrics_table)
 
 
 @app.command("export")
+@renamed("dst", "--output")
 def export(
     src: Path = typer.Argument(..., help="An SAE folder (SAELens or sparsify layout)."),
     dst: Path = typer.Argument(..., help="Where to write."),
@@ -128,19 +90,20 @@ def export(
 
 
 @app.command("features")
+@renamed("output", "--output")
+@options("sae.features", into="settings")
 def features(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A run folder written by `xsae sae train`."),
     hook: Optional[str] = typer.Option(None, "--hook", help="Which hook's SAE (needed when the run has several)."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Where to write the JSON (default: <run>/<hook>/features.json)."),
-    contexts: int = typer.Option(128, "--contexts", help="Held-out contexts to scan."),
-    top_n: int = typer.Option(8, "--top", help="Top-activating contexts kept per latent."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the JSON (default: <run>/<hook>/features.json)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    settings: FeatureSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Top-activating contexts, activation histograms and logit lens per latent, as JSON for `xsae viz features`."""
     from xsae_cli.sae.runs import features_run
 
-    path, summary = features_run(run_dir, hook=hook, output=output, n_contexts=contexts, top_n=top_n, device=ctx.obj.config.hardware.device, force=force)
+    path, summary = features_run(run_dir, hook=hook, output=output, n_contexts=settings.contexts, top_n=settings.top, device=ctx.obj.config.hardware.device, force=force)
     live = sum(1 for lat in summary["latents"] if lat["frequency"] > 0)
     brief = {"written": str(path), "latents": len(summary["latents"]), "alive": live, "tokens": summary["n_tokens"]}
     out.emit(brief, lambda d: out.console.print(f"wrote [bold]{d['written']}[/bold]: {d['latents']} latents ({d['alive']} fired) over {d['tokens']:,} tokens"))

@@ -7,7 +7,9 @@ from typing import Any, List, Optional
 
 import typer
 
+from xsae_cli.commands.options import options, renamed, split_list
 from xsae_cli.core import console as out
+from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, SaneTrainSettings
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
@@ -44,25 +46,26 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
     return done
 
 
-VIEW_HELP = "What is tokenised: circuits (token-space circuits, free of weight-space symmetries), canonical (weights with neurons, heads and residual coordinates sorted) or weights (as stored). Default from [sane] view."
+VIEW_HELP = "What is tokenised: circuits (token-space circuits, free of weight-space symmetries), canonical (weights with neurons, heads and residual coordinates sorted) or weights (as stored). Default from \\[sane] view."
 
 
-def _scheme(cfg: Any, view: Optional[str] = None) -> Any:
+def _scheme(s: Any, view: Optional[str] = None) -> Any:
+    """The coordinate scheme of the [sane] settings ``s`` (``view`` overrides theirs)."""
     from xsae_cli.sane.tokenizer import VIEWS, CoordScheme
 
-    v = view or cfg.sane.view
+    v = view or s.view
     if v not in VIEWS:
         raise XsaeError(f"unknown view '{v}'", f"use --view {' | '.join(VIEWS)}")
-    return CoordScheme(layer_keywords=tuple(cfg.sane.layer_keywords), view=v)
+    return CoordScheme(layer_keywords=tuple(s.layer_keywords), view=v)
 
 
-def _model_names(models: Optional[str], zoo: Optional[str]) -> list[str]:
+def _model_names(models: Optional[List[str]], zoo: Optional[str]) -> list[str]:
     from xsae_cli.zoo.registry import Registry
 
     if models and zoo:
         raise XsaeError("--models and --zoo are both given", "pass one of them")
     if models:
-        names = [m.strip() for m in models.split(",") if m.strip()]
+        names = split_list(models) or []
         if not names:
             raise XsaeError("--models is empty", "pass model names separated by commas, e.g. --models a,b")
         return names
@@ -77,20 +80,17 @@ def _model_names(models: Optional[str], zoo: Optional[str]) -> list[str]:
 
 
 @app.command("tokenize")
+@options("sane", into="settings", only=("view", "chunk_size"))
 def tokenize(
     ctx: typer.Context,
     names: List[str] = typer.Argument(..., help="Zoo names or model paths."),
-    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Floats per chunk (default from [sane])."),
     force: bool = typer.Option(False, "--force", help="Re-tokenise even when cached."),
-    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
+    settings: SaneTrainSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Cut models' weights (or their token-space circuits) into chunks with depth/position/kind coordinates, cached on disk."""
-    cfg = ctx.obj.config
-    cs = chunk_size or cfg.sane.chunk_size
-    if cs < 2:
-        raise XsaeError(f"--chunk-size {cs} is too small", "use 2 or more (default 64)")
+    cs = settings.chunk_size
     with out.progress() as bar:
-        done = _tokenise(bar, names, cs, _scheme(cfg, view), force=force)
+        done = _tokenise(bar, names, cs, _scheme(settings), force=force)
     rows = [
         {
             "name": tm.name,
@@ -117,48 +117,25 @@ def tokenize(
 
 
 @app.command("train")
+@options("sane", into="settings")
 def train(
     ctx: typer.Context,
     zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated zoo names or paths."),
-    out_dir: Path = typer.Option(Path("runs/sane"), "--out", help="Run folder (checkpoint_epoch_N/ inside)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per step (each gives two views)."),
-    window_size: Optional[int] = typer.Option(None, "--window-size", help="Chunks per window."),
-    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Floats per chunk."),
-    save_every: int = typer.Option(1, "--save-every", help="Epochs between checkpoints."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 or bf16."),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Steps per epoch (default: cover the zoo once, capped by max_steps_per_epoch)."),
-    latent_dim: Optional[int] = typer.Option(None, "--latent-dim", help="Per-chunk latent size (must be < chunk size)."),
-    d_model: Optional[int] = typer.Option(None, "--d-model", help="Transformer width."),
+    models: Optional[List[str]] = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
+    out_dir: Path = typer.Option(Path("runs/sane"), "--out", "-o", help="Run folder (checkpoint_epoch_N/ inside)."),
     force: bool = typer.Option(False, "--force", help="Delete existing checkpoints and start over (default: resume)."),
-    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
+    settings: SaneTrainSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Train the SANE autoencoder on a zoo; resumes from the last checkpoint in --out."""
-    from xsae_cli.sane.model import SaneModelConfig
-    from xsae_cli.sane.train import TrainSettings, preflight
+    from xsae_cli.sane.train import preflight
     from xsae_cli.sane.train import train as run_train
 
-    cfg = ctx.obj.config
-    s = cfg.sane
+    hw = ctx.obj.config.hardware
+    settings = settings.replace(seed=hw.seed, device=hw.device)
     names = _model_names(models, zoo)
-    cs = chunk_size or s.chunk_size
-    scheme = _scheme(cfg, view)
-    settings = TrainSettings(
-        epochs=epochs if epochs is not None else s.epochs,
-        batch_size=batch_size if batch_size is not None else s.batch_size,
-        window_size=window_size if window_size is not None else s.window_size,
-        lr=lr if lr is not None else s.lr,
-        steps_per_epoch=steps_per_epoch or 0,
-        max_steps_per_epoch=s.max_steps_per_epoch,
-        save_every=save_every,
-        mixed_precision=(mixed_precision or s.mixed_precision).lower(),
-        seed=cfg.hardware.seed,
-        device=cfg.hardware.device,
-    )
-    model_cfg = SaneModelConfig(chunk_size=cs, latent_dim=latent_dim or s.latent_dim, d_model=d_model or s.d_model)
-    model_cfg.validate()
+    cs = settings.chunk_size
+    scheme = _scheme(settings)
+    model_cfg = settings.model_config()
     preflight(out_dir, cs, scheme.scheme_id, force)
     with out.progress() as bar:
         tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme)]
@@ -190,29 +167,29 @@ def train(
 
 
 @app.command("embed")
+@renamed("output_dir", "--output-dir")
+@options("sane.embed", into="settings")
 def embed(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated zoo names or paths."),
+    models: Optional[List[str]] = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
-    output_dir: Path = typer.Option(Path("out"), "--output-dir", help="Where model_embeddings.json/.npz go."),
-    window_size: Optional[int] = typer.Option(None, "--window-size", help="Chunks per window (default: the checkpoint's)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap windows per model (evenly spaced; the JSON records the fraction of chunks seen). Default: cover the whole model."),
+    output_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Where model_embeddings.json/.npz go."),
     force: bool = typer.Option(False, "--force", help="Replace existing embeddings."),
     view: Optional[str] = typer.Option(None, "--view", help="What is tokenised (default: the view the checkpoint was trained on)."),
+    settings: EmbedSettings = None,  # type: ignore[assignment]
 ) -> None:
     """One 512-d embedding per model (windows covering the whole model, or --max-windows evenly spaced ones, pooled)."""
     from xsae_cli.sane.embed import embed_models
-
     from xsae_cli.sane.tokenizer import view_of_scheme
     from xsae_cli.sane.train import read_checkpoint_config
 
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
-    scheme = _scheme(cfg, view or view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
+    scheme = _scheme(cfg.sane, view or view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
+    s = settings
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=window_size, batch_size=batch_size, device=cfg.hardware.device, scheme=scheme, force=force, warn=out.warn, progress=bar, max_windows=max_windows)
+        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, scheme=scheme, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:
@@ -223,23 +200,24 @@ def embed(
 
 
 @app.command("calibrate")
+@options("sane.calibrate", into="settings")
 def calibrate(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
     lineage: Path = typer.Option(..., "--lineage", help='JSON {"model": "its base", ...} of known descendants (zoo names or paths); at least two bases.'),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the calibrated checkpoint goes (default: <checkpoint>_calibrated)."),
-    max_windows: Optional[int] = typer.Option(32, "--max-windows", help="Windows per model (evenly spaced) when fitting."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the calibrated checkpoint goes (default: <checkpoint>_calibrated)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    settings: CalibrateSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Fit the per-kind pooling gains on known lineages, so embeddings weigh what survives fine-tuning."""
     from xsae_cli.sane.calibrate import calibrate_checkpoint, read_lineage
     from xsae_cli.sane.tokenizer import view_of_scheme
     from xsae_cli.sane.train import read_checkpoint_config
 
-    scheme = _scheme(ctx.obj.config, view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
+    scheme = _scheme(ctx.obj.config.sane, view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
     target = out_dir or checkpoint.parent / f"{checkpoint.name}_calibrated"
     with out.progress() as bar:
-        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=max_windows, scheme=scheme, warn=out.warn, progress=bar)
+        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=settings.max_windows, scheme=scheme, warn=out.warn, progress=bar)
 
     def render(d: dict[str, Any]) -> None:
         gains = ", ".join(f"{k} {v:.2f}" for k, v in d["kind_gains"].items())
@@ -284,7 +262,7 @@ def evaluate(
 
     fams = tuple(f.strip() for f in families.split(",") if f.strip())
     reals = tuple(f.strip() for f in real.split(",") if f.strip())
-    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed, view=_scheme(ctx.obj.config, view).view)
+    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed, view=_scheme(ctx.obj.config.sane, view).view)
     if seeds < 2:
         raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
     if (out_dir / "lineage.json").exists() and not force:

@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
+from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
+from xsae_cli.zoo.settings import ZooSettings
 
 app = typer.Typer(
     help="Catalogue models (HF folders, safetensors, GGUF, PyTorch checkpoints, hub ids) and stream their weights.",
@@ -40,17 +42,18 @@ def _entry_table(entries: list) -> None:  # noqa: D103
 
 
 @app.command("add")
+@options("zoo", into="zoo_cfg")
 def add(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="HF model folder, .safetensors, .gguf, .pt/.pth/.bin file, or hub id (org/name)."),
     name: Optional[str] = typer.Option(None, "--name", help="Catalogue name (default: from the source)."),
     family: Optional[str] = typer.Option(None, "--family", help="Family or lineage label used by plots."),
     force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
+    zoo_cfg: ZooSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Add a model to the catalogue (GGUF files are converted once to cached safetensors)."""
     from xsae_cli.zoo.registry import add_model
 
-    zoo_cfg = ctx.obj.config.zoo
     entry = add_model(source, name=name, force=force, family=family, offline=zoo_cfg.offline, revision=zoo_cfg.revision)
     out.emit(entry.to_dict(), lambda e: out.console.print(f"added [bold]{e['name']}[/bold] ({e['kind']}, {_human_count(e['params'])} parameters)"))
 

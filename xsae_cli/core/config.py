@@ -1,23 +1,39 @@
 """Layered configuration: defaults in code <- xsae.toml <- XSAE_<SECTION>_<KEY> <- flags.
 
-One frozen dataclass per group plus ``[hardware]``. Every value remembers where it came from, so
-``xsae config show`` can say why a run used what it used. Mistakes are caught at load time with
-the file and line named: an unknown key lists the valid ones and the closest match.
+Every section is a settings dataclass registered by its service (see :mod:`xsae_cli.core.settings`):
+``[hardware]`` here, ``[sae]`` in ``sae/settings.py``, ``[align.sae]`` (a sub-table: the SAEs align
+trains) in ``align/settings.py``, and so on. Every value remembers where it came from, so
+``xsae config show`` can say why a run used what it used. Mistakes are caught at load time, before any
+model is read, with the file and line, variable or flag named: an unknown key lists the valid ones and
+the closest match; a value outside its field's range names the range.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import re
 import sys
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.settings import (
+    SECTIONS,
+    InvalidSetting,
+    Section,
+    Settings,
+    coerce,
+    example_of,
+    field_types,
+    meta_of,
+    register_section,
+    setting,
+    type_name,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,210 +42,91 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_FILE = "xsae.toml"
 
+#: The modules that register the groups' sections: import-light (no torch), one line per group.
+SECTION_MODULES = (
+    "xsae_cli.zoo.settings",
+    "xsae_cli.sane.settings",
+    "xsae_cli.sae.settings",
+    "xsae_cli.align.settings",
+    "xsae_cli.restore.settings",
+    "xsae_cli.viz.settings",
+)
 
-@dataclass(frozen=True)
-class HardwareSettings:
-    """Where and how computation runs; shared by every group."""
-
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    launcher: str = "none"
-    num_processes: int = 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    main_process_ip: str = "127.0.0.1"
-    main_process_port: int = 29500
-    accelerate_config: str = ""
-    deepspeed_config: str = ""
+LAUNCHERS = ("none", "accelerate", "deepspeed", "torchrun")
 
 
 @dataclass(frozen=True)
-class ZooSettings:
-    trust_remote_code: bool = False
-    offline: bool = False
-    revision: str = "main"
+class HardwareSettings(Settings):
+    """Where and how computation runs; shared by every group (the root command's options)."""
+
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", example="cpu")
+    dtype: str = setting("float32", "The model's dtype: float32, bfloat16 or float16.", choices=("float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16", "half"))
+    seed: int = setting(0, "Random seed; the same seed repeats a CPU run exactly.")
+    launcher: str = setting("none", "Re-run the command under accelerate, deepspeed or torchrun.", choices=LAUNCHERS)
+    num_processes: int = setting(1, "Processes per machine for --launcher.", ge=1)
+    num_machines: int = setting(1, "Machines for --launcher.", ge=1)
+    machine_rank: int = setting(0, "This machine's rank for --launcher.", ge=0)
+    main_process_ip: str = setting("127.0.0.1", "Address of machine 0 for --launcher.")
+    main_process_port: int = setting(29500, "Port on machine 0 for --launcher.", ge=1, le=65535)
+    accelerate_config: str = setting("", "accelerate YAML config for --launcher accelerate (see recipes/accelerate/).")
+    deepspeed_config: str = setting("", "DeepSpeed JSON config (ZeRO-1/2/3 for `sae train`; see recipes/deepspeed/).")
 
 
-@dataclass(frozen=True)
-class SaeSettings:
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 8
-    optimizer: str = "signum"
-    lr: float = 0.0  # 0: the optimizer's default (adam 3e-4; signum 5e-3 / sqrt(d_sae / 2**14))
-    batch_size: int = 4096
-    context_size: int = 128
-    tokens: str = "2M"
-    corpus: str = "builtin"
-
-
-@dataclass(frozen=True)
-class SaneSettings:
-    chunk_size: int = 64
-    window_size: int = 1024
-    batch_size: int = 4
-    epochs: int = 10
-    lr: float = 3e-4
-    max_steps_per_epoch: int = 100
-    latent_dim: int = 16
-    d_model: int = 128
-    mixed_precision: str = "no"
-    layer_keywords: list[str] = field(default_factory=lambda: ["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"])
-    view: str = "circuits"  # what is tokenised: circuits (token-space, symmetry-free), canonical (sorted weights) or weights
-
-
-@dataclass(frozen=True)
-class AlignSettings:
-    """`xsae align`: which layers, how much text, which SAEs and mappers, how hard to intervene."""
-
-    layers: list[str] = field(default_factory=lambda: ["5", "6", "7"])  # A's blocks (B at the same relative depth) or a:b pairs
-    corpus: str = "builtin"
-    text_field: str = "text"
-    limit: int = 0  # documents read from the corpus; 0 = all
-    context_size: int = 128
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    max_train_pairs: int = 30000  # paired rows the mappers fit on (subsampled within the train documents)
-    max_test_pairs: int = 20000
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 4
-    sae_tokens: str = "200k"  # training tokens per SAE (passes over the train documents' tokens)
-    sae_batch_size: int = 2048
-    mappers: list[str] = field(default_factory=lambda: ["procrustes", "ridge", "hypernet"])
-    hypernet_hidden: int = 256
-    hypernet_epochs: int = 20
-    hypernet_patience: int = 3
-    hypernet_dropout: float = 0.1
-    hypernet_lr: float = 0.001
-    match_threshold: float = 0.5
-    intervene_latents: int = 4
-    intervene_contexts: int = 8
-    intervene_mapper: str = "ridge"
-    strength: float = 0.5  # pushed vector norm = strength x the layer's median token norm
-    top_tokens: int = 10
-
-
-@dataclass(frozen=True)
-class RestoreSettings:
-    preset: str = "tiny"  # tiny (tests, demo) or seed (the original 37M model)
-    corpus: list[str] = field(default_factory=lambda: ["builtin"])  # builtin, .atf, .txt, .jsonl, .parquet
-    steps: int = 2000
-    batch_size: int = 16  # windows per training step
-    seq_len: int = 0  # characters per training window; 0: the preset's max_position
-    lr: float = 1e-3
-    beam: int = 8  # predict: beams per gap length
-    top: int = 5  # predict: restorations shown per gap
-    max_gap: int = 10  # predict: longest restoration tried for [...]
-    layer: int = -1  # sae: block whose output is hooked; -1: the middle block
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 8
-    sae_batch_size: int = 1024  # sae: activation rows per step
-    epochs: int = 50  # sae: passes over the samples
-    max_samples: int = 200  # sae: corpus windows streamed through the model
-
-
-@dataclass(frozen=True)
-class VizSettings:
-    format: str = "png"  # static plots: png or svg (html for an interactive cluster plot)
-    dpi: int = 150
-    method: str = "pca"  # cluster projection: pca, tsne or umap (umap needs pip install umap-learn)
-    page_size: int = 50  # latent cards the features dashboard renders at a time
-    max_image_mb: float = 8.0  # report: pictures from run folders larger than this are listed, not embedded
-
-
-SECTIONS: dict[str, type] = {
-    "hardware": HardwareSettings,
-    "zoo": ZooSettings,
-    "sane": SaneSettings,
-    "sae": SaeSettings,
-    "align": AlignSettings,
-    "restore": RestoreSettings,
-    "viz": VizSettings,
-}
+register_section("hardware", HardwareSettings)
 
 # Variables under XSAE_ that are not config keys.
 RESERVED_ENV = {"XSAE_HOME", "XSAE_CACHE", "XSAE_LAUNCHED", "XSAE_DEMO_DIR", "XSAE_CRASH_AT_STEP", "XSAE_BF16_ENCODER", "XSAE_SPARSE_BACKEND"}
 
 
-@dataclass(frozen=True)
+def sections() -> dict[str, Section]:
+    """Every registered section, after importing the modules that register them."""
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+    return SECTIONS
+
+
 class Config:
-    hardware: HardwareSettings
-    zoo: ZooSettings
-    sane: SaneSettings
-    sae: SaeSettings
-    align: AlignSettings
-    restore: RestoreSettings
-    viz: VizSettings
-    sources: Mapping[str, str] = field(default_factory=dict)
-    file: str | None = None
+    """The effective settings of every section, with where each value came from.
+
+    ``cfg.sae`` / ``cfg.hardware`` (top-level sections by attribute), ``cfg.section("align.sae")``
+    (any section by name); :meth:`with_flags` layers a command's flags on top.
+    """
+
+    def __init__(self, values: dict[str, Any], sources: Mapping[str, str], file: str | None, inputs: dict[str, Any]) -> None:
+        self._values = values
+        self.sources = dict(sources)
+        self.file = file
+        self._inputs = inputs
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def section(self, name: str) -> Any:
+        if name not in self._values:
+            raise KeyError(f"no config section [{name}]")
+        return self._values[name]
+
+    def with_flags(self, flags: Mapping[str, Mapping[str, Any]]) -> Config:
+        """The same files and environment, with ``flags`` (section -> key -> value; None = not given)
+        on top of the flags this config was built with."""
+        merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (self._inputs.get("flags") or {}).items()}
+        for section, table in flags.items():
+            merged.setdefault(section, {}).update({k: v for k, v in table.items() if v is not None})
+        return load_config(self._inputs.get("path"), cwd=self._inputs.get("cwd"), env=self._inputs.get("env"), flags=merged)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(obj) for name, obj in self._values.items()}
 
     def rows(self) -> list[tuple[str, str, Any, str]]:
         """(section, key, value, source) for every setting, in declaration order."""
         out = []
-        for name, section in self.as_dict().items():
-            for key, value in section.items():
-                out.append((name, key, value, self.sources.get(f"{name}.{key}", "default")))
+        for name, obj in self._values.items():
+            for f in SECTIONS[name].fields():
+                out.append((name, f.name, getattr(obj, f.name), self.sources.get(f"{name}.{f.name}", "default")))
         return out
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return "a list of strings"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _check_value(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise TypeError. TOML values must already be that type."""
-    if typing.get_origin(tp) is list:
-        if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-            return [str(v) for v in value]
-        raise TypeError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError
-    return value
-
-
-def _parse_text(text: str, tp: Any) -> Any:
-    """Parse an environment variable or flag string into ``tp``."""
-    if typing.get_origin(tp) is list:
-        return [p.strip() for p in text.split(",") if p.strip()]
-    if tp is bool:
-        low = text.strip().lower()
-        if low in {"1", "true", "yes", "on"}:
-            return True
-        if low in {"0", "false", "no", "off", ""}:
-            return False
-        raise ValueError
-    if tp is int:
-        return int(text)
-    if tp is float:
-        return float(text)
-    return text
 
 
 def _unknown(kind: str, name: str, valid: list[str], where: str, scope: str = "") -> XsaeError:
@@ -256,13 +153,48 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
 
 def _read_file(path: Path) -> tuple[dict[str, Any], str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise XsaeError(f"cannot read config file {path}: {exc.strerror}", "check the --config path") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise XsaeError(f"config file {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8 TOML") from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         raise XsaeError(f"{path}: invalid TOML ({exc})", "fix the syntax at that line") from exc
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return meta_of(f).flag or "--" + f.name.replace("_", "-")
+
+
+class _Layers:
+    """Values and their sources, section by section, as the layers are read."""
+
+    def __init__(self, secs: dict[str, Section]) -> None:
+        self.secs = secs
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in secs}
+        self.sources: dict[str, str] = {}
+        self.types = {name: field_types(s.cls) for name, s in secs.items()}
+        self.fields = {name: {f.name: f for f in s.fields()} for name, s in secs.items()}
+
+    def set(self, section: str, key: str, raw: Any, source: str, *, text: bool, describe: Any) -> None:
+        f = self.fields[section][key]
+        tp = self.types[section][key]
+        try:
+            value = coerce(raw, tp, meta_of(f), text=text)
+        except (TypeError, ValueError, XsaeError) as exc:
+            reason = f" ({exc.message})" if isinstance(exc, XsaeError) else (f" ({exc})" if str(exc) else "")
+            raise describe(f"must be {type_name(tp)}{reason}, got {raw!r}", example_of(tp, meta_of(f))) from None
+        self.values[section][key] = value
+        self.sources[f"{section}.{key}"] = source
+
+
+def _table_keys(secs: dict[str, Section], name: str) -> list[str]:
+    subs = [n[len(name) + 1 :] for n in secs if n.startswith(name + ".") and "." not in n[len(name) + 1 :]]
+    return [f.name for f in secs[name].fields()] + subs if name in secs else subs
 
 
 def load_config(
@@ -278,78 +210,121 @@ def load_config(
     used when present. ``flags`` maps section -> key -> value for command-line overrides; ``None``
     values mean "flag not given".
     """
+    from xsae_cli.core.console import warn
+
+    inputs = {"path": path, "cwd": cwd, "env": env, "flags": {k: dict(v) for k, v in (flags or {}).items()}}
     env = os.environ if env is None else env
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    sources: dict[str, str] = {}
-    types = {name: _field_types(cls) for name, cls in SECTIONS.items()}
+    secs = sections()
+    layers = _Layers(secs)
 
     file_path: Path | None = None
     if path is not None:
         file_path = Path(path)
         if not file_path.exists():
             raise XsaeError(f"config file not found: {file_path}", "check the --config path")
+        if file_path.is_dir():
+            raise XsaeError(f"config file {file_path} is a directory", "pass a TOML file to --config")
     else:
         candidate = Path(cwd or os.getcwd()) / DEFAULT_FILE
-        if candidate.exists():
+        if candidate.is_file():
             file_path = candidate
 
     if file_path is not None:
         data, text = _read_file(file_path)
-        for section, table in data.items():
-            if section not in SECTIONS:
-                line = _line_of(text, section, None)
-                raise _unknown("section", section, list(SECTIONS), f"{file_path}" + (f" line {line}" if line else ""))
-            if not isinstance(table, dict):
-                raise XsaeError(f"{file_path}: '{section}' must be a table", f"write it as [{section}] followed by key = value lines")
-            for key, value in table.items():
-                line = _line_of(text, section, key)
-                where = f"{file_path}" + (f" line {line}" if line else "")
-                if key not in types[section]:
-                    raise _unknown("key", key, list(types[section]), where, f"[{section}]")
-                tp = types[section][key]
-                try:
-                    values[section][key] = _check_value(value, tp)
-                except TypeError:
-                    raise XsaeError(
-                        f"{where}: [{section}] {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}",
-                        f"write e.g. {key} = {_example(tp)}",
-                    ) from None
-                sources[f"{section}.{key}"] = f"file {file_path}" + (f":{line}" if line else "")
+        tops = sorted({n.split(".")[0] for n in secs})
 
-    for var, text in sorted(env.items()):
+        def walk(name: str, table: Any) -> None:
+            if not isinstance(table, dict):
+                raise XsaeError(f"{file_path}: '{name}' must be a table", f"write it as [{name}] followed by key = value lines")
+            for key, value in table.items():
+                sub = f"{name}.{key}"
+                line = _line_of(text, name, key)
+                where = f"{file_path}" + (f" line {line}" if line else "")
+                if sub in secs and isinstance(value, dict):
+                    walk(sub, value)
+                    continue
+                target, tkey = name, key
+                if name in secs and key in secs[name].renamed:
+                    moved = secs[name].renamed[key]
+                    target, tkey = moved.rsplit(".", 1)
+                    warn(f"{where}: [{name}] {key} is now [{target}] {tkey}; the old key works for this release")
+                if target not in secs or tkey not in layers.fields[target]:
+                    fixed = name in secs and key in secs[name].fixed
+                    if fixed:
+                        raise XsaeError(f"{where}: [{name}] {key} is set by the command itself", f"remove it from [{name}]")
+                    raise _unknown("key", key, _table_keys(secs, name), where, f"[{name}]")
+
+                def describe(problem: str, example: str, target: str = target, tkey: str = tkey, where: str = where) -> XsaeError:
+                    return XsaeError(f"{where}: [{target}] {tkey} {problem}", f"write e.g. {tkey} = {example}")
+
+                layers.set(target, tkey, value, f"file {file_path}" + (f":{line}" if line else ""), text=False, describe=describe)
+
+        for section, table in data.items():
+            if section not in tops:
+                line = _line_of(text, section, None)
+                raise _unknown("section", section, tops, f"{file_path}" + (f" line {line}" if line else ""))
+            walk(section, table)
+
+    by_prefix = sorted(secs.values(), key=lambda s: -len(s.env_prefix))
+    for var, text_value in sorted(env.items()):
         if not var.startswith("XSAE_") or var in RESERVED_ENV:
             continue
-        rest = var[5:].lower()
-        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
+        sec = next((s for s in by_prefix if var.startswith(s.env_prefix)), None)
+        if sec is None:
             continue
-        key = rest[len(section) + 1 :]
-        if key not in types[section]:
-            raise _unknown("key", key, list(types[section]), f"environment variable {var}", f"[{section}]")
-        tp = types[section][key]
-        try:
-            values[section][key] = _parse_text(text, tp)
-        except ValueError:
-            raise XsaeError(f"environment variable {var}={text!r}: must be {_type_name(tp)}", f"e.g. {var}={_example(tp)}") from None
-        sources[f"{section}.{key}"] = f"env {var}"
+        key = var[len(sec.env_prefix) :].lower()
+        target, tkey = sec.name, key
+        if key in sec.renamed:
+            target, tkey = sec.renamed[key].rsplit(".", 1)
+        if tkey not in layers.fields[target]:
+            raise _unknown("key", key, [f.name for f in sec.fields()], f"environment variable {var}", f"[{sec.name}]")
+
+        def describe_env(problem: str, example: str, var: str = var, text_value: str = text_value) -> XsaeError:
+            return XsaeError(f"environment variable {var}={text_value!r}: {problem}", f"e.g. {var}={example.strip(chr(34))}")
+
+        layers.set(target, tkey, text_value, f"env {var}", text=True, describe=describe_env)
 
     for section, table in (flags or {}).items():
+        if section not in secs:
+            raise XsaeError(f"command line: unknown config section [{section}]", "this is a bug in the command's options")
         for key, value in table.items():
             if value is None:
                 continue
-            if key not in types[section]:
-                raise _unknown("key", key, list(types[section]), "command line", f"[{section}]")
-            values[section][key] = value
-            sources[f"{section}.{key}"] = "flag --" + key.replace("_", "-")
+            if key not in layers.fields[section]:
+                raise _unknown("key", key, list(layers.fields[section]), "command line", f"[{section}]")
+            f = layers.fields[section][key]
+            flag = flag_name(f)
 
-    built = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
-    return Config(**built, sources=sources, file=str(file_path) if file_path else None)
+            def describe_flag(problem: str, example: str, flag: str = flag) -> XsaeError:
+                return XsaeError(f"{flag}: {problem}", f"e.g. {flag} {example.strip(chr(34))}")
+
+            layers.set(section, key, value, f"flag {flag}", text=isinstance(value, str), describe=describe_flag)
+
+    built: dict[str, Any] = {}
+    for name, sec in secs.items():
+        try:
+            built[name] = sec.build(layers.values[name])
+        except InvalidSetting as exc:
+            raise _located(exc, name, layers, file_path) from None
+    return Config(built, layers.sources, str(file_path) if file_path else None, inputs)
 
 
-def _example(tp: Any) -> str:
-    if typing.get_origin(tp) is list:
-        return '["a", "b"]'
-    return {bool: "true", int: "42", float: "0.001", str: '"text"'}.get(tp, "...")
+def _located(exc: InvalidSetting, section: str, layers: _Layers, file_path: Path | None) -> XsaeError:
+    """An invalid value, named where the user wrote it: the flag, the variable or the file line."""
+    source = layers.sources.get(f"{section}.{exc.key}", "default")
+    f = layers.fields[section].get(exc.key)
+    help_text = meta_of(f).help.rstrip(".") if f is not None else ""
+    what = f" ({help_text})" if help_text else ""
+    if source.startswith("flag "):
+        flag = source[len("flag ") :]
+        return XsaeError(f"{flag} {exc.value!r}: {exc.rule}{what}", exc.hint)
+    if source.startswith("env "):
+        return XsaeError(f"environment variable {source[4:]}: [{section}] {exc.key} = {exc.value!r} {exc.rule}{what}", exc.hint)
+    if source.startswith("file "):
+        path, _, line = source[len("file ") :].rpartition(":")
+        loc = f"{path} line {line}" if line.isdigit() else source[len("file ") :]
+        return XsaeError(f"{loc}: [{section}] {exc.key} = {exc.value!r} {exc.rule}{what}", exc.hint)
+    return XsaeError(f"[{section}] {exc.key} = {exc.value!r} {exc.rule}{what}", exc.hint)
 
 
 def xsae_home() -> Path:

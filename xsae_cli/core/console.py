@@ -94,7 +94,10 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    """A warning line; the message is shown as written (a [section] name is not markup)."""
+    from rich.markup import escape
+
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
 
 class RateColumn(ProgressColumn):

@@ -23,7 +23,7 @@ Run folder::
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from xsae_cli.core.console import info, progress, warn
+from xsae_cli.core.console import info, warn
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.restore.settings import VIAS, RestoreSaeSettings
 
-VIAS = ("direct", "transformer-lens")
 
 
 def hook_name(layer: int) -> str:
@@ -46,21 +46,15 @@ def hook_name(layer: int) -> str:
 
 @dataclass
 class RestoreSaeSpec:
+    """One SAE run on a restoration model: which model, where it goes, and the [restore.sae] settings."""
+
     model: str
-    layer: int
     out: Path
-    corpus: list[str] | None = None  # None: the corpus the model was trained on, else builtin
-    max_samples: int = 200
-    epochs: int = 50
-    seq_len: int | None = None  # None: the model's training windows (else max_position)
-    batch_samples: int = 4  # samples per forward pass
-    via: str = "direct"
+    settings: RestoreSaeSettings = field(default_factory=RestoreSaeSettings)
     device: str = "auto"
     vocab: str | None = None
+    seed: int = 0
     force: bool = False
-    top_n: int = 8
-    summary_samples: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -123,19 +117,19 @@ def samples(loaded: Any, spec: RestoreSaeSpec, seed: int) -> tuple[np.ndarray, n
     """Up to ``max_samples`` windows of the corpus (a seeded choice): ids, attention mask, corpus, seq_len."""
     from xsae_cli.restore.data import Encoded, load_docs, tile_windows, warn_unknown
 
-    if spec.max_samples < 1 or spec.epochs < 1 or spec.batch_samples < 1:
+    if spec.settings.max_samples < 1 or spec.settings.epochs < 1 or spec.settings.batch_samples < 1:
         raise XsaeError("--max-samples, --epochs and --batch-samples must be at least 1", "fix the flag")
     trained = loaded.meta.get("settings", {})
-    corpus = spec.corpus or trained.get("corpus") or ["builtin"]
+    corpus = spec.settings.corpus or trained.get("corpus") or ["builtin"]
     cfg = loaded.model.config
-    seq_len = spec.seq_len or trained.get("seq_len") or cfg.max_position
+    seq_len = spec.settings.seq_len or trained.get("seq_len") or cfg.max_position
     if seq_len > cfg.max_position:
         raise XsaeError(f"--seq-len {seq_len} exceeds the model's max_position {cfg.max_position}", f"use at most {cfg.max_position}")
     docs = load_docs(corpus)
     enc, unknown = Encoded.from_docs(docs, loaded.vocab)
     warn_unknown(unknown, warn, "the corpus")
     ids, attn, _ = tile_windows(enc, seq_len, loaded.vocab.pad_id)
-    pick = np.random.default_rng(seed).permutation(len(ids))[: spec.max_samples]
+    pick = np.random.default_rng(seed).permutation(len(ids))[: spec.settings.max_samples]
     pick.sort()
     return ids[pick], attn[pick], list(corpus), seq_len
 
@@ -184,7 +178,7 @@ def activation_stream(
             yield {hook: pool[s:s + batch_tokens]}
 
 
-def train_restore_sae(spec: RestoreSaeSpec, settings: Any) -> dict[str, Any]:
+def train_restore_sae(spec: RestoreSaeSpec) -> dict[str, Any]:
     """Train an SAE on ``blocks.<layer>.hook_resid_post``; write SAELens files, features and metrics."""
     from xsae_cli.core.hardware import (
         memory_report,
@@ -195,9 +189,7 @@ def train_restore_sae(spec: RestoreSaeSpec, settings: Any) -> dict[str, Any]:
     )
     from xsae_cli.core.io import atomic_write_json
     from xsae_cli.restore.model import load_restoration
-    from xsae_cli.sae.formats import save_sae
-    from xsae_cli.sae.runs import _skip, hook_dirname
-    from xsae_cli.sae.train import SaeTrainer
+    from xsae_cli.sae.pipeline import LiveActivations, train_saes
 
     out = Path(spec.out)
     if (out / "metrics.json").exists() and not spec.force:
@@ -206,46 +198,46 @@ def train_restore_sae(spec: RestoreSaeSpec, settings: Any) -> dict[str, Any]:
     if spec.force and out.exists():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
-    seed_everything(settings.seed)
+    seed_everything(spec.seed)
     t0 = time.perf_counter()
     loaded = load_restoration(spec.model, vocab=spec.vocab, device=device)
     model = loaded.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    capture = make_capture(model, spec.layer, spec.via, device)
-    ids, attn, corpus, seq_len = samples(loaded, spec, settings.seed)
+    if spec.settings.layer < 0:  # -1: the middle block
+        spec = dataclasses.replace(spec, settings=spec.settings.replace(layer=model.config.n_layers // 2))
+    if spec.settings.layer >= model.config.n_layers:
+        raise XsaeError(f"--layer {spec.settings.layer} is out of range: the model has {model.config.n_layers} blocks", f"pick 0..{model.config.n_layers - 1}")
+    capture = make_capture(model, spec.settings.layer, spec.settings.via, device)
+    ids, attn, corpus, seq_len = samples(loaded, spec, spec.seed)
     n_tokens = int(attn.sum())
-    hook = hook_name(spec.layer)
-    settings.tokens = n_tokens * spec.epochs
+    hook = hook_name(spec.settings.layer)
+    settings = spec.settings.replace(tokens=n_tokens * spec.settings.epochs)
     out.mkdir(parents=True, exist_ok=True)
     d_in = model.config.d_model
-    metadata = {hook: {"model_name": str(spec.model), "hook_name": hook, "hook_module": f"layers.{spec.layer}", "hook_layer": spec.layer, "context_size": seq_len, "prepend_bos": False, "dataset_path": ",".join(corpus), "model_class": "RestorationModel"}}
-    atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "samples": int(ids.shape[0]), "sample_tokens": n_tokens, "seq_len": seq_len, "corpus": corpus, "versions": package_versions()})
-    info(f"{ids.shape[0]} samples ({n_tokens:,} characters) x {spec.epochs} epochs through block {spec.layer} of {model.config.n_layers} ({spec.via})")
+    metadata = {hook: {"model_name": str(spec.model), "hook_name": hook, "hook_module": f"layers.{spec.settings.layer}", "hook_layer": spec.settings.layer, "context_size": seq_len, "prepend_bos": False, "dataset_path": ",".join(corpus), "model_class": "RestorationModel"}}
+    atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "samples": int(ids.shape[0]), "sample_tokens": n_tokens, "seq_len": seq_len, "corpus": corpus, "versions": package_versions()})
+    info(f"{ids.shape[0]} samples ({n_tokens:,} characters) x {spec.settings.epochs} epochs through block {spec.settings.layer} of {model.config.n_layers} ({spec.settings.via})")
 
-    def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = activation_stream(capture, ids, attn, epochs=spec.epochs, batch_samples=spec.batch_samples, batch_tokens=settings.batch_size, seed=settings.seed, device=device, hook=hook)
-        return _skip(stream, skip_tokens)
+    def stream() -> Iterator[dict[str, torch.Tensor]]:
+        return activation_stream(capture, ids, attn, epochs=spec.settings.epochs, batch_samples=spec.settings.batch_samples, batch_tokens=settings.batch_size, seed=spec.seed, device=device, hook=hook)
 
-    trainer = SaeTrainer(settings, {hook: d_in}, out, metadata=metadata, device=device)
-    trainer.fit(batches)
-    sae = trainer.finalize()[hook]
-    sae.fold_normalization()
-    folder = out / hook_dirname(hook)
-    save_sae(sae, folder, format="saelens", force=True)
-    summary = feature_summary(capture, sae, loaded.vocab, ids, attn, spec, device)
-    summary.update(model=str(spec.model), layer=spec.layer, hook=hook, via=spec.via, corpus=corpus, versions=package_versions())
+    trained = train_saes(LiveActivations([hook], {hook: d_in}, stream), settings, out, seed=spec.seed, metadata=metadata, device=device)
+    sae = trained.saes[hook]
+    folder = trained.folders[hook]
+    summary = feature_summary(capture, sae, model, loaded.vocab, ids, attn, spec, device)
+    summary.update(model=str(spec.model), layer=spec.settings.layer, hook=hook, via=spec.settings.via, corpus=corpus, versions=package_versions())
     atomic_write_json(folder / "features.json", summary)
     metrics = {
         "hook": hook,
-        "layer": spec.layer,
-        "via": spec.via,
+        "layer": spec.settings.layer,
+        "via": spec.settings.via,
         "sae": str(folder),
         "reconstruction": summary.pop("reconstruction"),
-        "training": {"tokens": trainer.tokens, "steps": trainer.step, "seconds": round(trainer.seconds, 2), "tokens_per_second": round(trainer.tokens_per_second, 1), "total_seconds": round(time.perf_counter() - t0, 2)},
+        "training": {**trained.figures(), "total_seconds": round(time.perf_counter() - t0, 2)},
         "samples": int(ids.shape[0]),
         "sample_tokens": n_tokens,
-        "epochs": spec.epochs,
+        "epochs": spec.settings.epochs,
         "memory": {**memory_report(device), "peak_rss_bytes": peak_rss_bytes()},
         "settings": _jsonable(asdict(settings)),
         "versions": package_versions(),
@@ -254,75 +246,20 @@ def train_restore_sae(spec: RestoreSaeSpec, settings: Any) -> dict[str, Any]:
     return metrics
 
 
-@torch.inference_mode()
-def feature_summary(capture: Any, sae: Any, vocab: Any, ids: np.ndarray, attn: np.ndarray, spec: RestoreSaeSpec, device: Any, window: int = 12) -> dict[str, Any]:
-    """Per latent: firing frequency, the characters it fires on, and its top contexts in the samples."""
-    from xsae_cli.sae.metrics import RunningStats
+def feature_summary(capture: Any, sae: Any, model: Any, vocab: Any, ids: np.ndarray, attn: np.ndarray, spec: RestoreSaeSpec, device: Any) -> dict[str, Any]:
+    """The features summary every group writes (``xsae viz features`` reads it), over the samples:
+    characters as tokens, the model's output head as the logit lens, reconstruction on the same characters."""
+    from xsae_cli.sae.features import summarize_latents
 
-    n = min(spec.summary_samples, ids.shape[0])
-    d_sae = sae.cfg.d_sae
-    seq = ids.shape[1]
-    chars = np.unique(ids[:n][attn[:n] > 0])
-    col = {int(c): j for j, c in enumerate(chars)}
-    char_act = torch.zeros(d_sae, len(chars), dtype=torch.float64)
-    fires = torch.zeros(d_sae, dtype=torch.long)
-    top_vals = torch.full((d_sae, spec.top_n), -math.inf)
-    top_pos = torch.full((d_sae, spec.top_n), -1, dtype=torch.long)
-    stats = RunningStats(sae.cfg.d_in, d_sae)
-    sae_device = next(sae.parameters()).device
-    with progress() as bar:
-        task = bar.add_task("feature summary", total=n, unit="samples")
-        for s in range(0, n, spec.batch_samples):
-            x = torch.from_numpy(ids[s:s + spec.batch_samples]).to(device)
-            a = torch.from_numpy(attn[s:s + spec.batch_samples]).to(device)
-            acts = capture(x, a).float()
-            flat = acts.reshape(-1, acts.shape[-1]).to(sae_device)
-            keep = a.reshape(-1).bool().cpu()
-            codes = sae.encode(flat)
-            stats.update(flat[keep.to(sae_device)], sae.decode(codes)[keep.to(sae_device)], codes[keep.to(sae_device)])
-            codes = codes.float().cpu()
-            codes[~keep] = 0
-            fires += (codes > 0).sum(0)
-            cidx = torch.tensor([col.get(int(c), 0) for c in x.reshape(-1).cpu()], dtype=torch.long)
-            char_act.index_add_(1, cidx[keep], codes[keep].T.double())
-            positions = torch.arange(s * seq, s * seq + codes.shape[0])
-            k = min(spec.top_n, codes.shape[0])
-            vals, idx = codes.T.topk(k, dim=1)
-            merged_v, merged_p = torch.cat([top_vals, vals], 1), torch.cat([top_pos, positions[idx]], 1)
-            best = merged_v.topk(spec.top_n, dim=1)
-            top_vals, top_pos = best.values, merged_p.gather(1, best.indices)
-            bar.update(task, advance=x.shape[0])
-    n_tokens = int(attn[:n].sum())
-    latents = []
-    for i in range(d_sae):
-        if fires[i] == 0:
-            continue
-        total = float(char_act[i].sum()) or 1.0
-        order = torch.argsort(char_act[i], descending=True)[:5]
-        contexts = []
-        for v, p in zip(top_vals[i].tolist(), top_pos[i].tolist()):
-            if p < 0 or v <= 0:
-                continue
-            row, t = divmod(p, seq)
-            lo, hi = max(0, t - window), min(int(attn[row].sum()), t + window + 1)
-            contexts.append({"text": _show(vocab, ids[row, lo:hi]), "index": t - lo, "char": _show(vocab, ids[row, t:t + 1]), "act": round(v, 4), "sample": row})
-        latents.append({
-            "id": i,
-            "frequency": int(fires[i]) / max(1, n_tokens),
-            "top_chars": [[_show(vocab, [int(chars[j])]), round(float(char_act[i, j]) / total, 4)] for j in order.tolist() if char_act[i, j] > 0],
-            "top_contexts": contexts,
-        })
-    latents.sort(key=lambda e: -e["frequency"])
-    return {
-        "d_in": sae.cfg.d_in,
-        "d_sae": d_sae,
-        "architecture": sae.cfg.arch,
-        "n_samples": n,
-        "n_tokens": n_tokens,
-        "dead_fraction": float((fires == 0).float().mean()),
-        "reconstruction": stats.compute(),
-        "latents": latents,
-    }
+    n = min(spec.settings.summary_samples, ids.shape[0])
+    ids_t, attn_t = torch.from_numpy(ids[:n]).long(), torch.from_numpy(attn[:n]).long()
+    summary = summarize_latents(
+        lambda x, a: capture(x.to(device), a.to(device)), sae, ids_t, attn_t, attn_t == 0, lambda t: _show(vocab, [t]),
+        hook=hook_name(spec.settings.layer), top_n=spec.settings.top_n, batch_contexts=spec.settings.batch_samples,
+        unembed=model.head.weight.detach().float().cpu(), reconstruction=True,
+    )
+    summary["n_samples"] = n
+    return summary
 
 
 def _show(vocab: Any, ids: Any) -> str:

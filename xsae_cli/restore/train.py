@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,39 +50,9 @@ from xsae_cli.restore.model import (
     preset_config,
     save_model,
 )
+from xsae_cli.restore.settings import MIXED, RestoreTrainSettings
 
-MIXED = ("no", "fp16", "bf16")
-
-
-@dataclass
-class RestoreTrainSettings:
-    preset: str = "tiny"
-    corpus: list[str] = field(default_factory=lambda: ["builtin"])
-    steps: int = 2000
-    batch_size: int = 16
-    seq_len: int = 0  # 0: the preset's max_position
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    mask_ratio: tuple[float, float] = (0.15, 0.25)
-    span: tuple[int, int] = (1, 10)
-    held_out_fraction: float = 0.05
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    mixed_precision: str = "no"
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise XsaeError("--steps, --batch-size and --checkpoint-every must be at least 1", "fix the flag")
-        if self.lr <= 0:
-            raise XsaeError(f"--lr must be positive (got {self.lr})", "e.g. --lr 1e-3")
-        if self.mixed_precision not in MIXED:
-            raise XsaeError(f"unknown --mixed-precision '{self.mixed_precision}'", f"use one of {', '.join(MIXED)}")
-        if not 1 <= self.span[0] <= self.span[1]:
-            raise XsaeError(f"bad span lengths {self.span}", "use e.g. 1 and 10")
+__all__ = ["MIXED", "RestoreTrainSettings", "train"]
 
 
 def lr_at(step: int, s: RestoreTrainSettings) -> float:
@@ -125,7 +95,6 @@ def _train(s: RestoreTrainSettings, out: Path, *, force: bool, on_log: Callable[
         seed_everything,
     )
 
-    s.validate()
     if (out / CONFIG_FILE).exists() and not force:
         raise XsaeError(f"{out} already holds a trained model", "pass --force to train again, or choose another --out")
     if force and out.exists():

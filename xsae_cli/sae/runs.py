@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -33,50 +32,35 @@ from xsae_cli.core.console import info
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.hardware import memory_report, package_versions, resolve_device, resolve_dtype, seed_everything
 from xsae_cli.core.io import atomic_write_json, read_json
+from xsae_cli.sae.pipeline import ActivationSource, CachedActivations, LiveActivations, hook_dirname, train_saes
+from xsae_cli.sae.settings import SaeRunSettings, parse_tokens
 
-TOKEN_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*$")
-
-
-def parse_tokens(text: str | int) -> int:
-    """'2M' -> 2_000_000, '500k' -> 500_000, '1.5B' -> 1_500_000_000."""
-    if isinstance(text, int):
-        return text
-    m = TOKEN_RE.match(str(text))
-    if not m:
-        raise XsaeError(f"bad token count '{text}'", "write e.g. 500k, 2M or 2000000")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
-
-
-def hook_dirname(hook: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", hook)
-
+__all__ = ["RunSpec", "evaluate_run", "features_run", "hook_dirname", "parse_tokens", "settings_from_run", "train_run"]
 
 @dataclass
 class RunSpec:
-    """Where activations come from and where results go."""
+    """One ``xsae sae train`` run: what is hooked where, how (``settings``: the [sae] section) and on what hardware."""
 
     model: str
     hooks: list[str]
     out: Path
-    corpus: str = "builtin"
-    text_field: str = "text"
-    context_size: int = 128
-    pack: bool = True
-    held_out_fraction: float = 0.05
-    site: str = "output"
-    drop_special: bool = True
-    outlier_factor: float | None = None
+    settings: SaeRunSettings = field(default_factory=SaeRunSettings)
     device: str = "auto"
     model_dtype: str = "float32"
-    batch_contexts: int = 8
-    eval_tokens: int = 32768
-    eval_contexts: int = 16
-    cache: bool = True
-    force: bool = False
+    seed: int = 0
+    deepspeed_config: str | None = None
     trust_remote_code: bool = False
-    device_map: str | None = None  # e.g. "auto": spread a model too large for one GPU over all visible GPUs
-    extra: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+
+
+def settings_from_run(desc: dict[str, Any]) -> SaeRunSettings:
+    """The settings a run was trained with, from its run.json (older files: spec and settings split)."""
+    known = {f.name for f in fields(SaeRunSettings)}
+    merged = {**desc.get("spec", {}), **desc.get("settings", {})}
+    values = {k: (tuple(v) if isinstance(v, list) and k == "betas" else v) for k, v in merged.items() if k in known}
+    if values.get("lr") == 0.0:  # older runs wrote 0 for "the optimizer's default"
+        values["lr"] = None
+    return SaeRunSettings(**values)
 
 
 def _init_distributed(spec: RunSpec) -> tuple[int, int]:
@@ -111,51 +95,52 @@ def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
     resolved = resolve_entry(spec.model)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.model_dtype, device)
-    model, tokenizer = load_model(resolved, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code, device_map=spec.device_map)
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype, trust_remote_code=spec.trust_remote_code, device_map=spec.settings.device_map)
     return model, tokenizer, device, _identity(spec, resolved)
 
 
 def _contexts(spec: RunSpec, tokenizer: Any, seed: int) -> tuple[Any, Any]:
     from xsae_cli.data.corpus import load_contexts
 
+    s = spec.settings
     train, held = load_contexts(
-        spec.corpus,
+        s.corpus,
         tokenizer,
-        spec.context_size,
-        text_field=spec.text_field,
-        pack=spec.pack,
-        held_out_fraction=spec.held_out_fraction,
+        s.context_size,
+        text_field=s.text_field,
+        pack=s.pack,
+        held_out_fraction=s.held_out_fraction,
         seed=seed,
     )
     return train, held
 
 
 def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
-    parts = [identity, ",".join(spec.hooks), spec.site, spec.corpus, spec.text_field, str(spec.context_size), str(spec.pack), str(spec.held_out_fraction), str(tokens), str(seed), str(spec.drop_special), str(spec.outlier_factor), spec.model_dtype]
+    s = spec.settings
+    parts = [identity, ",".join(spec.hooks), s.site, s.corpus, s.text_field, str(s.context_size), str(s.pack), str(s.held_out_fraction), str(tokens), str(seed), str(s.drop_special), str(s.outlier_factor), spec.model_dtype]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
+def train_run(spec: RunSpec) -> dict[str, Any]:
     """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics."""
     from xsae_cli.data.activations import ActivationStore, ShardedActivations
-    from xsae_cli.sae.formats import save_sae
-    from xsae_cli.sae.train import SaeTrainer
 
     out = Path(spec.out)
     if (out / "metrics.json").exists() and not spec.force:
         raise XsaeError(f"{out} already holds a finished run", "pass --force to train it again, or choose another --out")
-    if getattr(settings, "deepspeed_config", None):  # before any harvest: a bad config should cost nothing
+    settings = spec.settings
+    if spec.deepspeed_config:  # before any harvest: a bad config should cost nothing
         from xsae_cli.sae.zero import zero_config_for
 
-        zero_config_for(settings.deepspeed_config, settings.optimizer)
+        zero_config_for(spec.deepspeed_config, settings.optimizer)
     if out.exists() and spec.force:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    seed_everything(settings.seed)
+    seed_everything(spec.seed)
     t0 = time.perf_counter()
     rank, world = _init_distributed(spec)
-    if world > 1 and not spec.cache:
+    if world > 1 and not settings.cache:
         raise XsaeError("multi-process training reads a cached harvest", "drop --no-cache when using --launcher")
     # In a launch only rank 0 runs the model (harvest, then evaluation); the other ranks read its
     # harvest, so a model that needs every GPU (--device-map auto) is loaded once, not once per rank.
@@ -163,27 +148,31 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
     d_in: dict[str, int] | None = None
     if rank == 0:
         model, tokenizer, device, identity = _load(spec)
-        train_ctx, held_ctx = _contexts(spec, tokenizer, settings.seed)
+        train_ctx, held_ctx = _contexts(spec, tokenizer, spec.seed)
         store = ActivationStore(
-            model, tokenizer, spec.hooks, train_ctx, site=spec.site, batch_contexts=spec.batch_contexts,
-            device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, seed=settings.seed, model_name=spec.model,
+            model, tokenizer, spec.hooks, train_ctx, site=settings.site, batch_contexts=settings.batch_contexts,
+            device="cpu", drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=spec.seed, model_name=spec.model,
         )
         d_in = store.d_in
-        atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
+        atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
     else:
         device, identity = resolve_device(spec.device), _identity(spec)
+    # cfg.json's hook_name is the module path the hook resolved to ("15" -> "model.layers.15"), so a
+    # SAELens user can hook the same place from the file.
+    modules = store.modules if store is not None else {h: h for h in spec.hooks}
     metadata = {
-        h: {"model_name": spec.model, "hook_name": h, "context_size": spec.context_size, "prepend_bos": True, "dataset_path": spec.corpus, "hook_site": spec.site}
+        h: {"model_name": spec.model, "hook_name": modules[h], "context_size": settings.context_size, "prepend_bos": True, "dataset_path": settings.corpus, "hook_site": settings.site}
         for h in spec.hooks
     }
 
     harvest_seconds = 0.0
     harvest_stats: dict[str, Any] = {}
-    if spec.cache:
-        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, settings.seed)
+    source: ActivationSource
+    if settings.cache:
+        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed)
         if not (cache_dir / "meta.json").exists() and rank == 0:
             h0 = time.perf_counter()
-            store.save_shards(cache_dir, settings.tokens, force=True, corpus=spec.corpus)
+            store.save_shards(cache_dir, settings.tokens, force=True, corpus=settings.corpus)
             harvest_seconds = time.perf_counter() - h0
             harvest_stats = asdict(store.stats) if hasattr(store.stats, "__dataclass_fields__") else {}
         elif rank == 0:
@@ -191,37 +180,25 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         if world > 1:
             torch.distributed.barrier()  # rank 0 harvested; the others read the same shards
         shards = ShardedActivations(cache_dir)
-        d_in = d_in or {h: shards.d_in[h] for h in spec.hooks}
-
         if len(shards) < settings.tokens and rank == 0:
             info(f"the corpus gave {len(shards):,} token activations: training makes {settings.tokens / len(shards):.1f} passes over them (reshuffled each pass)")
-
-        def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-            return _shard(_skip(_epochs(shards, settings.batch_size, settings.seed), skip_tokens), rank, world)
+        source = CachedActivations(shards, settings.batch_size, seed=spec.seed, rank=rank, world=world)
     else:
-        def batches(skip_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-            return _skip(store.batches(settings.batch_size, settings.tokens), skip_tokens)
+        source = LiveActivations(list(spec.hooks), dict(d_in or {}), lambda: store.batches(settings.batch_size, settings.tokens))
 
-    trainer = SaeTrainer(settings, d_in, out, metadata=metadata, device=device)
-    trainer.fit(batches)
-    saes = trainer.finalize()
+    trained = train_saes(source, settings, out, seed=spec.seed, metadata=metadata, device=device, deepspeed_config=spec.deepspeed_config)
+    saes = trained.saes
     rank_memory = [memory_report(device)]
     if world > 1:  # every rank's peak: what ZeRO saves shows on the ranks that hold no model
         rank_memory = [None] * world
         torch.distributed.all_gather_object(rank_memory, memory_report(device))
         torch.distributed.barrier()
-    if trainer.rank != 0:
-        return {"rank": rank, "world_size": world, "steps": trainer.step, "tokens": trainer.tokens}
-    for hook, sae in saes.items():
-        sae.fold_normalization()
-        save_sae(sae, out / hook_dirname(hook), format="saelens", force=True)
+    if trained.rank != 0:
+        return {"rank": rank, "world_size": world, "steps": trained.steps, "tokens": trained.tokens}
 
     metrics = evaluate_saes(model, tokenizer, spec, saes, held_ctx, device)
     metrics["training"] = {
-        "tokens": trainer.tokens,
-        "steps": trainer.step,
-        "seconds": round(trainer.seconds, 2),
-        "tokens_per_second": round(trainer.tokens_per_second, 1),
+        **trained.figures(),
         "harvest_seconds": round(harvest_seconds, 2),
         "harvest": _jsonable(harvest_stats),
         "total_seconds": round(time.perf_counter() - t0, 2),
@@ -229,55 +206,11 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         "memory_per_rank": rank_memory,
     }
     metrics["training"]["world_size"] = world
-    if trainer.zero_config is not None:
-        from xsae_cli.sae.zero import zero_stage
-
-        metrics["training"]["zero_stage"] = zero_stage(trainer.zero_config)
     metrics["model"] = spec.model
     metrics["settings"] = _jsonable(asdict(settings))
     metrics["versions"] = package_versions()
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _epochs(shards: Any, batch_tokens: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The cached harvest over and over, reshuffled each pass; the trainer stops at its token budget."""
-    epoch = 0
-    while True:
-        yield from shards.batches(batch_tokens, None, seed=seed + epoch)
-        epoch += 1
-
-
-def _shard(it: Iterator[dict[str, torch.Tensor]], rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Rank r takes batches r, r+world, ... of the global stream, in whole groups only.
-
-    Every rank must run the same number of steps (each step all-reduces), so a trailing group
-    smaller than ``world`` is dropped.
-    """
-    if world == 1:
-        yield from it
-        return
-    group: list[dict[str, torch.Tensor]] = []
-    for batch in it:
-        group.append(batch)
-        if len(group) == world:
-            yield group[rank]
-            group = []
-
-
-def _skip(it: Iterator[dict[str, torch.Tensor]], tokens: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Drop the first ``tokens`` rows of a deterministic stream (a resumed run's past)."""
-    skipped = 0
-    for batch in it:
-        n = int(next(iter(batch.values())).shape[0])
-        if skipped + n <= tokens:
-            skipped += n
-            continue
-        if skipped < tokens:
-            cut = tokens - skipped
-            batch = {h: t[cut:] for h, t in batch.items()}
-            skipped = tokens
-        yield batch
 
 
 @torch.no_grad()
@@ -289,18 +222,19 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
 
     if held_ctx is None or len(held_ctx) == 0:
         raise XsaeError("no held-out text to evaluate on", "use a larger corpus or a larger held-out fraction")
-    store = ActivationStore(model, tokenizer, list(saes), held_ctx, site=spec.site, batch_contexts=spec.batch_contexts, device="cpu", drop_special=spec.drop_special, outlier_factor=spec.outlier_factor, shuffle=False, model_name=spec.model)
+    s = spec.settings
+    store = ActivationStore(model, tokenizer, list(saes), held_ctx, site=s.site, batch_contexts=s.batch_contexts, device="cpu", drop_special=s.drop_special, outlier_factor=s.outlier_factor, shuffle=False, model_name=spec.model)
     stats = {h: RunningStats(sae.cfg.d_in, sae.cfg.d_sae) for h, sae in saes.items()}
     # Dense codes are [rows, d_sae]: keep a batch near 128M floats, so 262k-latent SAEs evaluate in ~1 GB.
     rows = max(64, min(4096, 2**27 // max(sae.cfg.d_sae for sae in saes.values())))
-    for batch in store.batches(rows, spec.eval_tokens):
+    for batch in store.batches(rows, s.eval_tokens):
         for h, x in batch.items():
             sae = saes[h]
             x = x.to(next(sae.parameters()).device, torch.float32)
             codes = sae.encode(x)
             stats[h].update(x, sae.decode(codes), codes)
     results: dict[str, Any] = {"hooks": {}}
-    n = min(spec.eval_contexts, len(held_ctx))
+    n = min(s.eval_contexts, len(held_ctx))
     for h, sae in saes.items():
         r = stats[h].compute()
         r["special_tokens_dropped"] = int(getattr(store.stats, "dropped_special", 0))
@@ -317,18 +251,26 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return read_json(run_dir / "run.json", "run description")
 
 
+def spec_from_run(run_dir: Path, desc: dict[str, Any], device: str, **changes: Any) -> RunSpec:
+    """The RunSpec a run folder was trained with (``changes``: settings to evaluate differently)."""
+    settings = settings_from_run(desc)
+    if changes:
+        settings = settings.replace(**changes)
+    spec = desc.get("spec", {})
+    seed = spec.get("seed", desc.get("settings", {}).get("seed", 0))
+    return RunSpec(
+        model=spec["model"], hooks=list(spec["hooks"]), out=run_dir, settings=settings, device=device,
+        model_dtype=spec.get("model_dtype", "float32"), seed=int(seed), trust_remote_code=bool(spec.get("trust_remote_code", False)),
+    )
+
+
 def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_tokens: int | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's SAEs on its held-out split."""
     from xsae_cli.sae.formats import load_sae
 
     run_dir = Path(run_dir)
     desc = load_run(run_dir)
-    fields = {k: v for k, v in desc["spec"].items() if k in RunSpec.__dataclass_fields__}
-    fields["out"] = run_dir
-    fields["device"] = device
-    if eval_tokens:
-        fields["eval_tokens"] = eval_tokens
-    spec = RunSpec(**fields)
+    spec = spec_from_run(run_dir, desc, device, **({"eval_tokens": eval_tokens} if eval_tokens else {}))
     model, tokenizer, dev, _ = _load(spec)
     saes = {}
     for h in spec.hooks:
@@ -338,7 +280,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_tokens: int 
         if sae.cfg.d_in != width:
             raise XsaeError(f"SAE {folder} has d_in={sae.cfg.d_in} but hook {h} of {spec.model} has width {width}", "evaluate it on the model and hook it was trained on")
         saes[h] = sae
-    _, held = _contexts(spec, tokenizer, desc["settings"].get("seed", 0))
+    _, held = _contexts(spec, tokenizer, spec.seed)
     return evaluate_saes(model, tokenizer, spec, saes, held, dev)
 
 
@@ -348,7 +290,7 @@ def _width(model: Any, hook: str, spec: RunSpec, tokenizer: Any = None) -> int:
     from xsae_cli.data.corpus import tokenize_contexts
 
     ctx = tokenize_contexts(["width probe"], tokenizer, 8)
-    return ActivationStore(model, tokenizer, [hook], ctx, site=spec.site, drop_special=False, shuffle=False).d_in[hook]
+    return ActivationStore(model, tokenizer, [hook], ctx, site=spec.settings.site, drop_special=False, shuffle=False).d_in[hook]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -381,16 +323,14 @@ def features_run(
         raise XsaeError(f"{run_dir} has no SAE for hook {hook}", f"it holds: {', '.join(hooks)}")
     target = Path(output) if output else run_dir / hook_dirname(hook) / "features.json"
     refuse_overwrite(target, force)
-    fields = {k: v for k, v in desc["spec"].items() if k in RunSpec.__dataclass_fields__}
-    fields.update(out=run_dir, device=device)
-    spec = RunSpec(**fields)
+    spec = spec_from_run(run_dir, desc, device)
     model, tokenizer, dev, _ = _load(spec)
     sae = load_sae(run_dir / hook_dirname(hook), device=dev)
-    _, held = _contexts(spec, tokenizer, desc["settings"].get("seed", 0))
+    _, held = _contexts(spec, tokenizer, spec.seed)
     if held is None:
         raise XsaeError("the run has no held-out text to look at", "train with a held-out fraction above 0")
     held = held.select(slice(0, n_contexts))
-    summary = feature_summary(model, tokenizer, sae, hook, held, site=spec.site, top_n=top_n)
-    summary.update(model=spec.model, run=str(run_dir), corpus=spec.corpus, versions=package_versions())
+    summary = feature_summary(model, tokenizer, sae, hook, held, site=spec.settings.site, top_n=top_n)
+    summary.update(model=spec.model, run=str(run_dir), corpus=spec.settings.corpus, versions=package_versions())
     atomic_write_json(target, summary)
     return target, summary

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,60 +26,22 @@ from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import Checkpoints
 from xsae_cli.sae.metrics import FiringTracker
 from xsae_cli.sae.models import SaeConfig, SparseAutoencoder, create_sae
+from xsae_cli.sae.settings import OPTIMIZERS, SaeTrainSettings
 
 Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # skip_tokens -> batches
 
 
-@dataclass
-class TrainSettings:
-    """How SAEs are trained; the architecture itself is in :class:`SaeConfig`."""
-
-    arch: str = "topk"
-    k: int = 32
-    expansion: int = 8
-    d_sae: int | None = None  # overrides expansion
-    optimizer: str = "signum"  # signum (sparsify's default, schedule-free) or adam
-    lr: float | None = None  # None: adam 3e-4; signum 5e-3 / sqrt(d_sae / 2**14), as sparsify
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_fraction: float = 0.02
-    decay_fraction: float = 0.2  # linear decay to zero over the last part of the run
-    batch_size: int = 4096  # tokens per step
-    tokens: int = 2_000_000
-    checkpoint_every: int = 200  # steps
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    init_b_dec: str = "geometric_median"
-    normalize_activations: str = "none"
-    l1_coefficient: float = 5.0
-    l0_coefficient: float = 1e-3
-    dead_tokens_threshold: int = 1_000_000
-    seed: int = 0
-    log_with: str | None = None  # accelerate tracker: tensorboard | wandb
-    deepspeed_config: str | None = None  # a DeepSpeed JSON config: ZeRO-1/2/3 (see recipes/deepspeed/)
-    extra: dict[str, Any] = field(default_factory=dict)  # further SaeConfig fields
-
-    @property
-    def total_steps(self) -> int:
-        return max(1, math.ceil(self.tokens / self.batch_size))
-
-    def sae_config(self, d_in: int, metadata: dict[str, Any]) -> SaeConfig:
-        d_sae = self.d_sae or d_in * self.expansion
-        k = self.k if self.arch in ("topk", "batchtopk") else None
-        return SaeConfig(
-            arch=self.arch,
-            d_in=d_in,
-            d_sae=d_sae,
-            k=k,
-            l1_coefficient=self.l1_coefficient,
-            l0_coefficient=self.l0_coefficient,
-            dead_tokens_threshold=self.dead_tokens_threshold,
-            normalize_activations=self.normalize_activations,
-            metadata=dict(metadata),
-            **self.extra,
-        )
+def total_steps(settings: SaeTrainSettings) -> int:
+    return max(1, math.ceil(settings.tokens / settings.batch_size))
 
 
-OPTIMIZERS = ("signum", "adam")
+def sae_config_for(settings: SaeTrainSettings, d_in: int, metadata: dict[str, Any]) -> SaeConfig:
+    """The SAE that ``settings`` train on inputs of width ``d_in`` (``metadata`` goes into cfg.json)."""
+    d_sae = settings.d_sae or d_in * settings.expansion
+    k = settings.k if settings.arch in ("topk", "batchtopk") else None
+    if k is not None and k > d_sae:
+        raise XsaeError(f"k={k} is larger than d_sae={d_sae} (d_in {d_in} x expansion {settings.expansion})", "lower --k or raise --expansion / --d-sae")
+    return SaeConfig(arch=settings.arch, d_in=d_in, d_sae=d_sae, k=k, metadata=dict(metadata), **settings.sae_overrides())
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -96,13 +58,13 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
-def base_lr(settings: TrainSettings, d_sae: int) -> float:
+def base_lr(settings: SaeTrainSettings, d_sae: int) -> float:
     if settings.lr is not None:
         return settings.lr
     return 5e-3 / (d_sae / 2**14) ** 0.5 if settings.optimizer == "signum" else 3e-4
 
 
-def make_optimizer(settings: TrainSettings, params: Any, lr: float) -> Any:
+def make_optimizer(settings: SaeTrainSettings, params: Any, lr: float) -> Any:
     """Adam, or schedule-free signum: the weights the run ends with are the schedule-free average."""
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=settings.betas)
@@ -115,12 +77,12 @@ def make_optimizer(settings: TrainSettings, params: Any, lr: float) -> Any:
     raise XsaeError(f"unknown optimizer '{settings.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
 
 
-def lr_factor(step: int, settings: TrainSettings) -> float:
+def lr_factor(step: int, settings: SaeTrainSettings) -> float:
     """Linear warm-up, flat, then (Adam) linear decay to zero: robust for short and long runs alike.
 
     Schedule-free signum needs no decay: its averaging plays that part.
     """
-    total = settings.total_steps
+    total = total_steps(settings)
     warm = max(1, int(total * settings.warmup_fraction))
     if step < warm:
         return (step + 1) / warm
@@ -150,28 +112,32 @@ class SaeTrainer:
 
     def __init__(
         self,
-        settings: TrainSettings,
+        settings: SaeTrainSettings,
         d_in: dict[str, int],
         run_dir: Path,
         *,
+        seed: int = 0,
+        deepspeed_config: str | None = None,
         metadata: dict[str, dict[str, Any]] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.settings = settings
+        self.seed = int(seed)
+        self.deepspeed_config = deepspeed_config or None
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
         self.hooks = list(d_in)
         self.rank, self.world = _dist()
         self.checkpoints = Checkpoints(self.run_dir, keep=settings.keep_checkpoints)
         self.zero_config: dict[str, Any] | None = None
-        if settings.deepspeed_config:
+        if self.deepspeed_config:
             from xsae_cli.sae.zero import zero_config_for
 
-            self.zero_config = zero_config_for(settings.deepspeed_config, settings.optimizer)
+            self.zero_config = zero_config_for(self.deepspeed_config, settings.optimizer)
         self.states: dict[str, HookState] = {}
         for i, hook in enumerate(self.hooks):
-            cfg = settings.sae_config(d_in[hook], (metadata or {}).get(hook, {"hook_name": hook}))
-            sae = create_sae(cfg, device=self.device, seed=settings.seed + i)
+            cfg = sae_config_for(settings, d_in[hook], (metadata or {}).get(hook, {"hook_name": hook}))
+            sae = create_sae(cfg, device=self.device, seed=self.seed + i)
             lr = base_lr(settings, cfg.d_sae)
             opt = make_optimizer(settings, sae.parameters(), lr)
             self.states[hook] = HookState(sae, opt, lr, FiringTracker(cfg.d_sae, device=self.device))
@@ -204,6 +170,7 @@ class SaeTrainer:
             "tokens": self.tokens,
             "hooks": self.hooks,
             "settings": _jsonable(asdict(self.settings)),
+            "seed": self.seed,
             "configs": {h: st.sae.cfg.to_dict() for h, st in self.states.items()},
             "decoder_weight_norm": {h: st.sae.decoder_weight_norm for h, st in self.states.items()},
             "world_size": self.world,

@@ -520,7 +520,8 @@ def _evaluate(
     from xsae_cli.sane.embed import embed_tokenized
     from xsae_cli.sane.tokenizer import CoordScheme
     from xsae_cli.sane.model import SaneAutoencoder, SaneModelConfig
-    from xsae_cli.sane.train import TrainSettings, load_model, train
+    from xsae_cli.sane.settings import SaneTrainSettings
+    from xsae_cli.sane.train import load_model, train
     from xsae_cli.zoo.sources import file_sha256, resolve
     from xsae_cli.zoo.weights import iter_weights
 
@@ -569,7 +570,7 @@ def _evaluate(
         if checkpoint is None:
             run = workdir / f"run-fold{fi + 1}"
             group = {b: i for i, b in enumerate(dict.fromkeys(base_of[n] for n in train_names))}
-            ts = TrainSettings(epochs=s.epochs, batch_size=s.batch_size, window_size=s.window_size, steps_per_epoch=s.steps_per_epoch, device="cpu", lr=s.lr, seed=s.seed + 1000 * s.train_seed + fi, lineage_views=s.lineage_views)
+            ts = SaneTrainSettings(epochs=s.epochs, batch_size=s.batch_size, window_size=s.window_size, steps_per_epoch=s.steps_per_epoch, device="cpu", lr=s.lr, seed=s.seed + 1000 * s.train_seed + fi, lineage_views=s.lineage_views)
             res = train([tms[n] for n in train_names], run, ts, SaneModelConfig(d_model=s.d_model, latent_dim=s.latent_dim), force=True, on_step=on_step, lineage=[group[base_of[n]] for n in train_names])
             ckpt = res.last_checkpoint
             history = res.history

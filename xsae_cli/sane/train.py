@@ -18,43 +18,33 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.core.io import atomic_dir, atomic_write_json, flatten_state, load_safetensors, read_json, save_safetensors, unflatten_state
-from xsae_cli.sane.dataset import TokenizedModel, WindowSampler, collate, permute_columns, permute_rows
+from xsae_cli.core.io import (
+    atomic_dir,
+    atomic_write_json,
+    flatten_state,
+    load_safetensors,
+    read_json,
+    save_safetensors,
+    unflatten_state,
+)
+from xsae_cli.sane.dataset import (
+    TokenizedModel,
+    WindowSampler,
+    collate,
+    permute_columns,
+    permute_rows,
+)
+from xsae_cli.sane.settings import MIXED, SaneTrainSettings
 from xsae_cli.sane.tokenizer import view_of_scheme
 
 CKPT_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
-MIXED = ("no", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 10
-    batch_size: int = 4
-    window_size: int = 1024
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    steps_per_epoch: int = 0  # 0: enough windows to cover every model once, capped by max_steps_per_epoch
-    max_steps_per_epoch: int = 100
-    mask_prob: float = 0.15
-    noise: float = 0.05
-    temperature: float = 0.1
-    contrast_weight: float = 0.5
-    lineage_views: float = 0.0  # P(second view = same window of another model of the lineage), when lineage is given
-    save_every: int = 1
-    keep: int = 0  # checkpoints kept (0 = all)
-    mixed_precision: str = "no"
-    seed: int = 0
-    device: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -127,7 +117,7 @@ def load_weights(model: Any, state: dict[str, Any]) -> None:
     model.load_state_dict(state)
 
 
-def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: TrainSettings, partners: list[list[int]] | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: SaneTrainSettings, partners: list[list[int]] | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
     """Two augmented views per window: (view, chunk mask, clean target values).
 
     With ``partners`` (per model: models of the same lineage with the same tensor table), the
@@ -175,7 +165,7 @@ def train(*args: Any, **kwargs: Any) -> TrainResult:
 def _train(
     models: list[TokenizedModel],
     out_dir: Path,
-    settings: TrainSettings,
+    settings: SaneTrainSettings,
     model_cfg: Any = None,
     scheme: str = "",
     force: bool = False,
@@ -192,7 +182,13 @@ def _train(
     from accelerate import Accelerator
 
     from xsae_cli.core.hardware import package_versions, resolve_device, seed_everything
-    from xsae_cli.sane.model import SaneAutoencoder, SaneModelConfig, float_mask, nt_xent, recon_loss
+    from xsae_cli.sane.model import (
+        SaneAutoencoder,
+        SaneModelConfig,
+        float_mask,
+        nt_xent,
+        recon_loss,
+    )
 
     if settings.mixed_precision not in MIXED:
         raise XsaeError(f"unknown --mixed-precision '{settings.mixed_precision}'", f"use one of {', '.join(MIXED)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xsae_cli.align.hypernet import HypernetSettings
+from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
 from xsae_cli.align.transfer import (
     TransferSpec,
     Views,
@@ -72,7 +72,7 @@ def test_one_direction_on_a_known_rotation() -> None:
         a[split] = x
         b[split] = 3.0 * x @ q + 0.05 * torch.randn(rows, 16, generator=g) + 1.0  # B = rotation of A + noise
     va, vb = _views(a, 0), _views(b, 10)
-    spec = TransferSpec(a="a", b="b", out=None, mappers=["procrustes", "ridge", "hypernet"], hypernet=HypernetSettings(hidden=32, max_epochs=4, batch_size=64, lr=3e-3))  # type: ignore[arg-type]
+    spec = TransferSpec(a="a", b="b", out=None, settings=AlignSettings(mappers=["procrustes", "ridge", "hypernet"]), mlp=MlpMapperSettings(hidden=32, max_epochs=4, batch_size=64, lr=3e-3))  # type: ignore[arg-type]
     maps: dict = {}
     rows = score_direction(va, vb, spec, lambda: None, maps)
     by = {(r["space"], r["mapper"]): r for r in rows}

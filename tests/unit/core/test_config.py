@@ -20,7 +20,7 @@ def test_layers_file_env_flag_in_order(tmp_path: Path) -> None:
     assert cfg.hardware.device == "cpu"  # file
     assert cfg.hardware.seed == 9  # env beats file
     assert cfg.sae.k == 64  # flag beats file
-    assert cfg.sae.lr == 0.0  # None flag means not given (0: the optimizer picks its own)
+    assert cfg.sae.lr is None  # a None flag means not given (None: the optimizer picks its own)
     assert cfg.sources["hardware.device"].endswith("xsae.toml:3")
     assert cfg.sources["hardware.seed"] == "env XSAE_HARDWARE_SEED"
     assert cfg.sources["sae.k"] == "flag --k"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.sae.train import SaeTrainer, TrainSettings, lr_factor
+from xsae_cli.sae.settings import SaeTrainSettings
+from xsae_cli.sae.train import SaeTrainer, lr_factor
 
 
 def _data(n: int = 8192, d: int = 16, seed: int = 0) -> torch.Tensor:
@@ -25,16 +26,20 @@ def _batches(x: torch.Tensor, batch: int):
     return make
 
 
-def _settings(**kw) -> TrainSettings:
-    base = dict(arch="topk", k=4, expansion=4, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4, seed=1)
+def _settings(**kw) -> SaeTrainSettings:
+    base = dict(arch="topk", k=4, expansion=4, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4)
     base.update(kw)
-    return TrainSettings(**base)
+    return SaeTrainSettings(**base)
+
+
+def Trainer(settings: SaeTrainSettings, d_in: dict, run_dir: Path, **kw) -> SaeTrainer:
+    return SaeTrainer(settings, d_in, run_dir, seed=1, **kw)
 
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("signum", None), ("adam", 3e-3)])
 def test_training_lowers_fvu_and_logs(tmp_path: Path, optimizer: str, lr: float | None) -> None:
     x = _data()
-    trainer = SaeTrainer(_settings(optimizer=optimizer, lr=lr), {"h": 16}, tmp_path)
+    trainer = Trainer(_settings(optimizer=optimizer, lr=lr), {"h": 16}, tmp_path)
     logs = trainer.fit(_batches(x, 256))
     assert trainer.step == 32 and trainer.tokens == 8192
     assert logs["h"]["fvu"] < 0.5
@@ -46,18 +51,18 @@ def test_training_lowers_fvu_and_logs(tmp_path: Path, optimizer: str, lr: float 
 @pytest.mark.parametrize("optimizer", ["signum", "adam"])
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, optimizer: str) -> None:
     x = _data()
-    straight = SaeTrainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "a")
+    straight = Trainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "a")
     straight.fit(_batches(x, 256))
 
     # Simulate a crash right after the step-16 checkpoint: a run told to stop at 16 steps' worth.
-    first = SaeTrainer(_settings(tokens=8192, optimizer=optimizer), {"h": 16}, tmp_path / "b")
+    first = Trainer(_settings(tokens=8192, optimizer=optimizer), {"h": 16}, tmp_path / "b")
     for i, batch in enumerate(_batches(x, 256)(0)):
         first.train_step(batch)
         if first.step % 8 == 0:
             first.save_checkpoint()
         if first.step == 20:  # work after the last checkpoint is lost, as in a kill -9
             break
-    resumed = SaeTrainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "b")
+    resumed = Trainer(_settings(optimizer=optimizer), {"h": 16}, tmp_path / "b")
     resumed.fit(_batches(x, 256))
     assert resumed.step == straight.step
     for (name, a), (_, b) in zip(straight.finalize()["h"].state_dict().items(), resumed.finalize()["h"].state_dict().items()):
@@ -67,7 +72,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, opt
 def test_nan_activations_stop_with_step_and_hook_and_keep_checkpoint(tmp_path: Path) -> None:
     x = _data()
     x[2000] = float("nan")
-    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path)
+    trainer = Trainer(_settings(), {"h": 16}, tmp_path)
     with pytest.raises(XsaeError) as exc:
         trainer.fit(_batches(x, 256))
     text = str(exc.value)
@@ -87,19 +92,19 @@ def test_lr_schedule_warms_up_and_decays() -> None:
 
 def test_checkpoint_for_other_hooks_is_refused(tmp_path: Path) -> None:
     x = _data()
-    SaeTrainer(_settings(tokens=2048), {"h": 16}, tmp_path).fit(_batches(x, 256))
+    Trainer(_settings(tokens=2048), {"h": 16}, tmp_path).fit(_batches(x, 256))
     with pytest.raises(XsaeError, match="not \\['other'\\]"):
-        SaeTrainer(_settings(), {"other": 16}, tmp_path).try_resume()
+        Trainer(_settings(), {"other": 16}, tmp_path).try_resume()
 
 
 def test_tensorboard_tracker_writes_events(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    trainer = SaeTrainer(_settings(tokens=2048, log_with="tensorboard"), {"h": 16}, tmp_path)
+    trainer = Trainer(_settings(tokens=2048, log_with="tensorboard"), {"h": 16}, tmp_path)
     trainer.fit(_batches(_data(), 256))
     events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
 
 
-def test_unknown_tracker_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(XsaeError, match="unknown tracker 'mlflw'"):
-        SaeTrainer(_settings(tokens=512, log_with="mlflw"), {"h": 16}, tmp_path).fit(_batches(_data(), 256))
+def test_unknown_tracker_is_refused_when_the_settings_are_built(tmp_path: Path) -> None:
+    with pytest.raises(XsaeError, match="log_with = 'mlflw' is not one of tensorboard, wandb"):
+        _settings(tokens=512, log_with="mlflw")  # before a trainer (or a model) exists

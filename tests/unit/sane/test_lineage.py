@@ -176,7 +176,8 @@ def test_capped_windows_are_evenly_spaced_and_shared_by_a_layout(tiny_models) ->
 
 
 def test_lineage_views_take_the_same_range_of_a_partner(tiny_models) -> None:
-    from xsae_cli.sane.train import TrainSettings, lineage_partners, make_views
+    from xsae_cli.sane.settings import SaneTrainSettings as TrainSettings
+    from xsae_cli.sane.train import lineage_partners, make_views
 
     models = [tiny_models[0], tiny_models[0], tiny_models[1]]  # two copies of one layout, one other layout
     partners = lineage_partners(models, [0, 0, 0])

@@ -11,7 +11,8 @@ import torch
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import load_safetensors
 from xsae_cli.sane.model import SaneModelConfig
-from xsae_cli.sane.train import TrainSettings, check_compatible, read_checkpoint_config, train
+from xsae_cli.sane.settings import SaneTrainSettings as TrainSettings
+from xsae_cli.sane.train import check_compatible, read_checkpoint_config, train
 
 CFG = SaneModelConfig(d_model=32, n_heads=4, enc_layers=1, dec_layers=1, latent_dim=8)
 
