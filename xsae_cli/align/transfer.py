@@ -102,9 +102,8 @@ def n_blocks(model: Any) -> int:
 
 def blocks_of(name: str) -> int:
     """Blocks of a model from its config file alone (layer checks should not wait for a weight load)."""
-    from xsae_cli.zoo.registry import resolve_entry
-
     from xsae_cli.zoo.anatomy import config_blocks
+    from xsae_cli.zoo.registry import resolve_entry
 
     value = config_blocks(resolve_entry(name).config)
     if value is not None:

@@ -192,6 +192,7 @@ def _evaluate(
         else:
             ckpt = Path(checkpoint)
         train_s = time.perf_counter() - t2
+        assert ckpt is not None, "training wrote no checkpoint"
         model, meta = load_model(Path(ckpt))
         ws = int(meta["settings"]["window_size"])
         gains: dict[str, float] = {}
@@ -200,7 +201,8 @@ def _evaluate(
 
             gains = fit_into(model, {n: tms[n] for n in train_names}, {n: base_of[n] if transform_of[n] != "base" else n for n in train_names}, ws, s.max_windows)
             write_weights(model, meta, Path(ckpt), kind_gains=gains)  # so `xsae sane embed --checkpoint` on it embeds as scored here
-            log(f"fold {fi + 1}: pooling gains fitted on the training lineages: " + ", ".join(f"{k} {v:.2f}" for k, v in gains.items()))
+            if log:
+                log(f"fold {fi + 1}: pooling gains fitted on the training lineages: " + ", ".join(f"{k} {v:.2f}" for k, v in gains.items()))
         random_model = random_encoder(meta["model"])
         sane_vecs, sane_embed_s = embed_all(model, eval_names)
         rand_vecs, _ = embed_all(random_model, eval_names)

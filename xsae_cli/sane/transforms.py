@@ -34,7 +34,16 @@ import math
 from typing import Any
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.zoo.anatomy import HEADS_KV, HEADS_Q, MLP, QKV, QKV_HEADS, RESID, Anatomy, TensorRole
+from xsae_cli.zoo.anatomy import (
+    HEADS_KV,
+    HEADS_Q,
+    MLP,
+    QKV,
+    QKV_HEADS,
+    RESID,
+    Anatomy,
+    TensorRole,
+)
 
 PERMUTATIONS = ("perm_mlp", "perm_heads", "perm_resid", "perm_full")
 FUNCTION_PRESERVING = (*PERMUTATIONS, "norm_rescale")

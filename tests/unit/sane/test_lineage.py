@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from xsae_cli.sane.lineage.baselines import quantile_distance, quantile_features, quantile_matrix
+from xsae_cli.sane.lineage.baselines import (
+    quantile_distance,
+    quantile_features,
+    quantile_matrix,
+)
 from xsae_cli.sane.lineage.metrics import retrieval_scores
 from xsae_cli.sane.lineage.zoo import _keep_layers, _tiny_builders
 from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, finetune

@@ -38,7 +38,14 @@ def _named() -> dict:
 
 def _unnamed() -> dict:
     """Families no rule in the code names (block layouts differ: parallel attention, MQA, a decoder stack)."""
-    from transformers import AutoModelForCausalLM, FalconConfig, GPTJConfig, OPTConfig, PhiConfig, StableLmConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        FalconConfig,
+        GPTJConfig,
+        OPTConfig,
+        PhiConfig,
+        StableLmConfig,
+    )
 
     cfgs = {
         "phi": PhiConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64),

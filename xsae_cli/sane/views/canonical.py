@@ -171,9 +171,8 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
         layer = tr.block
         if role == "embedding":
             _add(resid, "r", _sqsum(t, 0))
-        elif role in ("attn_out", "mlp_down") and layer is not None:
+        elif role in ("attn_out", "mlp_down") and layer is not None and (i_dim := tr.axis_of(RESID)) is not None:
             # the residual axis is "out": rows of an [out, in] weight, columns of GPT-2's Conv1D [in, out]
-            i_dim = tr.axis_of(RESID)
             r_dim = 1 - i_dim
             if not (post_ln and role == "attn_out"):  # post-LN (BERT) balances these columns: not a key
                 _add(resid, "r", _sqsum(t, r_dim))

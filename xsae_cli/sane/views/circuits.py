@@ -206,10 +206,10 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
     for name, t in items:
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
-        lay = _layout(arch, name, t.detach())
-        if lay is None:
+        layout = _layout(arch, name, t.detach())
+        if layout is None:
             continue
-        pieces, contract = lay
+        pieces, contract = layout
         reader = READS.get(pieces[0][0], True)
         col = plan.col_scale.get(name)  # per input coordinate of the weight
         side = a * col if (reader and col is not None) else a

@@ -62,7 +62,7 @@ class Anatomy(Shape):
 
     @property
     def roles(self) -> RoleRules:
-        rules = self.rules or family_rules(self.model_type)
+        rules: RoleRules | None = self.rules or family_rules(self.model_type)
         if rules is None:
             raise XsaeError(f"no tensor roles are known for model type '{self.model_type}'", f"known: {', '.join(known_families())}")
         return rules
@@ -74,7 +74,7 @@ class Anatomy(Shape):
         rules = rules or family_rules(mt)
         if rules is None:
             raise XsaeError(f"no tensor roles are known for model type '{mt}'", f"known: {', '.join(known_families())}")
-        s = Shape.from_config(config, tied_default=rules.tied_default)
+        s = Shape.read(config, tied_default=rules.tied_default)
         return cls(s.model_type, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.tied, rules)
 
     @property

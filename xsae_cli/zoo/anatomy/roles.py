@@ -63,8 +63,15 @@ class TensorRole:
 class RoleRules(Protocol):
     """What a family's anatomy answers about its tensors (the interface a derived anatomy keeps)."""
 
-    post_ln: bool  # norms sit on the residual stream (BERT), so no norm gain can move into a linear
-    tied_default: bool  # what a config without tie_word_embeddings means for this family
+    @property
+    def post_ln(self) -> bool:
+        """Norms sit on the residual stream (BERT), so no norm gain can move into a linear."""
+        ...
+
+    @property
+    def tied_default(self) -> bool:
+        """What a config without ``tie_word_embeddings`` means for this family."""
+        ...
 
     def role(self, name: str) -> TensorRole: ...
 

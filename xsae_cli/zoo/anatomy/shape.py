@@ -47,7 +47,7 @@ def config_value(config: Any, what: str, default: Any = None) -> Any:
 class Shape:
     """Residual width, head split and tying of a model, from its config (no weight is read)."""
 
-    model_type: str | None
+    model_type: str
     n_layers: int
     d_model: int
     n_heads: int
@@ -56,14 +56,14 @@ class Shape:
     tied: bool
 
     @classmethod
-    def from_config(cls, config: Any, tied_default: bool = True) -> Shape:
+    def read(cls, config: Any, tied_default: bool = True) -> Shape:
         """``tied_default``: what a config without ``tie_word_embeddings`` means for its family."""
         d = int(config_value(config, "hidden"))
         heads = int(config_value(config, "heads"))
         kv = config_value(config, "kv_heads") or (1 if config_get(config, "multi_query") else heads)
         hd = config_value(config, "head_dim") or d // heads
         layers = config_value(config, "blocks")
-        return cls(config_value(config, "model_type"), int(layers), d, heads, int(kv), int(hd), bool(config_value(config, "tied", tied_default)))
+        return cls(str(config_value(config, "model_type", "")), int(layers), d, heads, int(kv), int(hd), bool(config_value(config, "tied", tied_default)))
 
     @property
     def q_width(self) -> int:
