@@ -3,7 +3,7 @@ randomly initialised encoder, on held-out transform types (every type is held ou
 
 Bases: SmolLM2-135M and MiniLM-L6 (3 evenly spaced blocks of each are compared; the fine-tunes and
 the function check run on the whole model) and 6 tiny families x 3 random-init seeds. 16 transform
-types per base (see xsae_cli/sane/evaluate.py). The built zoo is cached in --out, so a second run
+types per base (see xsae_cli/sane/lineage/zoo.py). The built zoo is cached in --out, so a second run
 only retrains and rescores.
 
 Run: ``.venv/bin/python benchmarks/sane_lineage.py [--out runs/bench-lineage] [--quick]``; prints the
@@ -21,6 +21,8 @@ from pathlib import Path
 
 
 def main() -> None:
+    from xsae_cli.sane.views import view_names
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench-lineage")
     ap.add_argument("--quick", action="store_true")
@@ -28,14 +30,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps-per-epoch", type=int, default=40)
     ap.add_argument("--train-seed", type=int, default=0, help="SANE's training seed (the zoo and the baselines do not change)")
-    ap.add_argument("--view", default="circuits", choices=("circuits", "canonical", "weights"), help="what SANE reads (weights: as stored, the earlier behaviour)")
+    ap.add_argument("--view", default="circuits", choices=view_names(), help="what SANE reads (weights: as stored, the earlier behaviour)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from xsae_cli.sane.evaluate import METHODS, LineageSettings, evaluate
+    from xsae_cli.sane.evaluate import LineageSettings, evaluate
+    from xsae_cli.sane.lineage.metrics import METHODS
 
     s = LineageSettings(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, view=args.view, train_seed=args.train_seed)
     if args.quick:

@@ -45,7 +45,7 @@ CHILD = textwrap.dedent(
         from xsae_cli.core import io, console  # noqa: F401  (the cache writer's and progress's imports)
         from xsae_cli.sane.dataset import ModelSource, tokenize_to_cache
         from xsae_cli.sane.tokenizer import CoordScheme
-        from xsae_cli.sane import circuits, canonical  # noqa: F401
+        from xsae_cli.sane.views import circuits, canonical  # noqa: F401
         from xsae_cli.zoo.sources import resolve
         from xsae_cli.zoo.weights import iter_weights, tensor_index
     base = peak_rss_bytes()

@@ -97,10 +97,27 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
 
     # Bad input: one line, exit 2, both values named.
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", "tiny-gpt2", "--output-dir", str(out)), "already exists", "--force")
-    assert_user_error(
-        run_xsae("sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", "tiny-gpt2", "--output-dir", str(tmp_path / "o2"), env={"XSAE_SANE_LAYER_KEYWORDS": "layers,h"}),
-        "coordinate scheme", data["config"]["scheme"],
-    )
+    # The checkpoint keeps its coordinate scheme as data: edited [sane] layer keywords do not make it
+    # unreadable (its own scheme is used, with a note), and a checkpoint written before schemes were
+    # stored (scheme id only) is read through its id. Both embed exactly as before.
+    ck3 = run / "checkpoint_epoch_3"
+    rec = json.loads((ck3 / "config.json").read_text())["coord_scheme"]
+    assert rec["id"] == data["config"]["scheme"] and rec["view"] == "circuits" and rec["view_revision"] == 2 and rec["chunk_size"] == 64 and "layers" in rec["layer_keywords"]
+    kw = run_xsae("--json", "sane", "embed", "--checkpoint", str(ck3), "--models", "tiny-gpt2", "--output-dir", str(tmp_path / "o2"), env={**ONE_THREAD, "XSAE_SANE_LAYER_KEYWORDS": "layers,h"})
+    assert kw.returncode == 0, kw.stderr[-2000:]
+    assert "layer keywords" in kw.stderr and "those are used" in kw.stderr
+    assert np.allclose(json.loads((tmp_path / "o2" / "model_embeddings.json").read_text())["embeddings"]["tiny-gpt2"], data["embeddings"]["tiny-gpt2"], atol=1e-6)
+    import shutil
+
+    old = tmp_path / "old-checkpoint"
+    shutil.copytree(ck3, old)
+    meta = json.loads((old / "config.json").read_text())
+    del meta["coord_scheme"]
+    (old / "config.json").write_text(json.dumps(meta))
+    eo = run_xsae("--json", "sane", "embed", "--checkpoint", str(old), "--models", "tiny-gpt2", "--output-dir", str(tmp_path / "o3"), env=ONE_THREAD)
+    assert eo.returncode == 0, eo.stderr[-2000:]
+    assert np.allclose(json.loads((tmp_path / "o3" / "model_embeddings.json").read_text())["embeddings"]["tiny-gpt2"], data["embeddings"]["tiny-gpt2"], atol=1e-6)
+    assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(ck3), "--models", "tiny-gpt2", "--view", "weights", "--output-dir", str(tmp_path / "o4")), "circuits view", "--view weights")
     assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--chunk-size", "32", "--latent-dim", "8", "--epochs", "4", *SMALL[:-4], "--out", str(run)), "chunk_size 64", "chunk_size 32")
     one = tmp_path / "one.json"
     one.write_text(json.dumps({"embeddings": {"tiny-gpt2": data["embeddings"]["tiny-gpt2"]}}))

@@ -73,23 +73,23 @@ class TransferSpec:
 
 
 def n_blocks(model: Any) -> int:
-    """Number of transformer blocks, from the config (every HF architecture names one of these)."""
-    cfg = getattr(model, "config", None)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """Number of transformer blocks (zoo/anatomy: the config's count, else the main ModuleList's)."""
+    from xsae_cli.zoo.anatomy import count_blocks
+
+    value = count_blocks(model)
+    if value is not None:
+        return value
     raise XsaeError(f"cannot tell how many blocks {type(model).__name__} has", "pair layers of a transformer with a num_hidden_layers config entry")
 
 
 def blocks_of(name: str) -> int:
     """Blocks of a model from its config file alone (layer checks should not wait for a weight load)."""
+    from xsae_cli.zoo.anatomy import config_blocks
     from xsae_cli.zoo.registry import resolve_entry
 
-    cfg = resolve_entry(name).config or {}
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int) and cfg[key] > 0:
-            return int(cfg[key])
+    value = config_blocks(resolve_entry(name).config)
+    if value is not None:
+        return value
     raise XsaeError(f"cannot tell how many blocks {name} has from its config", "pair layers of a transformer with a num_hidden_layers config entry")
 
 

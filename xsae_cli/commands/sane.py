@@ -9,9 +9,10 @@ import typer
 
 from xsae_cli.commands.options import options, renamed, split_list
 from xsae_cli.core import console as out
-from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, SaneTrainSettings
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
+from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, SaneTrainSettings
+from xsae_cli.sane.views import view_help
 
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
@@ -46,16 +47,15 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
     return done
 
 
-VIEW_HELP = "What is tokenised: circuits (token-space circuits, free of weight-space symmetries), canonical (weights with neurons, heads and residual coordinates sorted) or weights (as stored). Default from \\[sane] view."
+VIEW_HELP = view_help()
 
 
 def _scheme(s: Any, view: Optional[str] = None) -> Any:
     """The coordinate scheme of the [sane] settings ``s`` (``view`` overrides theirs)."""
-    from xsae_cli.sane.tokenizer import VIEWS, CoordScheme
+    from xsae_cli.sane.tokenizer import CoordScheme
+    from xsae_cli.sane.views import get_view
 
-    v = view or s.view
-    if v not in VIEWS:
-        raise XsaeError(f"unknown view '{v}'", f"use --view {' | '.join(VIEWS)}")
+    v = get_view(view or s.view).name  # an unknown view: one line listing the registered ones
     return CoordScheme(layer_keywords=tuple(s.layer_keywords), view=v)
 
 
@@ -146,7 +146,7 @@ def train(
                 state["task"] = bar.add_task("train", total=total_steps * settings.batch_size, unit="windows")
             bar.update(state["task"], completed=step * settings.batch_size, description=f"train loss {losses['loss']:.3f}")
 
-        result = run_train(tms, out_dir, settings, model_cfg, scheme.scheme_id, force=force, on_step=on_step, info=out.info, warn=out.warn)
+        result = run_train(tms, out_dir, settings, model_cfg, scheme, force=force, on_step=on_step, info=out.info, warn=out.warn)
     if not result.is_main:  # the other processes of a launch: rank 0 reports
         return
     summary = {
@@ -181,15 +181,12 @@ def embed(
 ) -> None:
     """One 512-d embedding per model (windows covering the whole model, or --max-windows evenly spaced ones, pooled)."""
     from xsae_cli.sane.embed import embed_models
-    from xsae_cli.sane.tokenizer import view_of_scheme
-    from xsae_cli.sane.train import read_checkpoint_config
 
     cfg = ctx.obj.config
     names = _model_names(models, zoo)
-    scheme = _scheme(cfg.sane, view or view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
     s = settings
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, scheme=scheme, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows)
+        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, view=view, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows, layer_keywords=cfg.sane.layer_keywords)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:
@@ -211,13 +208,10 @@ def calibrate(
 ) -> None:
     """Fit the per-kind pooling gains on known lineages, so embeddings weigh what survives fine-tuning."""
     from xsae_cli.sane.calibrate import calibrate_checkpoint, read_lineage
-    from xsae_cli.sane.tokenizer import view_of_scheme
-    from xsae_cli.sane.train import read_checkpoint_config
 
-    scheme = _scheme(ctx.obj.config.sane, view_of_scheme(str(read_checkpoint_config(checkpoint).get("scheme", ""))))
     target = out_dir or checkpoint.parent / f"{checkpoint.name}_calibrated"
     with out.progress() as bar:
-        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=settings.max_windows, scheme=scheme, warn=out.warn, progress=bar)
+        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=settings.max_windows, warn=out.warn, progress=bar, layer_keywords=ctx.obj.config.sane.layer_keywords)
 
     def render(d: dict[str, Any]) -> None:
         gains = ", ".join(f"{k} {v:.2f}" for k, v in d["kind_gains"].items())
@@ -257,8 +251,9 @@ def evaluate(
     view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
 ) -> None:
     """Lineage benchmark: retrieval of each variant's base (held-out transform types) vs quantile and random-encoder baselines."""
-    from xsae_cli.sane.evaluate import LineageSettings, format_table
+    from xsae_cli.sane.evaluate import LineageSettings
     from xsae_cli.sane.evaluate import evaluate as run_eval
+    from xsae_cli.sane.lineage.report import format_table
 
     fams = tuple(f.strip() for f in families.split(",") if f.strip())
     reals = tuple(f.strip() for f in real.split(",") if f.strip())

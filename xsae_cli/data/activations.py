@@ -32,6 +32,7 @@ from torch import nn
 
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.data.corpus import TokenContexts
+from xsae_cli.zoo.anatomy import module_blocks
 
 SITES = ("output", "input")
 META_FILE = "meta.json"
@@ -61,15 +62,6 @@ def _base_name(model: nn.Module) -> str:
     return ""
 
 
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's main stack of blocks: its longest ``nn.ModuleList``."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
-            best = (name, module)
-    return best
-
-
 def resolve_module_name(model: nn.Module, path: str) -> str:
     """The full ``named_modules()`` name that ``path`` denotes in ``model``.
 
@@ -94,7 +86,7 @@ def resolve_module_name(model: nn.Module, path: str) -> str:
         if c and c in names:
             return c
     if p.isdigit():
-        blocks = _block_list(model)
+        blocks = module_blocks(model)
         if blocks is not None and int(p) < len(blocks[1]):
             return f"{blocks[0]}.{int(p)}"
         count = len(blocks[1]) if blocks else 0
@@ -106,7 +98,7 @@ def resolve_module_name(model: nn.Module, path: str) -> str:
             if m not in close:
                 close.append(m)
     if not close:
-        blocks = _block_list(model)
+        blocks = module_blocks(model)
         close = [f"{blocks[0]}.0", f"{blocks[0]}.{len(blocks[1]) - 1}"] if blocks else pool[:5]
     raise XsaeError(
         f"no module '{path}' in {_model_name(model)}",

@@ -133,18 +133,18 @@ def calibrate_checkpoint(
     out_dir: Path,
     force: bool = False,
     max_windows: int | None = None,
-    scheme: Any = None,
     warn: Callable[[str], None] | None = None,
     progress: Any = None,
+    layer_keywords: Any = None,
 ) -> dict[str, Any]:
     """Fit the per-kind pooling gains of ``checkpoint`` on the known ``lineage`` (``{model: base}``)
-    and write the checkpoint with them to ``out_dir`` (a copy; the original stays as it was)."""
+    and write the checkpoint with them to ``out_dir`` (a copy; the original stays as it was). The
+    models are tokenised with the checkpoint's own coordinate scheme (see ``embed_models``)."""
     import shutil
 
     from xsae_cli.core.io import atomic_dir
     from xsae_cli.sane.dataset import TokenizedModel, model_source, tokenize_to_cache
-    from xsae_cli.sane.tokenizer import CoordScheme, view_of_scheme
-    from xsae_cli.sane.train import check_compatible, load_model
+    from xsae_cli.sane.train import checkpoint_scheme, load_model
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     n_bases = len(set(lineage.values()))
@@ -154,8 +154,7 @@ def calibrate_checkpoint(
     if out_dir.exists() and not force:
         raise XsaeError(f"{out_dir} already exists", "pass --force to replace it, or choose another --out")
     model, meta = load_model(checkpoint)
-    scheme = scheme or CoordScheme(view=view_of_scheme(str(meta.get("scheme", ""))))
-    check_compatible(meta, int(meta["chunk_size"]), scheme.scheme_id, str(checkpoint))
+    scheme = checkpoint_scheme(meta, str(checkpoint), layer_keywords=layer_keywords, warn=warn)
     tms = {}
     task = progress.add_task("tokenise", total=len(lineage), unit="models") if progress else None
     for name in lineage:
@@ -167,5 +166,5 @@ def calibrate_checkpoint(
         for f in checkpoint.iterdir():
             if f.is_file() and f.name not in ("model.safetensors", "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        write_weights(model, meta, tmp, kind_gains=gains, calibrated_from=str(checkpoint), calibration_lineage=lineage)
+        write_weights(model, meta, tmp, kind_gains=gains, calibrated_from=str(checkpoint), calibration_lineage=lineage, coord_scheme=scheme.record(int(meta["chunk_size"])))
     return {"checkpoint": str(out_dir), "from": str(checkpoint), "kind_gains": gains, "n_models": len(lineage), "n_bases": n_bases}

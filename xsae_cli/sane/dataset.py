@@ -21,7 +21,14 @@ import numpy as np
 from xsae_cli.core.config import xsae_cache
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_dir, atomic_write_json, read_json
-from xsae_cli.sane.tokenizer import EPS, KIND_ID, N_STATS, VIEWS, CoordScheme, model_chunk_count, tokenize_stream
+from xsae_cli.sane.tokenizer import (
+    EPS,
+    KIND_ID,
+    N_STATS,
+    CoordScheme,
+    model_chunk_count,
+    tokenize_stream,
+)
 
 CACHE_VERSION = 2
 ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -92,27 +99,11 @@ def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme) -> str:
 
 
 def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
-    """``(index, stream, info)`` of what is tokenised: the weights as stored, their canonical form
-    (:mod:`canonical`) or the token-space circuits (:mod:`circuits`); a model the chosen view
-    cannot read falls back one step (circuits -> canonical -> weights) with a warning."""
-    from xsae_cli.zoo.weights import iter_weights, tensor_index
+    """``(index, stream, info)`` of what is tokenised under the scheme's view (:mod:`views`); a model
+    the view cannot read falls back along its chain (circuits -> canonical -> weights) with a warning."""
+    from xsae_cli.sane.views import produce
 
-    if scheme.view not in VIEWS:
-        raise XsaeError(f"unknown SANE view '{scheme.view}'", f"use one of {', '.join(VIEWS)}")
-    if scheme.view == "circuits":
-        from xsae_cli.sane.circuits import circuit_view
-
-        got, why = circuit_view(resolved, iter_weights)
-        if got is not None:
-            return got
-        if warn is not None:
-            warn(f"no circuit view for {getattr(resolved, 'source', resolved)} ({why}): trying its canonical form")
-    if scheme.view in ("circuits", "canonical"):
-        from xsae_cli.sane.canonical import canonical_stream
-
-        stream, info = canonical_stream(resolved, iter_weights, warn=warn)
-        return tensor_index(resolved), stream, {"view": "canonical" if info["applied"] else "weights", **info}
-    return tensor_index(resolved), iter_weights(resolved), {"view": "weights", "applied": False}
+    return produce(scheme.view, resolved, warn)
 
 
 def tokenize_to_cache(
@@ -187,6 +178,7 @@ def tokenize_to_cache(
             "sha256": source.sha256,
             "chunk_size": chunk_size,
             "scheme": scheme.scheme_id,
+            "coord_scheme": scheme.record(chunk_size),
             "n_chunks": total,
             "n_tensors": len(tensors),
             "view": view,
@@ -205,6 +197,8 @@ class TokenizedModel:
         self.name = name or self.manifest["model"]
         self.chunk_size = int(self.manifest["chunk_size"])
         self.scheme = self.manifest["scheme"]
+        record = self.manifest.get("coord_scheme")  # caches written before schemes were stored as data: from the id
+        self.coord_scheme = CoordScheme.from_record(record) if isinstance(record, dict) else CoordScheme.from_id(self.scheme)
         self.n_chunks = int(self.manifest["n_chunks"])
         self.arrays = {k: np.load(self.folder / f"{k}.npy", mmap_mode="r") for k in ARRAYS}
         t = self.manifest["tensors"]

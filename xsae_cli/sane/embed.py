@@ -72,20 +72,24 @@ def embed_models(
     window_size: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
-    scheme: Any = None,
+    view: str | None = None,
     force: bool = False,
     warn: Callable[[str], None] | None = None,
     progress: Any = None,
     max_windows: int | None = None,
+    layer_keywords: Any = None,
 ) -> dict[str, Any]:
     """Embed ``names`` with ``checkpoint``; write JSON + NPZ into ``output_dir`` when given.
 
-    ``max_windows`` caps the windows per model (evenly spaced, see :func:`window_starts`); the
-    fraction of chunks seen is written per model as ``coverage``."""
+    The models are tokenised with the checkpoint's own coordinate scheme (:func:`checkpoint_scheme`;
+    ``view``, when given, must be the checkpoint's; ``layer_keywords``: the current [sane] setting,
+    used to read checkpoints that predate stored schemes). ``max_windows`` caps the windows per
+    model (evenly spaced, see :func:`window_starts`); the fraction of chunks seen is written per
+    model as ``coverage``."""
     from xsae_cli.core.hardware import package_versions, resolve_device
     from xsae_cli.sane.dataset import model_source, tokenize_to_cache
-    from xsae_cli.sane.tokenizer import CoordScheme, model_chunk_count, view_of_scheme
-    from xsae_cli.sane.train import check_compatible, load_model
+    from xsae_cli.sane.tokenizer import model_chunk_count
+    from xsae_cli.sane.train import checkpoint_scheme, load_model
     from xsae_cli.zoo.registry import Registry
     from xsae_cli.zoo.weights import tensor_index
 
@@ -95,9 +99,8 @@ def embed_models(
         raise XsaeError("a model is named twice in --models", "name each model once")
     checkpoint = Path(checkpoint)
     model, meta = load_model(checkpoint)
-    scheme = scheme or CoordScheme(view=view_of_scheme(str(meta.get("scheme", ""))))  # the checkpoint's view
+    scheme = checkpoint_scheme(meta, str(checkpoint), view=view, layer_keywords=layer_keywords, warn=warn)
     chunk_size = int(meta["chunk_size"])
-    check_compatible(meta, chunk_size, scheme.scheme_id, str(checkpoint))
     window_size = window_size or int(meta["settings"]["window_size"])
     dev = resolve_device(device)
     model.to(dev)
@@ -134,6 +137,7 @@ def embed_models(
             "epoch": meta.get("epoch"),
             "chunk_size": chunk_size,
             "scheme": meta["scheme"],
+            "coord_scheme": scheme.record(chunk_size),
             "window_size": window_size,
             "max_windows": max_windows,
             "model": meta["model"],

@@ -12,20 +12,22 @@ from typing import Any
 
 from xsae_cli.core.settings import InvalidSetting, Settings, register_section, setting
 
-VIEWS = ("circuits", "canonical", "weights")  # what a scheme tokenises (sane/dataset.py: model_view)
 MIXED = ("no", "fp16", "bf16")
 MODEL, TRAIN = "SANE autoencoder", "SANE training"
 
 
 def view_names() -> list[str]:
-    return list(VIEWS)
+    """The registered SANE views (``sane/views/``: one file each)."""
+    from xsae_cli.sane.views import views
+
+    return list(views())
 
 
 @dataclass(frozen=True)
 class SaneTrainSettings(Settings):
     """What is tokenised, the autoencoder's shape and how it trains."""
 
-    view: str = setting("circuits", "What is tokenised: circuits (token-space circuits, free of weight-space symmetries), canonical (weights with neurons, heads and residual coordinates sorted) or weights (as stored).", choices=view_names, panel=MODEL)
+    view: str = setting("circuits", "What is tokenised from each model: a registered view (circuits: token-space circuits, free of weight-space symmetries; canonical: weights with symmetries sorted away; weights: as stored).", choices=view_names, panel=MODEL)
     chunk_size: int = setting(64, "Floats per chunk.", ge=2, le=4096, panel=MODEL)
     layer_keywords: list[str] = setting(["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"], "Name segments followed by a block number (depth coordinates of tensors).", cli=False, panel=MODEL)
     latent_dim: int = setting(16, "Per-chunk latent size (must be < chunk size).", ge=1, panel=MODEL)

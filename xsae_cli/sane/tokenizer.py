@@ -21,10 +21,12 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+
+from xsae_cli.zoo.anatomy import BLOCK_KEYWORDS, Blocks, block_pattern
 
 KINDS = (
     "other",
@@ -39,7 +41,7 @@ KINDS = (
     "mlp_down",
     "norm",
     "head",
-    # the token-space circuit view (sane/circuits.py)
+    # the token-space circuit view (sane/views/circuits.py)
     "circuit_qk",
     "circuit_ov",
     "circuit_mlp",
@@ -68,46 +70,83 @@ DEFAULT_KIND_RULES: tuple[tuple[str, str], ...] = (
     ("mlp_down", r"(^|\.)(down_proj|dense_4h_to_h|fc2|ffn_down|w2|fc_out)(\.|$)|mlp\.c_proj|(^|\.)output\.dense"),
 )
 
-DEFAULT_LAYER_KEYWORDS: tuple[str, ...] = ("layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv")
+DEFAULT_LAYER_KEYWORDS: tuple[str, ...] = BLOCK_KEYWORDS  # the anatomy's block keywords (zoo/anatomy/blocks.py)
 DEFAULT_EMBED_KEYWORDS: tuple[str, ...] = ("wte", "wpe", "embed", "embeddings", "embed_tokens", "embed_in", "word_embeddings", "token_embd", "tok_embeddings", "shared")
 DEFAULT_FINAL_KEYWORDS: tuple[str, ...] = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "lm_head", "embed_out", "output_norm", "output", "head", "pooler", "classifier", "score")
 
 
 @dataclass(frozen=True)
 class CoordScheme:
-    """How names become coordinates. Its :attr:`scheme_id` is written into caches and checkpoints."""
+    """How a model becomes chunk coordinates: the view tokenised and the anatomy settings (block
+    keywords) and name rules. Its :attr:`scheme_id` is written into caches and checkpoints, and
+    checkpoints keep the scheme itself as data (:meth:`record`), so it is rebuilt from there."""
 
     layer_keywords: tuple[str, ...] = DEFAULT_LAYER_KEYWORDS
     embed_keywords: tuple[str, ...] = DEFAULT_EMBED_KEYWORDS
     final_keywords: tuple[str, ...] = DEFAULT_FINAL_KEYWORDS
     kind_rules: tuple[tuple[str, str], ...] = DEFAULT_KIND_RULES
-    view: str = "circuits"  # what is tokenised: "circuits" (sane/circuits.py), "canonical" (sane/canonical.py) or "weights"
+    view: str = "circuits"  # what is tokenised: a registered view (sane/views/), e.g. circuits, canonical or weights
     version: int = 1
 
     @property
     def scheme_id(self) -> str:
+        from xsae_cli.sane.views import revision
+
         fields = asdict(self)
-        rev = VIEW_REVISIONS.get(self.view, 1)
+        rev = revision(self.view)
         if rev != 1:  # revision 1 of a view hashes as before, so its caches and checkpoints stay valid
             fields["view_revision"] = rev
         blob = json.dumps(fields, sort_keys=True).encode()
         return f"{self.view}-v{self.version + rev - 1}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
     def layer_re(self) -> re.Pattern[str]:
-        words = "|".join(re.escape(w) for w in sorted(self.layer_keywords, key=len, reverse=True))
-        return re.compile(rf"(?:^|\.)(?:{words})\.(\d+)(?=\.|$)")
+        return block_pattern(tuple(self.layer_keywords))
 
+    def record(self, chunk_size: int | None = None) -> dict[str, Any]:
+        """The scheme as a JSON object: its id, the view and its revision, the chunk size and every
+        setting that decides the coordinates (what a checkpoint stores to be read again)."""
+        from xsae_cli.sane.views import revision
 
-VIEWS = ("circuits", "canonical", "weights")  # what a scheme tokenises (sane/dataset.py: model_view)
-# bumped when a view's output changes, so old caches are not reused and old checkpoints are refused
-# (circuits 2: the anchors' outlier directions are shrunk, sane/circuits.py: outlier_filter)
-VIEW_REVISIONS = {"circuits": 2}
+        out: dict[str, Any] = {"id": self.scheme_id, "view": self.view, "view_revision": revision(self.view)}
+        if chunk_size is not None:
+            out["chunk_size"] = int(chunk_size)
+        out.update({k: v for k, v in asdict(self).items() if k != "view"})
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CoordScheme:
+        """The scheme of a :meth:`record` (its ``id`` and ``view_revision`` are for checking, not input)."""
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in record:
+                continue
+            v = record[f.name]
+            if f.name == "kind_rules":
+                v = tuple((str(k), str(p)) for k, p in v)
+            elif f.name.endswith("_keywords"):
+                v = tuple(str(x) for x in v)
+            kw[f.name] = v
+        return cls(**kw)
+
+    @classmethod
+    def from_id(cls, scheme_id: str, layer_keywords: Iterable[Iterable[str]] = ()) -> CoordScheme | None:
+        """The scheme an id was made with, for ids stored without their record (checkpoints written
+        before schemes were stored as data): the id's view with the default settings or with one of
+        ``layer_keywords``; None when none of them gives the id."""
+        view = view_of_scheme(scheme_id)
+        for kws in (DEFAULT_LAYER_KEYWORDS, *layer_keywords):
+            cand = cls(layer_keywords=tuple(kws), view=view)
+            if cand.scheme_id == scheme_id:
+                return cand
+        return None
 
 
 def view_of_scheme(scheme_id: str) -> str:
     """The view a scheme id was made with (ids before views began with "depth": the weights)."""
+    from xsae_cli.sane.views import view_names
+
     head = scheme_id.split("-v", 1)[0]
-    return head if head in VIEWS else "weights"
+    return head if head in view_names() else "weights"
 
 
 @dataclass(frozen=True)
@@ -139,36 +178,21 @@ def tensor_coords(names: Iterable[str], scheme: CoordScheme = CoordScheme()) -> 
     tensor of a model where no layer is parsed) gets a depth from its place in the stream.
     """
     names = list(names)
-    layer_re = scheme.layer_re()
-    found: list[tuple[str, int] | None] = []
-    stacks: dict[str, int] = {}
-    for n in names:
-        m = layer_re.search(n)
-        if m:
-            stack = n[: m.start()]
-            idx = int(m.group(1))
-            stacks[stack] = max(stacks.get(stack, -1), idx)
-            found.append((stack, idx))
-        else:
-            found.append(None)
-    offsets: dict[str, int] = {}
-    total = 0
-    for stack, top in stacks.items():
-        offsets[stack] = total
-        total += top + 1
+    blocks = Blocks.from_names(names, scheme.layer_keywords)
+    total = blocks.n_blocks
     embed = set(k.lower() for k in scheme.embed_keywords)
     final = set(k.lower() for k in scheme.final_keywords)
     out: list[TensorCoord] = []
     count = len(names)
-    for i, (n, f) in enumerate(zip(names, found, strict=True)):
+    for i, n in enumerate(names):
         kind = tensor_kind(n, scheme)
         by_order = (i + 0.5) / max(count, 1)
         if total == 0:
             out.append(TensorCoord(n, by_order, kind, False))
             continue
-        if f is not None:
-            stack, idx = f
-            out.append(TensorCoord(n, (offsets[stack] + idx + 0.5) / total, kind, True))
+        depth = blocks.depth(n)
+        if depth is not None:
+            out.append(TensorCoord(n, depth, kind, True))
             continue
         segs = _segments(n)[:-1] or _segments(n)
         if any(s in embed for s in segs) or kind == "embedding":

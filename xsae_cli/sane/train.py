@@ -42,7 +42,7 @@ from xsae_cli.sane.dataset import (
     permute_rows,
 )
 from xsae_cli.sane.settings import MIXED, SaneTrainSettings
-from xsae_cli.sane.tokenizer import view_of_scheme
+from xsae_cli.sane.tokenizer import CoordScheme, view_of_scheme
 
 CKPT_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
 
@@ -85,6 +85,27 @@ def check_compatible(meta: dict[str, Any], chunk_size: int, scheme: str, where: 
         if old_view == new_view and meta["scheme"].split("-")[1] != scheme.split("-")[1]:  # same view, another revision
             raise XsaeError(f"{where} was trained on revision {meta['scheme'].split('-')[1]} of the {old_view} view ({meta['scheme']}); this xsae makes {scheme}", "train a new model with `xsae sane train` (the view's output changed; see CHANGELOG)")
         raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {old_view}) and layer keywords, or train a new model")
+
+
+def checkpoint_scheme(meta: dict[str, Any], where: str, view: str | None = None, layer_keywords: Any = None, warn: Callable[[str], None] | None = None) -> CoordScheme:
+    """The coordinate scheme a checkpoint was trained with, rebuilt from its config: from the
+    scheme it stores as data, or (checkpoints written before that) from its scheme id, with the
+    default settings or ``layer_keywords`` (the ones [sane] names now). The checkpoint's own
+    scheme wins over the current settings (a note says so when the keywords differ); a ``view``
+    that is not the checkpoint's, or a view whose output changed since, is refused."""
+    sid = str(meta.get("scheme", ""))
+    record = meta.get("coord_scheme")
+    hint = [tuple(layer_keywords)] if layer_keywords else []
+    scheme = CoordScheme.from_record(record) if isinstance(record, dict) else CoordScheme.from_id(sid, hint)
+    if scheme is None:  # an id no settings we know give: name what it was made with
+        check_compatible(meta, int(meta["chunk_size"]), CoordScheme(layer_keywords=hint[0] if hint else CoordScheme().layer_keywords, view=view_of_scheme(sid)).scheme_id, where)
+        raise XsaeError(f"{where}: cannot rebuild its coordinate scheme {sid}", "train a new model with `xsae sane train`")
+    check_compatible(meta, int(meta["chunk_size"]), scheme.scheme_id, where)  # the view's output changed since
+    if view is not None and view != scheme.view:
+        raise XsaeError(f"{where} was trained on the {scheme.view} view, not {view}", f"drop --view (the checkpoint's view is used) or train a model with --view {view}")
+    if layer_keywords is not None and tuple(layer_keywords) != scheme.layer_keywords and warn is not None:
+        warn(f"{where} was trained with layer keywords {','.join(scheme.layer_keywords)}: those are used ([sane] layer_keywords says {','.join(layer_keywords)})")
+    return scheme
 
 
 def preflight(out_dir: Path, chunk_size: int, scheme: str, force: bool) -> int | None:
@@ -167,7 +188,7 @@ def _train(
     out_dir: Path,
     settings: SaneTrainSettings,
     model_cfg: Any = None,
-    scheme: str = "",
+    scheme: CoordScheme | str | None = None,
     force: bool = False,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
     info: Callable[[str], None] | None = None,
@@ -177,7 +198,8 @@ def _train(
 ) -> TrainResult:
     """Train (or resume) in ``out_dir``. ``on_step(step, total_steps, losses)`` drives progress bars.
 
-    ``lineage`` (one group id per model) enables lineage views (see :func:`make_views`)."""
+    ``lineage`` (one group id per model) enables lineage views (see :func:`make_views`). ``scheme``:
+    the coordinate scheme the models were tokenised with (default: theirs), stored in checkpoints."""
     import torch
     from accelerate import Accelerator
 
@@ -200,7 +222,9 @@ def _train(
     for m in models:
         if m.chunk_size != chunk_size or m.scheme != models[0].scheme:
             raise XsaeError(f"models were tokenised differently ({m.name}: chunk {m.chunk_size}, {m.scheme})", "tokenise all models with the same settings")
-    scheme = scheme or models[0].scheme
+    coord = scheme if isinstance(scheme, CoordScheme) else models[0].coord_scheme
+    scheme = coord.scheme_id if isinstance(scheme, CoordScheme) else (scheme or models[0].scheme)
+    record = coord.record(chunk_size) if coord is not None and coord.scheme_id == scheme else None
     model_cfg = model_cfg or SaneModelConfig(chunk_size=chunk_size)
     if model_cfg.chunk_size != chunk_size:
         raise XsaeError(f"model chunk_size {model_cfg.chunk_size} does not match the tokenised chunk_size {chunk_size}", "tokenise with the model's chunk size")
@@ -298,6 +322,7 @@ def _train(
                 "epoch": epoch + 1,
                 "chunk_size": chunk_size,
                 "scheme": scheme,
+                **({"coord_scheme": record} if record is not None else {}),
                 "model": model_cfg.to_dict(),
                 "settings": settings.to_dict(),
                 "models": [{"name": m.name, "sha256": m.manifest["sha256"], "n_chunks": m.n_chunks} for m in models],

@@ -22,51 +22,33 @@ Not function-preserving: Gaussian noise (``noise_<rel>``, relative to each tenso
 magnitude pruning (``prune_<percent>``), an int8 round trip (per-tensor absmax), and fine-tuning
 (:func:`finetune`, on the built-in corpus).
 
-Supported layouts: GPT-2 (Conv1D, fused c_attn), GPT-NeoX (fused per-head query_key_value),
-Llama/Mistral/Qwen2/Gemma (``model.layers.N.self_attn.q_proj``...) and BERT encoders.
+Every transform reads the model's layout from its anatomy (:mod:`xsae_cli.zoo.anatomy`: which axis
+of which tensor indexes the residual stream, the heads or the MLP neurons), so it covers the
+families whose tensor roles are known there: GPT-2 (Conv1D, fused c_attn), GPT-NeoX (fused per-head
+query_key_value), Llama/Mistral/Qwen2/Gemma (``model.layers.N.self_attn.q_proj``...) and BERT.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.zoo.anatomy import (
+    HEADS_KV,
+    HEADS_Q,
+    MLP,
+    QKV,
+    QKV_HEADS,
+    RESID,
+    Anatomy,
+    TensorRole,
+)
 
 PERMUTATIONS = ("perm_mlp", "perm_heads", "perm_resid", "perm_full")
 FUNCTION_PRESERVING = (*PERMUTATIONS, "norm_rescale")
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
-ARCHS = ("gpt2", "gpt_neox", *LLAMA_LIKE, "bert")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the transforms need to know about a model: its type and attention shape."""
-
-    model_type: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Arch:
-        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        mt = get("model_type")
-        if mt not in ARCHS:
-            raise XsaeError(f"lineage transforms do not know model type '{mt}'", f"use one of {', '.join(ARCHS)}")
-        d = get("n_embd") if mt == "gpt2" else get("hidden_size")
-        heads = get("n_head") if mt == "gpt2" else get("num_attention_heads")
-        layers = get("n_layer") if mt == "gpt2" else get("num_hidden_layers")
-        kv = get("num_key_value_heads") or heads
-        hd = get("head_dim") or d // heads
-        tied = bool(get("tie_word_embeddings", mt in ("gpt2", "gemma")))
-        return cls(mt, int(layers), int(d), int(heads), int(kv), int(hd), tied)
+# What the transforms need to know about a model: its shape and its tensors' roles (zoo/anatomy).
+Arch = Anatomy
 
 
 def _take(t: Any, axis: int, idx: Any) -> Any:
@@ -118,14 +100,6 @@ class _Perms:
         return self.head_cache[layer]
 
 
-LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer)\.(\d+)\.")
-
-
-def _layer(name: str) -> int | None:
-    m = LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 def permute(state: dict[str, Any], arch: Arch, kind: str, seed: int) -> dict[str, Any]:
     """A function-preserving permutation (``perm_mlp``, ``perm_heads``, ``perm_resid``, ``perm_full``)."""
     import torch
@@ -135,24 +109,20 @@ def permute(state: dict[str, Any], arch: Arch, kind: str, seed: int) -> dict[str
     g = torch.Generator().manual_seed(seed)
     full = kind == "perm_full"
     p = _Perms(state, arch, g, full or kind == "perm_mlp", full or kind == "perm_heads", full or kind == "perm_resid")
-    rule = {"gpt2": _rule_gpt2, "gpt_neox": _rule_neox, "bert": _rule_bert}.get(arch.model_type, _rule_llama)
     out = {}
     for name, t in state.items():
         if not torch.is_tensor(t) or not t.is_floating_point():
             out[name] = t.clone() if torch.is_tensor(t) else t
             continue
         x = t
-        for axis, idx in rule(name, t, arch, p):
+        for axis, idx in permutation_axes(arch.role(name), t, p):
             if idx is not None:
                 x = _take(x, axis, idx)
         out[name] = x.clone() if x is t else x
     return out
 
 
-Rule = Callable[[str, Any, Arch, _Perms], list[tuple[int, Any]]]
-
-
-def _head_index(p: _Perms, layer: int, kind: str) -> Any:
+def _head_index(p: Any, layer: int, kind: str) -> Any:
     """Index over a projection's head axis (``q``: query heads, ``kv``: key/value heads)."""
     q, kv = p.heads(layer)
     if q is None:
@@ -160,153 +130,30 @@ def _head_index(p: _Perms, layer: int, kind: str) -> Any:
     return _blocks(q if kind == "q" else kv, p.arch.head_dim)
 
 
-def _rule_llama(name: str, t: Any, a: Arch, p: _Perms) -> list[tuple[int, Any]]:
-    r = p.resid
-    layer = _layer(name)
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        return [(1, r)]
-    if name.endswith("norm.weight"):  # input_layernorm, post_attention_layernorm, model.norm
-        return [(0, r)]
-    if layer is None:
-        return []
-    last = name.split(".")[-2]
-    is_w = name.endswith(".weight")
-    if last in ("q_proj", "k_proj", "v_proj"):
-        h = _head_index(p, layer, "q" if last == "q_proj" else "kv")
-        return [(0, h), (1, r)] if is_w else [(0, h)]
-    if last == "o_proj":
-        return [(0, r), (1, _head_index(p, layer, "q"))] if is_w else [(0, r)]
-    if last in ("gate_proj", "up_proj"):
-        m = p.mlp(layer, t.shape[0])
-        return [(0, m), (1, r)] if is_w else [(0, m)]
-    if last == "down_proj":
-        return [(0, r), (1, p.mlp(layer, t.shape[1]))] if is_w else [(0, r)]
-    return []
+def permutation_axes(role: TensorRole, t: Any, p: Any) -> list[tuple[int, Any]]:
+    """``(axis, index)`` for every axis of ``t`` whose space ``p`` permutes (None: not permuted).
 
-
-def _rule_gpt2(name: str, t: Any, a: Arch, p: _Perms) -> list[tuple[int, Any]]:
-    """GPT-2's Conv1D weights are [in, out]."""
+    ``p`` gives the orders: ``p.resid``, ``p.mlp(block, size)`` and ``p.heads(block)`` (random in
+    :func:`permute`, sorted in the canonical form)."""
     import torch
 
-    r = p.resid
-    layer = _layer(name)
-    if name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
-        return [(1, r)]
-    if layer is None:
-        return [(0, r)] if ".ln_f." in name else []
-    is_w = name.endswith(".weight")
-    if ".ln_1." in name or ".ln_2." in name:
-        return [(0, r)]
-    if ".attn.c_attn." in name:
-        h = _head_index(p, layer, "q")
-        qkv = None if h is None else torch.cat([h + i * a.d_model for i in range(3)])
-        return [(0, r), (1, qkv)] if is_w else [(0, qkv)]
-    if ".attn.c_proj." in name:
-        return [(0, _head_index(p, layer, "q")), (1, r)] if is_w else [(0, r)]
-    if ".mlp.c_fc." in name:
-        m = p.mlp(layer, t.shape[-1])
-        return [(0, r), (1, m)] if is_w else [(0, m)]
-    if ".mlp.c_proj." in name:
-        return [(0, p.mlp(layer, t.shape[0])), (1, r)] if is_w else [(0, r)]
-    return []
-
-
-def _rule_neox(name: str, t: Any, a: Arch, p: _Perms) -> list[tuple[int, Any]]:
-    """GPT-NeoX's query_key_value rows are laid out [head, (q|k|v), head_dim]."""
-    r = p.resid
-    layer = _layer(name)
-    if name.endswith(("embed_in.weight", "embed_out.weight", "lm_head.weight")):
-        return [(1, r)]
-    if layer is None:
-        return [(0, r)] if "final_layer_norm" in name else []
-    is_w = name.endswith(".weight")
-    if "layernorm" in name:
-        return [(0, r)]
-    if ".attention.query_key_value." in name:
-        q, _kv = p.heads(layer)
-        h = None if q is None else _blocks(q, 3 * a.head_dim)
-        return [(0, h), (1, r)] if is_w else [(0, h)]
-    if ".attention.dense." in name:
-        return [(0, r), (1, _head_index(p, layer, "q"))] if is_w else [(0, r)]
-    if ".mlp.dense_h_to_4h." in name:
-        m = p.mlp(layer, t.shape[0])
-        return [(0, m), (1, r)] if is_w else [(0, m)]
-    if ".mlp.dense_4h_to_h." in name:
-        return [(0, r), (1, p.mlp(layer, t.shape[1]))] if is_w else [(0, r)]
-    return []
-
-
-def _rule_bert(name: str, t: Any, a: Arch, p: _Perms) -> list[tuple[int, Any]]:
-    """BERT is post-LN: every LayerNorm output is the residual stream. The pooler's output (and an
-    MLM head's logits) are unchanged; the last hidden state comes out with permuted coordinates."""
-    r = p.resid
-    layer = _layer(name)
-    is_w = name.endswith(".weight")
-    if name.endswith(("word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight", "decoder.weight")):
-        return [(1, r)]
-    if "embeddings.LayerNorm" in name:
-        return [(0, r)]
-    if name.startswith(("pooler.", "bert.pooler.")):
-        return [(1, r)] if is_w else []
-    if "predictions.transform.dense" in name:  # MLM head: its output meets the tied decoder
-        return [(0, r), (1, r)] if is_w else [(0, r)]
-    if "predictions.transform.LayerNorm" in name or name.endswith("predictions.bias"):
-        return [(0, r)] if "LayerNorm" in name else []
-    if layer is None:
-        return []
-    if ".attention.self." in name:
-        h = _head_index(p, layer, "q")
-        return [(0, h), (1, r)] if is_w else [(0, h)]
-    if ".attention.output.dense." in name:
-        return [(0, r), (1, _head_index(p, layer, "q"))] if is_w else [(0, r)]
-    if "LayerNorm" in name:
-        return [(0, r)]
-    if ".intermediate.dense." in name:
-        m = p.mlp(layer, t.shape[0])
-        return [(0, m), (1, r)] if is_w else [(0, m)]
-    if ".output.dense." in name:
-        return [(0, r), (1, p.mlp(layer, t.shape[1]))] if is_w else [(0, r)]
-    return []
-
-
-def norm_readers(arch: Arch, names: Any) -> list[tuple[str, list[str], bool, bool]]:
-    """Pre-norms whose per-coordinate gain a following linear can absorb: ``(norm, readers,
-    conv1d, gemma)`` with tensor prefixes. ``gemma``: the stored weight is ``gain - 1``.
-
-    Shared by :func:`norm_rescale` (which moves scale between the two) and the canonical form
-    (which folds the gain into the readers): the same table, so the two stay exact inverses.
-    """
-    names = set(names)
-    mt = arch.model_type
-    out: list[tuple[str, list[str], bool, bool]] = []
-    for i in range(arch.n_layers):
-        if mt == "gpt2":
-            pre = f"transformer.h.{i}"
-            out += [(f"{pre}.ln_1", [f"{pre}.attn.c_attn"], True, False), (f"{pre}.ln_2", [f"{pre}.mlp.c_fc"], True, False)]
-        elif mt == "gpt_neox":
-            pre = f"gpt_neox.layers.{i}"
-            out += [(f"{pre}.input_layernorm", [f"{pre}.attention.query_key_value"], False, False), (f"{pre}.post_attention_layernorm", [f"{pre}.mlp.dense_h_to_4h"], False, False)]
-        elif mt in LLAMA_LIKE:
-            pre = f"model.layers.{i}"
-            gem = mt == "gemma"
-            out += [(f"{pre}.input_layernorm", [f"{pre}.self_attn.{x}_proj" for x in "qkv"], False, gem), (f"{pre}.post_attention_layernorm", [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"], False, gem)]
-    if not arch.tied:
-        if mt == "gpt_neox":
-            out.append(("gpt_neox.final_layer_norm", ["embed_out" if "embed_out.weight" in names else "lm_head"], False, False))
-        elif mt in LLAMA_LIKE and "lm_head.weight" in names:
-            out.append(("model.norm", ["lm_head"], False, mt == "gemma"))
-    # Only pairs whose tensors are all there (a model saved in part keeps the blocks it has).
-    return [(n, r, c, g) for n, r, c, g in out if n + ".weight" in names and all(x + ".weight" in names for x in r)]
-
-
-def bert_attention(names: Any) -> list[str]:
-    """Attention prefixes (``...encoder.layer.N.attention``) of a BERT state dict, in layer order."""
-    found = {}
-    for k in names:
-        m = re.search(r"^(.*encoder\.layer\.(\d+)\.attention)\.self\.query\.weight$", k)
-        if m:
-            found[int(m.group(2))] = m.group(1)
-    return [found[i] for i in sorted(found)]
+    out: list[tuple[int, Any]] = []
+    for axis, space in role.axes:
+        if space == RESID:
+            out.append((axis, p.resid))
+        elif role.block is None:
+            continue
+        elif space == MLP:
+            out.append((axis, p.mlp(role.block, t.shape[axis])))
+        elif space in (HEADS_Q, HEADS_KV):
+            out.append((axis, _head_index(p, role.block, "q" if space == HEADS_Q else "kv")))
+        elif space == QKV:  # [q | k | v], each over the query heads
+            h = _head_index(p, role.block, "q")
+            out.append((axis, None if h is None else torch.cat([h + i * (t.shape[axis] // 3) for i in range(3)])))
+        elif space == QKV_HEADS:  # [head, (q | k | v), head_dim]
+            q, _kv = p.heads(role.block)
+            out.append((axis, None if q is None else _blocks(q, 3 * p.arch.head_dim)))
+    return out
 
 
 def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2.0) -> dict[str, Any]:
@@ -319,15 +166,15 @@ def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2
     def factors(n: int) -> Any:
         return torch.exp((torch.rand(n, generator=g) * 2 - 1) * math.log(spread))
 
-    if arch.model_type == "bert":
-        for att in bert_attention(out):
+    if arch.post_ln:
+        for att in arch.attention_prefixes(out):
             sq, sv = factors(arch.d_model), factors(arch.d_model)
             for key, f in ((f"{att}.self.query", sq), (f"{att}.self.key", 1 / sq), (f"{att}.self.value", sv)):
                 out[key + ".weight"] = out[key + ".weight"] * f[:, None]
                 out[key + ".bias"] = out[key + ".bias"] * f
             out[f"{att}.output.dense.weight"] = out[f"{att}.output.dense.weight"] / sv[None, :]
         return out
-    for norm, readers, conv1d, gemma in norm_readers(arch, out):
+    for norm, readers, conv1d, gemma in arch.norm_readers(out):
         w = out[norm + ".weight"]
         s = factors(w.shape[0])
         out[norm + ".weight"] = (s * (1 + w) - 1) if gemma else w * s

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 
 from xsae_cli.core.config import xsae_home
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.zoo.anatomy import Blocks, config_blocks, config_value
 from xsae_cli.zoo.sources import ResolvedModel, file_sha256, resolve
 from xsae_cli.zoo.weights import pt_checkpoint_config, tensor_index
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|blk)\.(\d+)\.")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -163,9 +163,8 @@ def describe(resolved: ResolvedModel, name: str, family: str | None = None) -> M
     if resolved.kind == "pt":
         config = pt_checkpoint_config(resolved.path) or {}
     archs = config.get("architectures") or []
-    layer_ids = {int(m.group(1)) for t in index for m in [LAYER_RE.search(t.name)] if m}
-    layers = _first(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers") or (max(layer_ids) + 1 if layer_ids else None)
-    hidden = _first(config, "hidden_size", "n_embd", "d_model", "dim")
+    layers = config_blocks(config) or Blocks.from_names(t.name for t in index).n_blocks or None
+    hidden = config_value(config, "hidden")
     dtypes = Counter(t.dtype for t in index)
     id_files = (resolved.path,) if resolved.kind in ("gguf", "pt", "safetensors") else resolved.weight_files
     weight_bytes = sum(p.stat().st_size for p in id_files)
@@ -189,13 +188,6 @@ def describe(resolved: ResolvedModel, name: str, family: str | None = None) -> M
         added=time.time(),
         extra=extra,
     )
-
-
-def _first(config: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if config.get(k) is not None:
-            return config[k]
-    return None
 
 
 def add_model(

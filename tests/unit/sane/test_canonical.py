@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.unit.sane.test_lineage import PROBE, _model
-from xsae_cli.sane.canonical import canonical_stream, canonicalize, plan_from
 from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply
+from xsae_cli.sane.views.canonical import canonical_stream, canonicalize, plan_from
 
 FAMILIES = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.unit.sane.test_lineage import _model
-from xsae_cli.sane.canonical import plan_from
-from xsae_cli.sane.circuits import _embed_name, _top_eigh, anchor_ids, anchor_rows, circuit_tensors, outlier_filter, shrink_outliers
+from xsae_cli.sane.views.canonical import plan_from
+from xsae_cli.sane.views.circuits import _embed_name, _top_eigh, anchor_ids, anchor_rows, circuit_tensors, outlier_filter, shrink_outliers
 from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, elementwise, finetune
 
 FAMILIES = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert"]
@@ -54,7 +54,7 @@ def test_circuits_are_invariant_to_every_symmetry_and_tell_seeds_apart(name: str
 def test_real_models_circuits_are_invariant(demo_zoo) -> None:
     from transformers import AutoModelForCausalLM, BertForMaskedLM
 
-    from xsae_cli.sane.evaluate import _real_folder
+    from xsae_cli.sane.lineage.zoo import _real_folder
 
     for name, cls in (("smollm2-135m", AutoModelForCausalLM), ("minilm-l6", BertForMaskedLM)):
         torch.manual_seed(0)

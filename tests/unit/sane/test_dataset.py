@@ -191,5 +191,6 @@ def test_a_bare_file_falls_back_to_its_weights_with_reasons(tmp_path) -> None:
     warned: list[str] = []
     tm = TokenizedModel(tokenize_to_cache(ModelSource("bare", resolve(str(f)), "c" * 64), cache_dir=tmp_path / "cache", warn=warned.append), "bare")
     assert tm.manifest["view"]["view"] == "weights" and tm.n_chunks == 16
-    assert any("no circuit view" in w and "no config.json" in w for w in warned), warned
-    assert any("no canonical form" in w for w in warned), warned
+    assert any("no circuits view" in w and "no config.json" in w and "trying its canonical form" in w for w in warned), warned
+    assert any("no canonical view" in w and "tokenised as stored" in w for w in warned), warned
+    assert tm.manifest["view"]["reason"] == "no config.json"

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from xsae_cli.sane.evaluate import (
-    _keep_layers,
-    _tiny_builders,
+from xsae_cli.sane.lineage.baselines import (
     quantile_distance,
     quantile_features,
     quantile_matrix,
-    retrieval_scores,
 )
+from xsae_cli.sane.lineage.metrics import retrieval_scores
+from xsae_cli.sane.lineage.zoo import _keep_layers, _tiny_builders
 from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, finetune
 
 PROBE = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -154,7 +153,7 @@ def test_quantile_matrix_matches_pairwise_distance() -> None:
 
 def test_keep_layers_picks_evenly_spaced_whole_blocks() -> None:
     names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.mlp.up_proj.weight" for i in range(30)] + [f"model.layers.{i}.input_layernorm.weight" for i in range(30)] + ["model.norm.weight"]
-    kept = _keep_layers(names, 3)
+    kept = _keep_layers(names, 3, Arch("llama", 30, 64, 4, 4, 16, False))
     assert kept[0] == "model.embed_tokens.weight" and "model.norm.weight" not in kept
     assert sorted({int(n.split(".")[2]) for n in kept[1:]}) == [0, 14, 29] and len(kept) == 7
 
@@ -196,7 +195,7 @@ def test_lineage_views_take_the_same_range_of_a_partner(tiny_models) -> None:
 def test_real_models_permutations_leave_logits_unchanged(demo_zoo: Path) -> None:
     from transformers import AutoModelForCausalLM, BertForMaskedLM
 
-    from xsae_cli.sane.evaluate import _real_folder
+    from xsae_cli.sane.lineage.zoo import _real_folder
 
     for name, cls in (("smollm2-135m", AutoModelForCausalLM), ("minilm-l6", BertForMaskedLM)):
         torch.manual_seed(0)
@@ -212,7 +211,7 @@ def test_real_models_permutations_leave_logits_unchanged(demo_zoo: Path) -> None
 
 
 def test_hard_goal_ranks_by_separation_when_top1_ties() -> None:
-    from xsae_cli.sane.evaluate import goals
+    from xsae_cli.sane.lineage.metrics import goals
 
     def row(top1: tuple[float, float, float], sep: tuple[float, float, float]) -> dict:
         keys = ("sane", "quantile_baseline", "random_encoder_baseline")
@@ -224,3 +223,43 @@ def test_hard_goal_ranks_by_separation_when_top1_ties() -> None:
     assert not g["hard_strictly_above_both"]["met"] and g["hard_strictly_above_both"]["failing"] == ["ft_long"]
     g = goals({"ft_long": row((0.9, 0.55, 1.0), (9.0, 1.0, 1.41))})  # a larger margin cannot make up for a lower top-1
     assert not g["hard_strictly_above_both"]["met"]
+
+
+def _auc_by_hand(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The hand-written AUROC the lineage scores used before scikit-learn (kept here as the reference)."""
+    pos = np.asarray(pos, dtype=np.float64)[:, None]
+    neg = np.asarray(neg, dtype=np.float64)[None, :]
+    return float(((neg > pos).sum() + 0.5 * (neg == pos).sum()) / (pos.size * neg.size))
+
+
+def _ap_by_hand(dist: np.ndarray, rel: np.ndarray) -> float:
+    """The hand-written average precision (ties broken pessimistically) scikit-learn replaced."""
+    order = np.lexsort((rel.astype(int), dist))
+    r = rel[order]
+    hits = np.cumsum(r)
+    return float((hits[r] / (np.nonzero(r)[0] + 1)).mean())
+
+
+def test_sklearn_metrics_agree_with_the_hand_written_ones() -> None:
+    from xsae_cli.sane.lineage.metrics import auroc, average_precision
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 40))
+        d = rng.random(n)
+        if trial % 3 == 0:
+            d = np.round(d, 1)  # ties, within and across classes (AUROC counts them half either way)
+        if trial % 4 == 0:
+            d[rng.random(n) < 0.3] = np.inf  # the quantile baseline: no shared tensor
+        rel = rng.random(n) < 0.3
+        if rel.any() and (~rel).any():
+            assert auroc(d[rel], d[~rel]) == pytest.approx(_auc_by_hand(d[rel], d[~rel]), abs=1e-12), trial
+        if rel.any():
+            assert average_precision(d, rel) == pytest.approx(_ap_by_hand(d, rel), abs=1e-12), trial
+    # ties are broken against the method: a relevant and an irrelevant item at one distance rank the
+    # irrelevant first, and a tied run of relevant items after a miss gains precision one by one
+    d, rel = np.array([0.0, 0.0, 0.0, 1.0]), np.array([True, True, False, True])
+    assert average_precision(d, rel) == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 3)
+    d, rel = np.array([0.0, 1.0, 1.0]), np.array([False, True, True])
+    assert average_precision(d, rel) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert np.isnan(auroc(np.array([]), np.array([1.0]))) and np.isnan(average_precision(d, np.zeros(3, dtype=bool)))

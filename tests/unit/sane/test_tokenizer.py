@@ -157,9 +157,10 @@ def test_chunk_counts_of_real_models_from_headers(demo_zoo) -> None:
 
 
 def test_scheme_ids_name_their_view() -> None:
-    from xsae_cli.sane.tokenizer import VIEWS, view_of_scheme
+    from xsae_cli.sane.tokenizer import view_of_scheme
+    from xsae_cli.sane.views import view_names
 
-    ids = {v: CoordScheme(view=v).scheme_id for v in VIEWS}
+    ids = {v: CoordScheme(view=v).scheme_id for v in view_names()}
     assert len(set(ids.values())) == 3 and all(view_of_scheme(i) == v for v, i in ids.items())
     assert ids["weights"].startswith("weights-v1-") and ids["canonical"].startswith("canonical-v1-")
     # the circuit view's output changed (outlier filter): a new id, so its old caches are not reused

@@ -92,3 +92,26 @@ def test_embeddings_and_neighbors(tiny_models, tmp_path: Path) -> None:
         cosine_neighbors({"a": vecs["tiny-gpt2"]}, "a")
     with pytest.raises(XsaeError, match="not in the embeddings"):
         cosine_neighbors(vecs, "nope")
+
+
+def test_a_checkpoint_rebuilds_its_own_scheme() -> None:
+    """Stored as data, or (older checkpoints) derived from the id; its keywords win over the current
+    setting with a note; another view, or a view whose output changed since, is refused."""
+    from xsae_cli.sane.tokenizer import CoordScheme
+    from xsae_cli.sane.train import checkpoint_scheme
+
+    custom = CoordScheme(layer_keywords=("layers", "cells"), view="canonical")
+    meta = {"chunk_size": 64, "scheme": custom.scheme_id, "coord_scheme": custom.record(64)}
+    notes: list[str] = []
+    assert checkpoint_scheme(meta, "ckpt", layer_keywords=["layers", "h"], warn=notes.append) == custom
+    assert len(notes) == 1 and "layers,cells" in notes[0] and "those are used" in notes[0]
+    old = {"chunk_size": 64, "scheme": custom.scheme_id}  # written before schemes were stored: the id alone
+    assert checkpoint_scheme(old, "ckpt", layer_keywords=["layers", "cells"]) == custom
+    assert checkpoint_scheme({"chunk_size": 64, "scheme": CoordScheme(view="weights").scheme_id}, "ckpt") == CoordScheme(view="weights")
+    with pytest.raises(XsaeError, match="coordinate scheme"):  # an id none of the known settings give
+        checkpoint_scheme(old, "ckpt", layer_keywords=["layers"])
+    with pytest.raises(XsaeError, match="trained on the canonical view, not circuits"):
+        checkpoint_scheme(meta, "ckpt", view="circuits")
+    stale = {**meta, "scheme": "circuits-v1-0123456789", "coord_scheme": {**CoordScheme().record(64), "id": "circuits-v1-0123456789", "view_revision": 1}}
+    with pytest.raises(XsaeError, match="revision v1 of the circuits view"):
+        checkpoint_scheme(stale, "ckpt")

@@ -17,8 +17,9 @@ removed by construction, and every model SANE sees is in this form:
    scalings change: squared norms on the *writer* side (embedding columns and attention-output
    and MLP-down rows for the residual stream, output columns per head, down columns per neuron;
    in BERT, per head, the sum of value-row times output-column norms). The permutations are
-   applied with the same per-architecture rules as :mod:`transforms`, so they are function
-   preserving by the same tests.
+   applied by the same code as :mod:`transforms` (``permutation_axes``, over the tensor roles of
+   the model's anatomy, :mod:`xsae_cli.zoo.anatomy`), so they are function preserving by the
+   same tests.
 
 ``canonical(T(m)) == canonical(m)`` up to float rounding for every function-preserving transform
 ``T`` of :mod:`transforms` (tested for all supported families and the real models). Not invariant
@@ -27,8 +28,9 @@ are close.
 
 Streaming: :func:`plan_from` reads every tensor once and keeps only per-index vectors (norms and
 gains, a few floats per coordinate); :meth:`CanonicalPlan.apply` then rewrites one tensor at a
-time, so canonicalising holds one tensor, like tokenising. Architectures :mod:`transforms` does
-not know (or a layout whose names it does not find) are passed through unchanged, with a reason.
+time, so canonicalising holds one tensor, like tokenising. A family whose tensor roles the anatomy
+does not know (or a layout whose names it does not find) has no canonical form: the view says why
+and the model falls back to its weights as stored (``register_view`` at the end of this file).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from xsae_cli.sane.transforms import Arch, _layer, _rule_bert, _rule_gpt2, _rule_llama, _rule_neox, bert_attention, norm_readers
+from xsae_cli.sane.transforms import Arch, permutation_axes
+from xsae_cli.sane.views import View, register_view
+from xsae_cli.zoo.anatomy import EMBEDDINGS, RESID, TensorRole, anatomy_of
 
 EPS = 1e-12
 
@@ -61,10 +65,6 @@ class _Fixed:
         return self._heads.get(layer, (None, None))
 
 
-def _rule(arch: Arch) -> Any:
-    return {"gpt2": _rule_gpt2, "gpt_neox": _rule_neox, "bert": _rule_bert}.get(arch.model_type, _rule_llama)
-
-
 @dataclass
 class CanonicalPlan:
     """What :func:`plan_from` learned: per-tensor scale vectors and the canonical orders."""
@@ -86,9 +86,10 @@ class CanonicalPlan:
         if name in self.replace:
             x = self.replace[name].to(t.dtype)
         scales = []
-        if name in self.col_scale:
+        role = self.arch.role(name)
+        if name in self.col_scale:  # per input coordinate: axis 1 of an [out, in] weight, 0 of GPT-2's Conv1D [in, out]
             s = self.col_scale[name]
-            scales.append(s[:, None] if self.arch.model_type == "gpt2" else s[None, :])
+            scales.append(s[:, None] if role.in_axis == 0 else s[None, :])
         if name in self.row_scale:
             s = self.row_scale[name]
             scales.append(s[:, None] if x.dim() == 2 else s)
@@ -99,48 +100,30 @@ class CanonicalPlan:
             for sc in scales:
                 x.mul_(sc)
         if self.perms is not None:
-            for axis, idx in _rule(self.arch)(name, x, self.arch, self.perms):
+            for axis, idx in permutation_axes(role, x, self.perms):
                 if idx is not None:
                     x = x.index_select(axis, idx)
         return x
 
 
 def arch_of(resolved: Any) -> tuple[Arch | None, str]:
-    """The :class:`Arch` of a resolved model (from the config.json the zoo read), or None and why not."""
-    from xsae_cli.core.errors import XsaeError
-
-    config = getattr(resolved, "config", None)
-    if not config:
-        return None, "no config.json"
-    try:
-        return Arch.from_config(config), ""
-    except (XsaeError, TypeError, ValueError, KeyError) as e:
-        return None, str(e).split("\n")[0]
+    """The anatomy of a resolved model (from the config.json the zoo read), or None and why not."""
+    return anatomy_of(resolved)
 
 
 def _add(acc: dict[Any, Any], key: Any, v: Any) -> None:
     acc[key] = v if key not in acc else acc[key] + v
 
 
-_WRITERS: dict[str, tuple[tuple[str, str], ...]] = {
-    # model type -> (name suffix, role); GPT-2/NeoX/Llama-like/BERT names as transformers saves them
-    "llama": (("embed_tokens.weight", "embedding"), ("self_attn.o_proj.weight", "attn_out"), ("mlp.down_proj.weight", "mlp_down")),
-    "gpt2": (("wte.weight", "embedding"), ("wpe.weight", "embedding"), ("attn.c_proj.weight", "attn_out"), ("mlp.c_proj.weight", "mlp_down")),
-    "gpt_neox": (("embed_in.weight", "embedding"), ("attention.dense.weight", "attn_out"), ("mlp.dense_4h_to_h.weight", "mlp_down")),
-    "bert": (
-        ("word_embeddings.weight", "embedding"), ("position_embeddings.weight", "embedding"), ("token_type_embeddings.weight", "embedding"),
-        ("attention.output.dense.weight", "attn_out"), ("output.dense.weight", "mlp_down"),
-        ("attention.self.query.weight", "bert_qkv"), ("attention.self.key.weight", "bert_qkv"), ("attention.self.value.weight", "bert_qkv"),
-        ("attention.self.query.bias", "bert_qkv"), ("attention.self.key.bias", "bert_qkv"), ("attention.self.value.bias", "bert_qkv"),
-    ),
-}
-
-
-def _writer_role(model_type: str, name: str) -> str | None:
-    """Which key a tensor feeds (first matching suffix wins: attention output before MLP output)."""
-    for suffix, role in _WRITERS.get(model_type, _WRITERS["llama"]):
-        if name.endswith(suffix):
-            return role
+def _writer_role(arch: Arch, role: TensorRole, name: str) -> str | None:
+    """Which sort key a tensor feeds: the embeddings and the attention-output and MLP-down weights
+    write the residual stream; a post-LN model's query/key/value rows and biases are balanced."""
+    if role.role in EMBEDDINGS:
+        return "embedding"
+    if role.role in ("o", "down") and name.endswith(".weight"):
+        return "attn_out" if role.role == "o" else "mlp_down"
+    if arch.post_ln and role.role in ("q", "k", "v") and name.endswith((".weight", ".bias")):
+        return "bert_qkv"
     return None
 
 
@@ -172,7 +155,7 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
     norms: dict[str, Any] = {}  # norm weight/bias name -> tensor (a few floats per coordinate)
     bert_rows: dict[str, Any] = {}  # q/k/v row norms^2 (with bias), output column norms^2
     names: list[str] = []
-    mt = arch.model_type
+    post_ln = arch.post_ln
     for name, t in items:
         names.append(name)
         if not torch.is_tensor(t) or not t.is_floating_point():
@@ -181,29 +164,30 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
             norms[name] = t.detach().double().clone()
         if not orders:
             continue
-        role = _writer_role(mt, name)
+        tr = arch.role(name)
+        role = _writer_role(arch, tr, name)
         if role is None:
             continue
-        layer = _layer(name)
+        layer = tr.block
         if role == "embedding":
             _add(resid, "r", _sqsum(t, 0))
-        elif role in ("attn_out", "mlp_down") and layer is not None:
-            # [out, in] except GPT-2's Conv1D [in, out]: the residual axis is "out"
-            r_dim, i_dim = (0, 1) if mt == "gpt2" else (1, 0)
-            if not (mt == "bert" and role == "attn_out"):  # BERT balances these columns: not a key
+        elif role in ("attn_out", "mlp_down") and layer is not None and (i_dim := tr.axis_of(RESID)) is not None:
+            # the residual axis is "out": rows of an [out, in] weight, columns of GPT-2's Conv1D [in, out]
+            r_dim = 1 - i_dim
+            if not (post_ln and role == "attn_out"):  # post-LN (BERT) balances these columns: not a key
                 _add(resid, "r", _sqsum(t, r_dim))
             _add(heads if role == "attn_out" else mlp, layer, _sqsum(t, i_dim))
         elif role == "bert_qkv" and layer is not None:
             _add(bert_rows, name.rsplit(".", 1)[0], _sqsum(t, 1) if t.dim() == 2 else t.detach().double() ** 2)
-    if mt == "bert":  # BERT's per-head key is built from value rows and output columns below
+    if post_ln:  # BERT's per-head key is built from value rows and output columns below
         for layer in list(heads):
             bert_rows[f"o{layer}"] = heads.pop(layer)
 
     plan = CanonicalPlan(arch)
     # 1. scales
-    if mt == "bert":
-        for att in bert_attention(names):
-            li = _layer(att + ".")
+    if post_ln:
+        for att in arch.attention_prefixes(names):
+            li = arch.block(att + ".")
             q, k, v = (bert_rows.get(f"{att}.self.{x}") for x in ("query", "key", "value"))
             o = bert_rows.get(f"o{li}")
             if q is None or k is None or v is None or o is None:
@@ -218,7 +202,7 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
             if li is not None:  # a head's key: sum of |v_i| |o_i| over its coordinates (balanced |o_i|^2)
                 heads[li] = (v.sqrt() * o.sqrt())
     else:
-        for norm, readers, _conv1d, gemma in norm_readers(arch, names):
+        for norm, readers, _conv1d, gemma in arch.norm_readers(names):
             w = norms.get(norm + ".weight")
             if w is None:
                 continue
@@ -254,7 +238,7 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
         q = torch.cat([g * groups + order(per_q[g * groups : (g + 1) * groups]) for g in kv.tolist()])
         head_perm[layer] = (q, kv)
     if r_perm is None and not mlp_perm and not head_perm:
-        return None, f"no {mt} tensor names found (embeddings, attention outputs, MLP down projections)"
+        return None, f"no {arch.model_type} tensor names found (embeddings, attention outputs, MLP down projections)"
     plan.perms = _Fixed(arch, r_perm, mlp_perm, head_perm)
     plan.sorted_groups = {"resid": int(r_perm is not None), "heads": len(head_perm), "mlp": len(mlp_perm)}
     return plan, ""
@@ -289,3 +273,16 @@ def canonical_stream(resolved: Any, iter_weights: Any, warn: Any = None) -> tupl
 
     return stream(), {"applied": True, "model_type": plan.arch.model_type, "sorted": plan.sorted_groups, "scaled": len(plan.col_scale) + len(plan.row_scale)}
 
+
+
+def canonical_view(resolved: Any, warn: Any = None) -> tuple[Any, str]:
+    """The view: the canonical stream, or ``(None, why)`` when the model has no canonical form."""
+    from xsae_cli.zoo.weights import iter_weights, tensor_index
+
+    stream, info = canonical_stream(resolved, iter_weights)
+    if not info["applied"]:
+        return None, info["reason"]
+    return (tensor_index(resolved), stream, {"view": "canonical", **info}), ""
+
+
+register_view(View("canonical", canonical_view, fallback="weights", help="weights with neurons, heads and residual coordinates sorted", on_fallback="trying its canonical form"))

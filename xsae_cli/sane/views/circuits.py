@@ -32,12 +32,13 @@ rows per projection. Models without a known token embedding fall back to the can
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
-from xsae_cli.sane.canonical import CanonicalPlan, arch_of, plan_from
-from xsae_cli.sane.transforms import LLAMA_LIKE, Arch, _layer
+from xsae_cli.sane.transforms import Arch
+from xsae_cli.sane.views import View, register_view
+from xsae_cli.sane.views.canonical import CanonicalPlan, arch_of, plan_from
+from xsae_cli.zoo.anatomy import QKV, QKV_HEADS, READERS, RESID, WRITERS
 
 N_ANCHORS = 64
 SAMPLE_ROWS = 4096  # embedding rows (evenly spaced, at least 2 x d_model) whose second moment finds the outlier directions
@@ -45,12 +46,9 @@ OUTLIER_LEVEL = 3.0  # a direction is an outlier above this multiple of the bulk
 OUTLIER_MAX = 16  # directions that may be shrunk (a fine-tune's shift takes 1-4)
 CIRCUIT_KINDS = ("circuit_qk", "circuit_ov", "circuit_mlp", "circuit_gate", "gram", "circuit_head")
 
-_EMBED = {"gpt2": ("wte.weight",), "gpt_neox": ("embed_in.weight",), "bert": ("word_embeddings.weight",)}
-_EMBED_LLAMA = ("embed_tokens.weight",)
-
-
 def _embed_name(arch: Arch, name: str) -> bool:
-    return name.endswith(_EMBED.get(arch.model_type, _EMBED_LLAMA))
+    """Whether ``name`` is the input token embedding (the anatomy's ``embedding`` role)."""
+    return arch.role(name).role == "embedding"
 
 
 def anchor_ids(vocab: int, n: int = N_ANCHORS) -> list[int]:
@@ -140,54 +138,26 @@ READS = {"q": True, "k": True, "v": True, "up": True, "gate": True, "head": True
 
 def _layout(arch: Arch, name: str, t: Any) -> tuple[list[tuple[str, int, int]], int] | None:
     """How one weight feeds the circuits: ``(pieces, contract)``. ``contract`` is the axis of ``t``
-    that meets the anchors (its input for a reader, its residual output for a writer); ``pieces``
-    are ``(role, start, stop)`` column ranges of the projection ``anchors @ t`` (fused q/k/v)."""
-    mt = arch.model_type
+    that meets the anchors (its residual axis: the input of a reader, the output of a writer);
+    ``pieces`` are ``(role, start, stop)`` column ranges of the projection ``anchors @ t`` (fused
+    q/k/v: GPT-2's ``[q | k | v]`` is cut in three, GPT-NeoX's per-head layout is cut later)."""
     if not name.endswith(".weight") or t.dim() != 2:
         return None
-    a = arch
-    if mt in LLAMA_LIKE:
-        m = re.search(r"\.(q|k|v|o|up|gate|down)_proj\.weight$", name)
-        if m:
-            role = m.group(1)
-            return [(role, 0, t.shape[1] if role in ("o", "down") else t.shape[0])], 0 if role in ("o", "down") else 1
-        if name.endswith("lm_head.weight") and not a.tied:
-            return [("head", 0, t.shape[0])], 1
+    r = arch.role(name)
+    if r.role not in READERS + WRITERS or (r.role == "head" and arch.tied):
         return None
-    if mt == "gpt2":  # Conv1D [in, out]: a reader contracts axis 0, a writer axis 1
-        d = a.d_model
-        if name.endswith("attn.c_attn.weight"):
-            return [("q", 0, d), ("k", d, 2 * d), ("v", 2 * d, 3 * d)], 0
-        if name.endswith("mlp.c_fc.weight"):
-            return [("up", 0, t.shape[1])], 0
-        if name.endswith("attn.c_proj.weight"):
-            return [("o", 0, t.shape[0])], 1
-        if name.endswith("mlp.c_proj.weight"):
-            return [("down", 0, t.shape[0])], 1
+    contract = r.axis_of(RESID)
+    if contract is None:
         return None
-    if mt == "gpt_neox":
-        if name.endswith("attention.query_key_value.weight"):
-            return [("qkv_neox", 0, t.shape[0])], 1
-        if name.endswith("attention.dense.weight"):
-            return [("o", 0, t.shape[1])], 0
-        if name.endswith("mlp.dense_h_to_4h.weight"):
-            return [("up", 0, t.shape[0])], 1
-        if name.endswith("mlp.dense_4h_to_h.weight"):
-            return [("down", 0, t.shape[1])], 0
-        if name.endswith(("embed_out.weight", "lm_head.weight")) and not a.tied:
-            return [("head", 0, t.shape[0])], 1
+    width = t.shape[1 - contract]
+    if r.role == "qkv":
+        if r.axis_of(QKV) is not None:
+            n = width // 3
+            return [("q", 0, n), ("k", n, 2 * n), ("v", 2 * n, 3 * n)], contract
+        if r.axis_of(QKV_HEADS) is not None:
+            return [("qkv_neox", 0, width)], contract
         return None
-    if mt == "bert":
-        m = re.search(r"\.attention\.self\.(query|key|value)\.weight$", name)
-        if m:
-            return [(m.group(1)[0], 0, t.shape[0])], 1
-        if name.endswith(".attention.output.dense.weight"):
-            return [("o", 0, t.shape[1])], 0
-        if name.endswith(".intermediate.dense.weight"):
-            return [("up", 0, t.shape[0])], 1
-        if name.endswith(".output.dense.weight"):
-            return [("down", 0, t.shape[1])], 0
-    return None
+    return [(r.role, 0, width)], contract
 
 
 def _project(a: Any, t: Any, contract: int, rows: int = 1 << 22) -> Any:
@@ -236,10 +206,10 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
     for name, t in items:
         if not torch.is_tensor(t) or not t.is_floating_point():
             continue
-        lay = _layout(arch, name, t.detach())
-        if lay is None:
+        layout = _layout(arch, name, t.detach())
+        if layout is None:
             continue
-        pieces, contract = lay
+        pieces, contract = layout
         reader = READS.get(pieces[0][0], True)
         col = plan.col_scale.get(name)  # per input coordinate of the weight
         side = a * col if (reader and col is not None) else a
@@ -252,7 +222,7 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
         p = _project(side, w, contract)
         if out_scale is not None:
             p = p * out_scale
-        layer = _layer(name)
+        layer = arch.block(name)
         for role, lo, hi in pieces:
             if role == "head":
                 head = p
@@ -320,3 +290,13 @@ def circuit_view(resolved: Any, iter_weights: Any) -> tuple[tuple[list[Any], Ite
     index = [TensorInfo(n, tuple(v.shape), "float32", "<circuits>") for n, v in circuits.items()]
     info = {"applied": True, "view": "circuits", "model_type": arch.model_type, "anchors": len(rows["ids"]), "anchor_ids": rows["ids"], **rows["filter"], **info}
     return (index, iter(circuits.items()), info), ""
+
+
+def circuits_view(resolved: Any, warn: Any = None) -> tuple[Any, str]:
+    from xsae_cli.zoo.weights import iter_weights
+
+    return circuit_view(resolved, iter_weights)
+
+
+# revision 2: the anchors' outlier directions are shrunk (outlier_filter)
+register_view(View("circuits", circuits_view, revision=2, fallback="canonical", help="token-space circuits, free of weight-space symmetries"))
