@@ -8,21 +8,17 @@ from typing import Optional
 import typer
 
 from xsae_cli.core import console as out
+from xsae_cli.core.io import format_bytes
+from xsae_cli.zoo.sources import describe_sources
 
 app = typer.Typer(
-    help="Catalogue models (HF folders, safetensors, GGUF, PyTorch checkpoints, hub ids) and stream their weights.",
+    help=f"Catalogue models ({describe_sources()}) and stream their weights.",
     no_args_is_help=True,
 )
 
 
 def _human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return "?" if n is None else format_bytes(n)
 
 
 def _human_count(n: Optional[int]) -> str:
@@ -42,7 +38,7 @@ def _entry_table(entries: list) -> None:  # noqa: D103
 @app.command("add")
 def add(
     ctx: typer.Context,
-    source: str = typer.Argument(..., help="HF model folder, .safetensors, .gguf, .pt/.pth/.bin file, or hub id (org/name)."),
+    source: str = typer.Argument(..., help=f"{describe_sources()[0].upper()}{describe_sources()[1:]}."),
     name: Optional[str] = typer.Option(None, "--name", help="Catalogue name (default: from the source)."),
     family: Optional[str] = typer.Option(None, "--family", help="Family or lineage label used by plots."),
     force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
