@@ -8,7 +8,7 @@ What ``xsae align transfer`` calls. Steps, and the one rule each step keeps:
    of two SAEs per model and layer trained on that model's *train* documents through the SAE
    engine with different seeds (or the first one loaded from disk in any supported format).
 3. **Map** both directions, in activation space and in SAE-code space, with each mapper
-   (Procrustes, ridge, hypernet): fit on train, choose penalties / stop early on val, score on test.
+   (:mod:`align.mappers`: Procrustes, ridge, MLP): fit on train, choose penalties / stop early on val, score on test.
 4. **Score** every mapping next to three references from the same run: the *mean predictor*
    (the training mean of the target), the *shuffled-pair null* (the same mapper fit on train and
    val rows whose pairing was shuffled, scored on real test pairs), and the *ceiling* (the same
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from xsae_cli.align.hypernet import HypernetMapper, HypernetSettings
-from xsae_cli.align.linear import Procrustes, Ridge, Svcca, linear_cka
+from xsae_cli.align.linear import Svcca, linear_cka
+from xsae_cli.align.mappers import canonical, default_mappers, linear_mappers, make_mapper, mapper_entry, mapper_notes
+from xsae_cli.align.mappers.mlp import MlpSettings
 from xsae_cli.align.metrics import code_scores, mean_code_scores, regression_scores
 from xsae_cli.core.console import info, progress, warn
 from xsae_cli.core.errors import XsaeError
@@ -43,7 +44,6 @@ from xsae_cli.core.io import atomic_write_json, read_json
 
 REPORT = "report.json"
 REPORT_FORMAT = "xsae-align-report"
-MAPPERS = ("procrustes", "ridge", "hypernet")
 SPACES = ("acts", "codes")
 DIRECTIONS = ("a->b", "b->a")
 
@@ -71,8 +71,8 @@ class TransferSpec:
     sae_batch_size: int = 2048
     sae_a: str | None = None  # folder of SAEs for model A (seed 1); the second seed is still trained
     sae_b: str | None = None
-    mappers: list[str] = field(default_factory=lambda: list(MAPPERS))
-    hypernet: HypernetSettings = field(default_factory=HypernetSettings)
+    mappers: list[str] = field(default_factory=default_mappers)  # registered names (align.mappers)
+    hypernet: MlpSettings = field(default_factory=MlpSettings)  # the mlp mapper's settings
     match_threshold: float = 0.5
     intervene_latents: int = 4
     intervene_contexts: int = 8
@@ -314,16 +314,6 @@ def sae_health(sae: Any, x: torch.Tensor, codes: torch.Tensor) -> dict[str, floa
 # --------------------------------------------------------------------------------------- mapping
 
 
-def make_mapper(name: str, space: str, hyper: HypernetSettings, on_epoch: Any = None) -> Any:
-    if name == "procrustes":
-        return Procrustes()
-    if name == "ridge":
-        return Ridge()
-    if name == "hypernet":
-        return HypernetMapper(hyper, sparse=space == "codes", on_epoch=on_epoch)
-    raise XsaeError(f"unknown mapper '{name}'", f"use some of {', '.join(MAPPERS)}")
-
-
 def _shuffle(t: torch.Tensor, seed: int) -> torch.Tensor:
     return t[torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(seed))]
 
@@ -391,7 +381,7 @@ def score_direction(src: Views, tgt: Views, spec: TransferSpec, tick: Callable[[
                 "null": (x, {**y, **y_null}),
                 "ceiling": (x_ceil, y),
             }.items():
-                mapper = make_mapper(mapper_name, space, spec.hypernet)
+                mapper = make_mapper(mapper_name, space, spec)
                 fitted = mapper.fit(xs["train"], ys["train"], xs["val"], ys["val"])
                 pred = fitted.predict(xs["test"])
                 scores = regression_scores(pred, y["test"], ys["train"].double().mean(0))
@@ -526,10 +516,10 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import resolve_module_name
 
     t_start = time.perf_counter()
-    for m in spec.mappers:
-        make_mapper(m, "acts", spec.hypernet)
-    if spec.intervene_latents and spec.intervene_mapper not in ("procrustes", "ridge"):
-        raise XsaeError(f"--intervene-mapper must be a linear mapper (procrustes or ridge), got '{spec.intervene_mapper}'", "a direction maps through the linear part of a map")
+    spec.mappers = list(dict.fromkeys(canonical(m, warn) for m in spec.mappers))  # old names (hypernet) -> registered ones
+    spec.intervene_mapper = canonical(spec.intervene_mapper, warn)
+    if spec.intervene_latents and not mapper_entry(spec.intervene_mapper).linear:
+        raise XsaeError(f"--intervene-mapper must be a linear mapper ({' or '.join(linear_mappers())}), got '{spec.intervene_mapper}'", "a direction maps through the linear part of a map")
     if spec.intervene_latents and spec.intervene_mapper not in spec.mappers:
         raise XsaeError(f"the intervention mapper '{spec.intervene_mapper}' is not among --mappers ({', '.join(spec.mappers)})", f"add {spec.intervene_mapper} to --mappers")
     out = Path(spec.out)
@@ -684,7 +674,7 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
         "harvest": harvest_info,
         "sae_training": sae_train_info,
         "results": results,
-        "notes": NOTES,
+        "notes": {**NOTES, **mapper_notes()},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "memory": memory_report(device),
         "config": json_safe(asdict(spec)),
@@ -700,9 +690,6 @@ NOTES = {
     "null": "the same mapper fit on train/val rows whose pairing was shuffled, scored on the real test pairs",
     "ceiling": "the same mapper fit from the target model to itself through its second-seed SAE (SAE-2 codes -> SAE-1 codes; SAE-2 reconstruction -> activations)",
     "acts_codes": "activation mappers' latent scores encode the mapped activations with the target's SAE 1; code mappers' active set is the top-k of the prediction",
-    "procrustes": "centred orthogonal Procrustes with one isotropic scale; for different widths the semi-orthogonal SVD solution (no PCA)",
-    "ridge": "closed form, penalty chosen on val from alpha = c * mean eigenvalue of X^T X, c in 1e-5..100",
-    "hypernet": "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept",
     "matched": "one-to-one latent pairs by Hungarian assignment on test correlations, counted above the threshold; rank 1 = the partner is that latent's best predictor",
     "top_pairs": "latent_matching.top_pairs: the best one-to-one pairs of SAE A and SAE B latents (Hungarian on test correlations) and their test correlation block, rows A's latents and columns B's in the same order (what xsae viz align draws)",
     "svcca": "fit on train rows (SVD to 99% variance, then CCA), scored on test rows. CCA-type indices need many more rows than dimensions: the in-sample value is inflated, so the held-out one is reported next to it",

@@ -165,16 +165,16 @@ def transfer(
     sae_tokens: Optional[str] = typer.Option(None, "--sae-tokens", help="Training tokens per SAE, e.g. 200k."),
     sae_a: Optional[str] = typer.Option(None, "--sae-a", help="Folder of trained SAEs for A's layers (SAELens or sparsify layout) instead of training seed 1."),
     sae_b: Optional[str] = typer.Option(None, "--sae-b", help="Folder of trained SAEs for B's layers."),
-    mappers: Optional[str] = typer.Option(None, "--mappers", help="Comma-separated: procrustes, ridge, hypernet."),
-    hypernet_epochs: Optional[int] = typer.Option(None, "--hypernet-epochs", help="Most epochs of the hypernet (early stopping on val)."),
-    hypernet_hidden: Optional[int] = typer.Option(None, "--hypernet-hidden", help="Hidden width of the hypernet."),
+    mappers: Optional[str] = typer.Option(None, "--mappers", help="Comma-separated registered mappers (built in: procrustes, ridge, mlp; 'hypernet' is the old name of mlp)."),
+    hypernet_epochs: Optional[int] = typer.Option(None, "--hypernet-epochs", help="Most epochs of the mlp mapper (early stopping on val)."),
+    hypernet_hidden: Optional[int] = typer.Option(None, "--hypernet-hidden", help="Hidden width of the mlp mapper."),
     intervene_latents: Optional[int] = typer.Option(None, "--intervene-latents", help="Latents pushed through the other model per layer and direction (0: none)."),
     intervene_contexts: Optional[int] = typer.Option(None, "--intervene-contexts", help="Held-out windows the interventions run on."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Pushed vector norm, as a multiple of the layer's median token norm."),
     force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report (retrains the SAEs)."),
 ) -> None:
     """Pair, train SAEs, fit mappers both ways, score against nulls and ceilings, intervene; write report.json."""
-    from xsae_cli.align.hypernet import HypernetSettings
+    from xsae_cli.align.mappers.mlp import MlpSettings
     from xsae_cli.align.transfer import TransferSpec, run_transfer, warn_small
     from xsae_cli.sae.runs import parse_tokens
 
@@ -184,7 +184,7 @@ def transfer(
     def pick(flag: Any, default: Any) -> Any:
         return flag if flag is not None else default
 
-    hyper = HypernetSettings(
+    hyper = MlpSettings(
         hidden=pick(hypernet_hidden, s.hypernet_hidden), dropout=s.hypernet_dropout, lr=s.hypernet_lr,
         max_epochs=pick(hypernet_epochs, s.hypernet_epochs), patience=s.hypernet_patience, seed=cfg.hardware.seed,
     )

@@ -110,23 +110,13 @@ def weights(
 ) -> None:
     """Stream tensor names, shapes and dtypes one tensor at a time (memory-mapped where possible)."""
     from xsae_cli.zoo.registry import resolve_entry
-    from xsae_cli.zoo.weights import iter_weights, tensor_index
+    from xsae_cli.zoo.weights import weight_rows
 
     resolved = resolve_entry(name)
-    rows = []
+    start = time.perf_counter()
+    rows = weight_rows(resolved, limit=limit, stats=stats)
     if stats:
-        start = time.perf_counter()
-        for i, (tname, t) in enumerate(iter_weights(resolved)):
-            if limit is not None and i >= limit:
-                break
-            f = t.float()
-            rows.append({"name": tname, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "mean": float(f.mean()), "std": float(f.std()) if f.numel() > 1 else 0.0})
         out.info(f"streamed {len(rows)} tensors in {time.perf_counter() - start:.2f}s")
-    else:
-        for i, t in enumerate(tensor_index(resolved)):
-            if limit is not None and i >= limit:
-                break
-            rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype})
 
     def render(rs: list) -> None:
         cols = ["name", "shape", "dtype"] + (["mean", "std"] if stats else [])

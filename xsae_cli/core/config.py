@@ -97,7 +97,7 @@ class AlignSettings:
     expansion: int = 4
     sae_tokens: str = "200k"  # training tokens per SAE (passes over the train documents' tokens)
     sae_batch_size: int = 2048
-    mappers: list[str] = field(default_factory=lambda: ["procrustes", "ridge", "hypernet"])
+    mappers: list[str] = field(default_factory=lambda: ["procrustes", "ridge", "mlp"])  # names registered in align.mappers ("hypernet" = old name of mlp)
     hypernet_hidden: int = 256
     hypernet_epochs: int = 20
     hypernet_patience: int = 3

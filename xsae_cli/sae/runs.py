@@ -148,10 +148,6 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         from xsae_cli.sae.zero import zero_config_for
 
         zero_config_for(settings.deepspeed_config, settings.optimizer)
-    if out.exists() and spec.force:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
     t0 = time.perf_counter()
     rank, world = _init_distributed(spec)
@@ -172,6 +168,12 @@ def train_run(spec: RunSpec, settings: Any) -> dict[str, Any]:
         atomic_write_json(out / "run.json", {"spec": _jsonable(asdict(spec)), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
     else:
         device, identity = resolve_device(spec.device), _identity(spec)
+    # Only now that the model has loaded (a bad model file is refused above): an old run is cleared
+    # and the folder made, so a refused model leaves no folder behind and a --force run its old one.
+    if out.exists() and spec.force:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     metadata = {
         h: {"model_name": spec.model, "hook_name": h, "context_size": spec.context_size, "prepend_bos": True, "dataset_path": spec.corpus, "hook_site": spec.site}
         for h in spec.hooks

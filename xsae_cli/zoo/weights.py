@@ -43,3 +43,19 @@ def tensor_index(resolved: ResolvedModel) -> list[TensorInfo]:
 def iter_weights(resolved: ResolvedModel) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, tensor)`` for every tensor of the model, one at a time, in file order."""
     return resolved.handler.iter_weights(resolved)
+
+
+def weight_rows(resolved: ResolvedModel, limit: int | None = None, stats: bool = False) -> list[dict[str, Any]]:
+    """What ``xsae zoo weights`` shows: name, shape and dtype per tensor from the index alone, or,
+    with ``stats``, every tensor streamed once with its mean and std (peak memory: one tensor)."""
+    rows: list[dict[str, Any]] = []
+    if not stats:
+        for t in tensor_index(resolved)[:limit]:
+            rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype})
+        return rows
+    for i, (name, t) in enumerate(iter_weights(resolved)):
+        if limit is not None and i >= limit:
+            break
+        f = t.float()
+        rows.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "mean": float(f.mean()), "std": float(f.std()) if f.numel() > 1 else 0.0})
+    return rows

@@ -37,9 +37,9 @@ class TorchCheckpoint(Source):
 
 def state_items(path: Path) -> list[tuple[str, Any]]:
     """``(name, tensor)`` of the checkpoint's state dict, refused when it holds none."""
+    obj = safe_torch_load(path, mmap=True)  # first: a file that is no checkpoint is refused without importing torch
     import torch
 
-    obj = safe_torch_load(path, mmap=True)
     if isinstance(obj, dict):
         for key in NESTED_STATE_KEYS:
             if isinstance(obj.get(key), dict):
