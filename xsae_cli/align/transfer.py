@@ -35,7 +35,14 @@ from typing import Any
 import torch
 
 from xsae_cli.align.linear import Svcca, linear_cka
-from xsae_cli.align.mappers import canonical, default_mappers, linear_mappers, make_mapper, mapper_entry, mapper_notes
+from xsae_cli.align.mappers import (
+    canonical,
+    default_mappers,
+    linear_mappers,
+    make_mapper,
+    mapper_entry,
+    mapper_notes,
+)
 from xsae_cli.align.mappers.mlp import MlpSettings
 from xsae_cli.align.metrics import code_scores, mean_code_scores, regression_scores
 from xsae_cli.core.console import info, progress, warn

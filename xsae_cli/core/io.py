@@ -15,9 +15,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from xsae_cli.core.errors import XsaeError
 
@@ -117,9 +118,9 @@ def atomic_paths(*paths: str | os.PathLike[str], need: int | None = None) -> Ite
     tmps: list[Path] = []
     try:
         for t in targets:
-            fd, tmp = tempfile.mkstemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent)
+            fd, name = tempfile.mkstemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent)
             os.close(fd)
-            tmps.append(Path(tmp))
+            tmps.append(Path(name))
         yield list(tmps)
         for tmp in tmps:
             with open(tmp, "rb+") as fh:
@@ -311,7 +312,7 @@ def _read_safetensors_header(path: Path, size: int) -> dict[str, Any]:
 
     header = json.loads(text, object_pairs_hook=no_duplicates)
     if not isinstance(header, dict):
-        raise ValueError(f"the header is a JSON {type(header).__name__}, not a mapping of tensor names")
+        raise TypeError(f"the header is a JSON {type(header).__name__}, not a mapping of tensor names")
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ValueError("__metadata__ must map strings to strings")
@@ -424,6 +425,7 @@ def pickle_code(path: Path, is_zip: bool) -> list[str]:
     torch's own ``get_unsafe_globals_in_checkpoint`` stops at protocol-4 framing, which every
     pickled model class uses; ``pickletools`` reads every protocol.
     """
+    import contextlib
     import io
     import pickletools
     import zipfile
@@ -440,7 +442,7 @@ def pickle_code(path: Path, is_zip: bool) -> list[str]:
     found: list[str] = []
     strings: list[str] = []
     stream = io.BytesIO(data)
-    try:
+    with contextlib.suppress(ValueError, EOFError, IndexError, UnicodeDecodeError):  # a damaged pickle: what was read before the damage
         for _ in range(8):  # a legacy torch.save file is several pickles in a row
             if stream.tell() >= len(data):
                 break
@@ -453,8 +455,6 @@ def pickle_code(path: Path, is_zip: bool) -> list[str]:
                     found.append(f"{strings[-2]}.{strings[-1]}")
                 elif op.name in ("INST", "OBJ"):
                     found.append(str(arg or "an INST/OBJ opcode").replace(" ", "."))
-    except Exception:  # a damaged pickle: report what was found before the damage
-        pass
     try:
         from torch._weights_only_unpickler import _get_allowed_globals
 

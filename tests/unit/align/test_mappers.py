@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from xsae_cli.align.linear import LinearMap
-from xsae_cli.align.mappers import ALIASES, MAPPERS, canonical, default_mappers, linear_mappers, mapper_names, register_mapper
+from xsae_cli.align.mappers import (
+    ALIASES,
+    MAPPERS,
+    canonical,
+    default_mappers,
+    linear_mappers,
+    mapper_names,
+    register_mapper,
+)
 from xsae_cli.core.errors import XsaeError
 
 
@@ -39,7 +47,8 @@ class Constant:
         mean = y.float().mean(0)
 
         class Fitted:
-            info: dict[str, Any] = {"rows": int(x.shape[0])}
+            def __init__(self) -> None:
+                self.info: dict[str, Any] = {"rows": int(x.shape[0])}
 
             def predict(self, xs: torch.Tensor) -> torch.Tensor:
                 return mean.expand(xs.shape[0], -1).clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from xsae_cli.align.linear import r2_score
 from xsae_cli.align.mappers.mlp import (
     MlpMapper,
     MlpSettings,
@@ -11,7 +12,6 @@ from xsae_cli.align.mappers.mlp import (
     mapper_loss,
     to_sparse_rows,
 )
-from xsae_cli.align.linear import r2_score
 from xsae_cli.align.mappers.ridge import Ridge
 from xsae_cli.align.metrics import topk_codes
 

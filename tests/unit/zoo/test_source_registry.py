@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xsae_cli.zoo.sources import SOURCES, ResolvedModel, Source, TensorInfo, describe_sources, register_source, resolve
+from xsae_cli.zoo.sources import (
+    SOURCES,
+    ResolvedModel,
+    Source,
+    TensorInfo,
+    describe_sources,
+    register_source,
+    resolve,
+)
 
 
 class NumpyArchive(Source):

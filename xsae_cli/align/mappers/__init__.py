@@ -80,7 +80,9 @@ def register_mapper(
         raise ValueError(f"{cls.__name__} needs a class attribute name (str) and linear (bool) to be a mapper")
     if name in MAPPERS and MAPPERS[name].cls is not cls:
         raise ValueError(f"a mapper named {name!r} is already registered ({MAPPERS[name].cls.__name__})")
-    MAPPERS[name] = MapperEntry(name, cls, build or (lambda space, spec: cls()), cls.linear, getattr(cls, "describes", "") or (cls.__doc__ or "").strip().splitlines()[0], default)
+    linear: bool = cls.linear  # type: ignore[attr-defined]  # checked above
+    describes = getattr(cls, "describes", "") or (cls.__doc__ or "").strip().splitlines()[0]
+    MAPPERS[name] = MapperEntry(name, cls, build or (lambda space, spec: cls()), linear, describes, default)
     for old, note in (aliases or {}).items():
         ALIASES[old] = (name, note)
     return cls

@@ -16,7 +16,15 @@ from typing import Any
 from xsae_cli.core.config import xsae_cache
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_dir, atomic_write_json
-from xsae_cli.zoo.sources import ResolvedModel, ResolveOptions, Source, TensorInfo, quiet_transformers, read_config, register_source
+from xsae_cli.zoo.sources import (
+    ResolvedModel,
+    ResolveOptions,
+    Source,
+    TensorInfo,
+    quiet_transformers,
+    read_config,
+    register_source,
+)
 
 
 class GGUFFile(Source):

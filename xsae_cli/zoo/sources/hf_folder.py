@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.zoo.sources import ResolvedModel, ResolveOptions, Source, file_reader, read_config, register_source, sources
+from xsae_cli.zoo.sources import (
+    ResolvedModel,
+    ResolveOptions,
+    Source,
+    file_reader,
+    read_config,
+    register_source,
+    sources,
+)
 from xsae_cli.zoo.weights import tensor_index
 
 INDEX = "model.safetensors.index.json"
@@ -119,7 +127,7 @@ def load_hf_folder(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model, loading = cls.from_pretrained(folder, **kwargs)
+        model, loading = cast("tuple[Any, dict[str, Any]]", cls.from_pretrained(folder, **kwargs))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise XsaeError(f"transformers cannot load {folder}: {first}", "check config.json against the weights, or re-download the model folder") from exc
