@@ -13,13 +13,12 @@ The CLI's choices, the report's definitions and the intervention check read this
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.plugins import load_package_modules
 
 
 class FittedMap(Protocol):
@@ -140,14 +139,5 @@ def mapper_notes() -> dict[str, str]:
     return {e.name: e.describes for e in _ordered()}
 
 
-_LOADED = False
-
-
 def _load_builtin() -> None:
-    """Import every mapper module of this package once (each registers itself): none is listed by hand."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{mod.name}")
+    load_package_modules(__name__, __path__)  # each mapper module registers itself: none is listed by hand

@@ -24,16 +24,15 @@ memory is about one tensor whatever the model's size.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.plugins import load_package_modules
 from xsae_cli.zoo.weights import TensorInfo
 
 
@@ -210,17 +209,12 @@ def resolve(
     raise XsaeError(f"model path not found: {text}", "check the path, or give a hub id like org/name")
 
 
-def load_model(
-    resolved: ResolvedModel,
-    *,
-    device: Any = "cpu",
-    dtype: Any = None,
-    trust_remote_code: bool = False,
-    with_tokenizer: bool = True,
-    device_map: str | None = None,
-) -> tuple[Any, Any]:
-    """A runnable transformers model (and tokenizer) for activation work, through its source."""
-    return resolved.handler.load_model(resolved, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=with_tokenizer, device_map=device_map)
+def load_model(resolved: ResolvedModel, **options: Any) -> tuple[Any, Any]:
+    """A runnable transformers model (and tokenizer) for activation work, through its source.
+
+    ``options``: ``device``, ``dtype``, ``trust_remote_code``, ``with_tokenizer``, ``device_map``
+    (see :func:`hf_folder.load_hf_folder`, what every source with a loadable folder runs)."""
+    return resolved.handler.load_model(resolved, **options)
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -258,14 +252,5 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-_LOADED = False
-
-
 def _load_builtin() -> None:
-    """Import every source module of this package once (each registers itself): none is listed by hand."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{mod.name}")
+    load_package_modules(__name__, __path__)  # each source module registers itself: none is listed by hand
