@@ -232,7 +232,7 @@ def _folder(tiny_gpt2_dir: Path, tmp_path: Path, kind: str) -> tuple[Path, tuple
     if kind == "remote-code":
         cfg.update(model_type="mything", architectures=["MyThingForCausalLM"], auto_map={"AutoConfig": "configuration_mything.MyConfig", "AutoModelForCausalLM": "modeling_mything.MyModel"})
         (d / "config.json").write_text(json.dumps(cfg))
-        return d, ("config.json", "remote code", "--trust-remote-code")
+        return d, ("config.json", "remote code", "XSAE_ZOO_TRUST_REMOTE_CODE=true")
     if kind == "shapes-disagree":
         cfg["n_embd"] = 32
         (d / "config.json").write_text(json.dumps(cfg))

@@ -159,7 +159,7 @@ def check_remote_code(folder: Path, config: dict[str, Any], trust_remote_code: b
     if config.get("auto_map"):
         raise XsaeError(
             f"{folder / 'config.json'} asks for remote code (auto_map, model_type '{model_type}'): running it would execute Python from the model folder",
-            "pass --trust-remote-code if you trust that code",
+            "if you trust that code, set trust_remote_code = true under [zoo] in xsae.toml (or XSAE_ZOO_TRUST_REMOTE_CODE=true)",
         )
     raise XsaeError(
         f"{folder / 'config.json'} has model_type {model_type!r}, which this transformers does not know",
