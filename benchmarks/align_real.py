@@ -4,7 +4,7 @@ Runs ``xsae align transfer``'s protocol (``run_transfer``) at the sizes below, o
 already wrote (``--report DIR``), and prints the markdown table that goes into README / RESULTS.md:
 per layer pair, direction, space and mapper, held-out R^2 / centred cosine / latent correlation / F1
 with the mean predictor, the shuffled-pair null and the ceiling of the same run, plus the verdict on
-whether the hypernetwork beats ridge on held-out data.
+whether the MLP mapper (``mlp``; ``hypernet`` in 0.1) beats ridge on held-out data.
 
     .venv/bin/python benchmarks/align_real.py --out /tmp/align_real           # run, then print
     .venv/bin/python benchmarks/align_real.py --report /tmp/align_real        # print a saved run
@@ -66,18 +66,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def verdict(report: dict[str, Any]) -> str:
-    """Does the hypernet beat ridge on held-out R^2, row by row?"""
+    """Does the MLP mapper beat ridge on held-out R^2, row by row? (Reports from 0.1 call it hypernet.)"""
     wins, total, details = 0, 0, []
     for r in report["results"]:
         for direction, rows in r["directions"].items():
             for space in ("acts", "codes"):
-                by = {row["mapper"]: row for row in rows if row["space"] == space}
-                if "hypernet" in by and "ridge" in by:
-                    h, g = by["hypernet"]["test"]["r2"], by["ridge"]["test"]["r2"]
+                by = {{"hypernet": "mlp"}.get(row["mapper"], row["mapper"]): row for row in rows if row["space"] == space}
+                if "mlp" in by and "ridge" in by:
+                    h, g = by["mlp"]["test"]["r2"], by["ridge"]["test"]["r2"]
                     total += 1
                     wins += h > g
                     details.append(f"{r['layer_a']}:{r['layer_b']} {direction} {space}: {h:.3f} vs {g:.3f}")
-    return f"Hypernet beats ridge on held-out R^2 in {wins} of {total} rows ({'; '.join(details)})."
+    return f"The MLP mapper beats ridge on held-out R^2 in {wins} of {total} rows ({'; '.join(details)})."
 
 
 def main() -> None:
@@ -97,12 +97,13 @@ def main() -> None:
     if args.report:
         report = load_report(args.report)
     else:
-        from xsae_cli.align.hypernet import HypernetSettings
+        from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
+        from xsae_cli.sae.settings import SaeTrainSettings
 
         spec = TransferSpec(
-            a="smollm2-135m", b="minilm-l6", out=Path(args.out), layers=args.layers.split(","), limit=args.limit,
-            max_train_pairs=args.train_pairs, max_test_pairs=args.test_pairs, sae_tokens=args.sae_tokens,
-            hypernet=HypernetSettings(max_epochs=args.hypernet_epochs), intervene_contexts=4, force=True,
+            a="smollm2-135m", b="minilm-l6", out=Path(args.out), force=True,
+            settings=AlignSettings(layers=args.layers.split(","), limit=args.limit, max_train_pairs=args.train_pairs, max_test_pairs=args.test_pairs, intervene_contexts=4),
+            sae=SaeTrainSettings(k=32, expansion=4, tokens=args.sae_tokens, batch_size=2048), mlp=MlpMapperSettings(max_epochs=args.hypernet_epochs),
         )
         t0 = time.perf_counter()
         report = run_transfer(spec)

@@ -22,8 +22,10 @@ SMALL = ["--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--tes
 
 def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path) -> None:
     out = tmp_path / "align"
-    proc = run_xsae("--json", "align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--out", str(out), *SMALL)
+    # the MLP mapper under its 0.1 name: still accepted, with a note, and reported as mlp
+    proc = run_xsae("--json", "align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--out", str(out), "--mappers", "procrustes,ridge,hypernet", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "now called 'mlp'" in proc.stderr
     report = json.loads(proc.stdout)
     assert report == json.loads((out / "report.json").read_text())
     assert report["layer_pairs"] == [[1, 2]]  # 2 of 4 blocks of tiny-gpt2 ~ 3 of 6 blocks of MiniLM
@@ -34,7 +36,7 @@ def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path
     res = report["results"][0]
     for direction in ("a->b", "b->a"):
         rows = res["directions"][direction]
-        assert {(r["space"], r["mapper"]) for r in rows} == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "hypernet")}
+        assert {(r["space"], r["mapper"]) for r in rows} == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "mlp")}
         for r in rows:  # every row carries its mean predictor, shuffled null and ceiling from this run
             for ref in ("test", "mean", "null", "ceiling"):
                 assert r[ref]["r2"] is not None and "f1" in r[ref], (direction, r["space"], r["mapper"], ref)
@@ -81,6 +83,10 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(
         run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--sae-a", str(tmp_path / "sae"), "--out", str(tmp_path / "z"), *SMALL),
         "d_in=32", "width 64",
+    )
+    assert_user_error(
+        run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--mappers", "ridge,hypernett", "--out", str(tmp_path / "m")),
+        "unknown mapper 'hypernett'", "did you mean 'mlp' (formerly 'hypernet')",
     )
     (tmp_path / "junk").mkdir()
     assert_user_error(run_xsae("align", "report", str(tmp_path / "junk")), "alignment report not found")

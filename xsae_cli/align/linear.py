@@ -1,6 +1,6 @@
-"""Linear maps and similarity indices between two sets of paired rows: Procrustes, ridge, CKA, SVCCA.
+"""Linear maps and similarity indices between two sets of paired rows: the products, ``LinearMap``, CKA, SVCCA.
 
-Every fit here sees training rows only and everything is centred on the *training* means, which
+The linear mappers themselves (Procrustes, ridge) are in :mod:`align.mappers`. Every fit sees training rows only and everything is centred on the *training* means, which
 the test rows are scored against as well, so a mapper gets no credit for knowing the test mean.
 Fits run in float64 on the CPU; SAE codes are sparse (k of d_sae latents per token), so products
 with them go through torch's sparse kernels, which turns the [N, d_sae] x [d_sae, d] products of a
@@ -83,7 +83,7 @@ def _check_pairs(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         raise XsaeError(f"{what}: the activations hold NaN or Inf", "check the models' dtype (try --dtype float32)")
 
 
-# --------------------------------------------------------------------------------------- mappers
+# --------------------------------------------------------------------------------------- linear maps
 
 
 @dataclass
@@ -101,84 +101,6 @@ class LinearMap:
     def direction(self, v: torch.Tensor) -> torch.Tensor:
         """Where a direction (a difference of two x) goes: the linear part only."""
         return (v.to(torch.float64) @ self.weight).float()
-
-
-class Procrustes:
-    """Centred orthogonal Procrustes with one isotropic scale.
-
-    Equal widths: ``scipy.linalg.orthogonal_procrustes``. Different widths (576 vs 384): the
-    narrower side is zero-padded and the square problem solved exactly, which gives a
-    *semi-orthogonal* map ``R = U V^T`` from the thin SVD ``Xc^T Yc = U S V^T``: with d_x < d_y an
-    isometric embedding (``R R^T = I``); with d_x > d_y the first d_y columns of a rotation
-    (``R^T R = I``), i.e. a rotation followed by dropping coordinates. No PCA step. The scale is
-    the least-squares one for that R, ``trace(R^T Xc^T Yc) / ||Xc R||^2``; without it two models
-    with residual norms of ~100 and ~10 could not be compared at all.
-    """
-
-    name = "procrustes"
-
-    def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> LinearMap:
-        _check_pairs(x, y, "Procrustes")
-        mx, my = x.float().mean(0, dtype=torch.float64), y.float().mean(0, dtype=torch.float64)
-        m = centred_cross(x, y, mx, my)
-        if m.shape[0] == m.shape[1]:
-            from scipy.linalg import orthogonal_procrustes
-
-            # orthogonal_procrustes(A, B) depends on A^T B only, so (I, Xc^T Yc) gives the
-            # solution for (Xc, Yc) without forming the centred [N, d] matrices.
-            r_np, _ = orthogonal_procrustes(np.eye(m.shape[0]), m.numpy())
-            r = torch.from_numpy(r_np)
-        else:
-            u, _s, vh = torch.linalg.svd(m, full_matrices=False)
-            r = u @ vh
-        # Least-squares scale for this R: trace(R^T Xc^T Yc) / ||Xc R||^2 (for a semi-orthogonal R,
-        # ||Xc R|| counts only the directions R keeps).
-        xr = centred_cross(x, x, mx, mx) @ r
-        den = float((r * xr).sum())
-        scale = float((r * m).sum()) / den if den > 0 else 0.0
-        return LinearMap(r * scale, mx, my, {"scale": scale, "semi_orthogonal": m.shape[0] != m.shape[1]})
-
-
-class Ridge:
-    """Ridge least squares in closed form; the penalty is chosen on the validation rows.
-
-    One eigendecomposition of the centred ``X^T X`` serves every candidate: ``W(alpha) = V
-    diag(1/(e + alpha)) V^T X^T Y``. Candidates are ``alpha = c * mean(e)`` for c in ``grid``,
-    so the grid means the same thing for activations of norm 100 and codes of norm 1.
-    """
-
-    name = "ridge"
-
-    def __init__(self, grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)) -> None:
-        self.grid = grid
-
-    def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> LinearMap:
-        _check_pairs(x, y, "ridge")
-        mx, my = x.float().mean(0, dtype=torch.float64), y.float().mean(0, dtype=torch.float64)
-        g = centred_cross(x, x, mx, mx)
-        b = centred_cross(x, y, mx, my)
-        e, v = torch.linalg.eigh(g)
-        e = e.clamp_min(0)
-        vb = (v.t() @ b).float()
-        vf = v.float()  # candidates in float32: V is orthonormal, so nothing is lost that R^2 could see
-        base = float(e.mean()) or 1.0
-        if x_val is None or y_val is None or x_val.shape[0] == 0:
-            alphas = [base * 1e-3]
-        else:
-            alphas = [base * c for c in self.grid]
-        best: tuple[float, float, torch.Tensor] | None = None
-        curve = []
-        for alpha in alphas:
-            w = (vf @ (vb / (e + alpha).float()[:, None])).double()
-            if x_val is not None and y_val is not None and x_val.shape[0]:
-                score = r2_score(LinearMap(w, mx, my).predict(x_val), y_val, my)
-            else:
-                score = 0.0
-            curve.append([alpha / base, score])
-            if best is None or score > best[1]:
-                best = (alpha, score, w)
-        assert best is not None
-        return LinearMap(best[2], mx, my, {"alpha": best[0], "alpha_relative": best[0] / base, "val_r2": best[1], "val_curve": curve})
 
 
 # --------------------------------------------------------------------------------------- similarity

@@ -16,9 +16,10 @@ PAIRING, MAPPING, INTERVENE = "Pairing", "Mapping", "Interventions"
 
 
 def mapper_names() -> list[str]:
-    from xsae_cli.align.transfer import MAPPERS
+    """The registered mappers (``align/mappers/``, one file each) and their accepted old names."""
+    from xsae_cli.align.mappers import ALIASES, mapper_names
 
-    return list(MAPPERS)
+    return mapper_names() + list(ALIASES)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class AlignSettings(Settings):
     test_fraction: float = setting(0.2, "Fraction of the documents for the held-out scores.", gt=0, lt=1, panel=PAIRING)
     max_train_pairs: int = setting(30000, "Paired train rows the mappers fit on (subsampled within the train documents).", ge=16, flag="--train-pairs", panel=MAPPING)
     max_test_pairs: int = setting(20000, "Paired test rows scored.", ge=16, flag="--test-pairs", panel=MAPPING)
-    mappers: list[str] = setting(["procrustes", "ridge", "hypernet"], "Mappers fit both ways.", choices=mapper_names, panel=MAPPING)
+    mappers: list[str] = setting(["procrustes", "ridge", "mlp"], "Registered mappers fit both ways ('hypernet' is the old name of mlp).", choices=mapper_names, panel=MAPPING)
     match_threshold: float = setting(0.5, "Correlation above which two latents count as a direct match.", gt=0, le=1, panel=MAPPING)
     intervene_latents: int = setting(4, "Latents pushed through the other model per layer and direction (0: none).", ge=0, panel=INTERVENE)
     intervene_contexts: int = setting(8, "Held-out windows the interventions run on.", ge=1, panel=INTERVENE)

@@ -8,7 +8,7 @@ What ``xsae align transfer`` calls. Steps, and the one rule each step keeps:
    of two SAEs per model and layer trained on that model's *train* documents through the SAE
    engine with different seeds (or the first one loaded from disk in any supported format).
 3. **Map** both directions, in activation space and in SAE-code space, with each mapper
-   (Procrustes, ridge, hypernet): fit on train, choose penalties / stop early on val, score on test.
+   (:mod:`align.mappers`: Procrustes, ridge, MLP): fit on train, choose penalties / stop early on val, score on test.
 4. **Score** every mapping next to three references from the same run: the *mean predictor*
    (the training mean of the target), the *shuffled-pair null* (the same mapper fit on train and
    val rows whose pairing was shuffled, scored on real test pairs), and the *ceiling* (the same
@@ -24,6 +24,7 @@ them explicitly. Activations are block outputs (the residual stream after block 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -34,9 +35,15 @@ from typing import Any
 
 import torch
 
-from xsae_cli.align.hypernet import HypernetMapper
+from xsae_cli.align.linear import Svcca, linear_cka
+from xsae_cli.align.mappers import (
+    canonical,
+    linear_mappers,
+    make_mapper,
+    mapper_entry,
+    mapper_notes,
+)
 from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
-from xsae_cli.align.linear import Procrustes, Ridge, Svcca, linear_cka
 from xsae_cli.align.metrics import code_scores, mean_code_scores, regression_scores
 from xsae_cli.core.console import info, progress, warn
 from xsae_cli.core.errors import XsaeError
@@ -45,7 +52,6 @@ from xsae_cli.sae.settings import SaeTrainSettings
 
 REPORT = "report.json"
 REPORT_FORMAT = "xsae-align-report"
-MAPPERS = ("procrustes", "ridge", "hypernet")
 SPACES = ("acts", "codes")
 DIRECTIONS = ("a->b", "b->a")
 
@@ -273,16 +279,6 @@ def sae_health(sae: Any, x: torch.Tensor, codes: torch.Tensor) -> dict[str, floa
 # --------------------------------------------------------------------------------------- mapping
 
 
-def make_mapper(name: str, space: str, hyper: MlpMapperSettings, on_epoch: Any = None) -> Any:
-    if name == "procrustes":
-        return Procrustes()
-    if name == "ridge":
-        return Ridge()
-    if name == "hypernet":
-        return HypernetMapper(hyper, sparse=space == "codes", on_epoch=on_epoch)
-    raise XsaeError(f"unknown mapper '{name}'", f"use some of {', '.join(MAPPERS)}")
-
-
 def _shuffle(t: torch.Tensor, seed: int) -> torch.Tensor:
     return t[torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(seed))]
 
@@ -350,7 +346,7 @@ def score_direction(src: Views, tgt: Views, spec: TransferSpec, tick: Callable[[
                 "null": (x, {**y, **y_null}),
                 "ceiling": (x_ceil, y),
             }.items():
-                mapper = make_mapper(mapper_name, space, spec.mlp)
+                mapper = make_mapper(mapper_name, space, spec)
                 fitted = mapper.fit(xs["train"], ys["train"], xs["val"], ys["val"])
                 pred = fitted.predict(xs["test"])
                 scores = regression_scores(pred, y["test"], ys["train"].double().mean(0))
@@ -485,12 +481,13 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import resolve_module_name
 
     t_start = time.perf_counter()
-    for m in spec.settings.mappers:
-        make_mapper(m, "acts", spec.mlp)
-    if spec.settings.intervene_latents and spec.settings.intervene_mapper not in ("procrustes", "ridge"):
-        raise XsaeError(f"--intervene-mapper must be a linear mapper (procrustes or ridge), got '{spec.settings.intervene_mapper}'", "a direction maps through the linear part of a map")
-    if spec.settings.intervene_latents and spec.settings.intervene_mapper not in spec.settings.mappers:
-        raise XsaeError(f"the intervention mapper '{spec.settings.intervene_mapper}' is not among --mappers ({', '.join(spec.settings.mappers)})", f"add {spec.settings.intervene_mapper} to --mappers")
+    st = spec.settings
+    st = st.replace(mappers=list(dict.fromkeys(canonical(m, warn) for m in st.mappers)), intervene_mapper=canonical(st.intervene_mapper, warn))  # old names (hypernet) -> registered ones
+    spec = dataclasses.replace(spec, settings=st)
+    if st.intervene_latents and not mapper_entry(st.intervene_mapper).linear:
+        raise XsaeError(f"--intervene-mapper must be a linear mapper ({' or '.join(linear_mappers())}), got '{st.intervene_mapper}'", "a direction maps through the linear part of a map")
+    if st.intervene_latents and st.intervene_mapper not in st.mappers:
+        raise XsaeError(f"the intervention mapper '{st.intervene_mapper}' is not among --mappers ({', '.join(st.mappers)})", f"add {st.intervene_mapper} to --mappers")
     out = Path(spec.out)
     prepare_out(out, spec.force)
     seed_everything(spec.seed)
@@ -642,7 +639,7 @@ def run_transfer(spec: TransferSpec) -> dict[str, Any]:
         "harvest": harvest_info,
         "sae_training": sae_train_info,
         "results": results,
-        "notes": NOTES,
+        "notes": {**NOTES, **mapper_notes()},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "memory": memory_report(device),
         "config": json_safe(asdict(spec)),
@@ -658,9 +655,6 @@ NOTES = {
     "null": "the same mapper fit on train/val rows whose pairing was shuffled, scored on the real test pairs",
     "ceiling": "the same mapper fit from the target model to itself through its second-seed SAE (SAE-2 codes -> SAE-1 codes; SAE-2 reconstruction -> activations)",
     "acts_codes": "activation mappers' latent scores encode the mapped activations with the target's SAE 1; code mappers' active set is the top-k of the prediction",
-    "procrustes": "centred orthogonal Procrustes with one isotropic scale; for different widths the semi-orthogonal SVD solution (no PCA)",
-    "ridge": "closed form, penalty chosen on val from alpha = c * mean eigenvalue of X^T X, c in 1e-5..100",
-    "hypernet": "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept",
     "matched": "one-to-one latent pairs by Hungarian assignment on test correlations, counted above the threshold; rank 1 = the partner is that latent's best predictor",
     "top_pairs": "latent_matching.top_pairs: the best one-to-one pairs of SAE A and SAE B latents (Hungarian on test correlations) and their test correlation block, rows A's latents and columns B's in the same order (what xsae viz align draws)",
     "svcca": "fit on train rows (SVD to 99% variance, then CCA), scored on test rows. CCA-type indices need many more rows than dimensions: the in-sample value is inflated, so the held-out one is reported next to it",

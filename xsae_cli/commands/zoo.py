@@ -9,22 +9,18 @@ import typer
 
 from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
+from xsae_cli.core.io import format_bytes
+from xsae_cli.zoo.sources import describe_sources
 from xsae_cli.zoo.settings import ZooSettings
 
 app = typer.Typer(
-    help="Catalogue models (HF folders, safetensors, GGUF, PyTorch checkpoints, hub ids) and stream their weights.",
+    help=f"Catalogue models ({describe_sources()}) and stream their weights.",
     no_args_is_help=True,
 )
 
 
 def _human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return "?" if n is None else format_bytes(n)
 
 
 def _human_count(n: Optional[int]) -> str:
@@ -45,7 +41,7 @@ def _entry_table(entries: list) -> None:  # noqa: D103
 @options("zoo", into="zoo_cfg")
 def add(
     ctx: typer.Context,
-    source: str = typer.Argument(..., help="HF model folder, .safetensors, .gguf, .pt/.pth/.bin file, or hub id (org/name)."),
+    source: str = typer.Argument(..., help=f"{describe_sources()[0].upper()}{describe_sources()[1:]}."),
     name: Optional[str] = typer.Option(None, "--name", help="Catalogue name (default: from the source)."),
     family: Optional[str] = typer.Option(None, "--family", help="Family or lineage label used by plots."),
     force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
@@ -117,23 +113,13 @@ def weights(
 ) -> None:
     """Stream tensor names, shapes and dtypes one tensor at a time (memory-mapped where possible)."""
     from xsae_cli.zoo.registry import resolve_entry
-    from xsae_cli.zoo.weights import iter_weights, tensor_index
+    from xsae_cli.zoo.weights import weight_rows
 
     resolved = resolve_entry(name)
-    rows = []
+    start = time.perf_counter()
+    rows = weight_rows(resolved, limit=limit, stats=stats)
     if stats:
-        start = time.perf_counter()
-        for i, (tname, t) in enumerate(iter_weights(resolved)):
-            if limit is not None and i >= limit:
-                break
-            f = t.float()
-            rows.append({"name": tname, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "mean": float(f.mean()), "std": float(f.std()) if f.numel() > 1 else 0.0})
         out.info(f"streamed {len(rows)} tensors in {time.perf_counter() - start:.2f}s")
-    else:
-        for i, t in enumerate(tensor_index(resolved)):
-            if limit is not None and i >= limit:
-                break
-            rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype})
 
     def render(rs: list) -> None:
         cols = ["name", "shape", "dtype"] + (["mean", "std"] if stats else [])

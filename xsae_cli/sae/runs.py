@@ -133,10 +133,6 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
         from xsae_cli.sae.zero import zero_config_for
 
         zero_config_for(spec.deepspeed_config, settings.optimizer)
-    if out.exists() and spec.force:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     seed_everything(spec.seed)
     t0 = time.perf_counter()
     rank, world = _init_distributed(spec)
@@ -157,6 +153,12 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
         atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
     else:
         device, identity = resolve_device(spec.device), _identity(spec)
+    # Only now that the model has loaded (a bad model file is refused above): an old run is cleared
+    # and the folder made, so a refused model leaves no folder behind and a --force run its old one.
+    if out.exists() and spec.force:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     # cfg.json's hook_name is the module path the hook resolved to ("15" -> "model.layers.15"), so a
     # SAELens user can hook the same place from the file.
     modules = store.modules if store is not None else {h: h for h in spec.hooks}

@@ -24,8 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xsae_cli.core.console import dumps
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.core.io import atomic_path, atomic_write_json, read_json
+from xsae_cli.core.io import atomic_paths, read_json
 from xsae_cli.sane.dataset import TokenizedModel, collate
 
 FORMAT = "xsae-sane-embeddings"
@@ -145,10 +146,13 @@ def embed_models(
         "versions": package_versions(),
     }
     if json_path is not None and npz_path is not None:
-        atomic_write_json(json_path, result)
-        with atomic_path(npz_path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, names=np.array(list(vectors)), embeddings=np.array([vectors[n] for n in vectors], dtype=np.float32))
+        # JSON and NPZ are one result: both are replaced together or (a full disk, a crash) neither is
+        text = (dumps(result) + "\n").encode("utf-8")
+        matrix = np.array([vectors[n] for n in vectors], dtype=np.float32)
+        with atomic_paths(json_path, npz_path, need=len(text) + matrix.nbytes + 4096) as (tmp_json, tmp_npz):
+            tmp_json.write_bytes(text)
+            with open(tmp_npz, "wb") as fh:
+                np.savez(fh, names=np.array(list(vectors)), embeddings=matrix)
         result["written"] = {"json": str(json_path), "npz": str(npz_path)}
     return result
 

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 from xsae_cli.core.config import xsae_home
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.zoo.anatomy import Blocks, config_blocks, config_value
-from xsae_cli.zoo.sources import ResolvedModel, file_sha256, resolve
-from xsae_cli.zoo.weights import pt_checkpoint_config, tensor_index
+from xsae_cli.zoo.sources import ResolvedModel, file_sha256, resolve, sources
+from xsae_cli.zoo.weights import tensor_index
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
@@ -149,33 +149,30 @@ def _entry(row: sqlite3.Row) -> ModelEntry:
 
 def default_name(source: str) -> str:
     stem = Path(source.rstrip("/")).name
-    for suffix in (".safetensors", ".gguf", ".pt", ".pth", ".bin", ".ckpt"):
+    for suffix in (x for s in sources() for x in s.suffixes):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
+            break
     name = re.sub(r"[^a-z0-9_.\-]+", "-", stem.lower()).strip("-.")
     return name or "model"
 
 
 def describe(resolved: ResolvedModel, name: str, family: str | None = None) -> ModelEntry:
     """Read architecture, size and identity of a resolved model from headers and config only."""
+    handler = resolved.handler
     index = tensor_index(resolved)
-    config = dict(resolved.config or {})
-    if resolved.kind == "pt":
-        config = pt_checkpoint_config(resolved.path) or {}
+    config = dict(handler.config(resolved) or {})
     archs = config.get("architectures") or []
     layers = config_blocks(config) or Blocks.from_names(t.name for t in index).n_blocks or None
     hidden = config_value(config, "hidden")
     dtypes = Counter(t.dtype for t in index)
-    id_files = (resolved.path,) if resolved.kind in ("gguf", "pt", "safetensors") else resolved.weight_files
+    id_files = handler.identity_files(resolved)
     weight_bytes = sum(p.stat().st_size for p in id_files)
-    extra: dict[str, Any] = {"tensors": len(index)}
-    if resolved.kind == "gguf":
-        extra["converted"] = resolved.extra.get("converted")
     return ModelEntry(
         name=name,
         kind=resolved.kind,
         source=resolved.source,
-        path=str(resolved.path.resolve()) if resolved.kind != "hub" else resolved.source,
+        path=handler.catalogue_path(resolved),
         architecture=archs[0] if archs else config.get("architecture") or None,
         model_type=config.get("model_type"),
         family=family or config.get("model_type"),
@@ -186,7 +183,7 @@ def describe(resolved: ResolvedModel, name: str, family: str | None = None) -> M
         bytes=weight_bytes,
         sha256=file_sha256(list(id_files)),
         added=time.time(),
-        extra=extra,
+        extra={"tensors": len(index), **handler.catalogue_extra(resolved)},
     )
 
 
@@ -219,7 +216,7 @@ def resolve_entry(name_or_source: str, registry: Registry | None = None) -> Reso
     registry = registry or Registry()
     entry = registry.find(name_or_source.lower())
     if entry is not None:
-        return resolve(entry.source if entry.kind == "hub" else entry.path)
+        return resolve(entry.path, kind=entry.kind)
     if Path(name_or_source).expanduser().exists() or "/" in name_or_source:
         return resolve(name_or_source)
     registry.get(name_or_source)  # raises the "unknown model" error with suggestions

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from xsae_cli.align.linear import (
-    Procrustes,
-    Ridge,
     Svcca,
     cross,
     linear_cka,
     matmul,
     r2_score,
 )
+from xsae_cli.align.mappers.procrustes import Procrustes
+from xsae_cli.align.mappers.ridge import Ridge
 
 
 def _rotation(d: int, seed: int) -> torch.Tensor:

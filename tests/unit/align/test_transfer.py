@@ -72,11 +72,11 @@ def test_one_direction_on_a_known_rotation() -> None:
         a[split] = x
         b[split] = 3.0 * x @ q + 0.05 * torch.randn(rows, 16, generator=g) + 1.0  # B = rotation of A + noise
     va, vb = _views(a, 0), _views(b, 10)
-    spec = TransferSpec(a="a", b="b", out=None, settings=AlignSettings(mappers=["procrustes", "ridge", "hypernet"]), mlp=MlpMapperSettings(hidden=32, max_epochs=4, batch_size=64, lr=3e-3))  # type: ignore[arg-type]
+    spec = TransferSpec(a="a", b="b", out=None, settings=AlignSettings(mappers=["procrustes", "ridge", "mlp"]), mlp=MlpMapperSettings(hidden=32, max_epochs=4, batch_size=64, lr=3e-3))  # type: ignore[arg-type]
     maps: dict = {}
     rows = score_direction(va, vb, spec, lambda: None, maps)
     by = {(r["space"], r["mapper"]): r for r in rows}
-    assert set(by) == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "hypernet")}
+    assert set(by) == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "mlp")}
     for mapper in ("procrustes", "ridge"):
         row = by[("acts", mapper)]
         assert row["test"]["r2"] > 0.99 and row["test"]["cosine"] > 0.99
@@ -86,8 +86,8 @@ def test_one_direction_on_a_known_rotation() -> None:
         assert row["test"]["f1"] > row["null"]["f1"] and row["test"]["matched"] > row["null"]["matched"]
         assert "ceiling" in row and row["ceiling"]["r2"] is not None
     assert by[("acts", "ridge")]["fit"]["test"]["alpha"] > 0
-    assert by[("acts", "hypernet")]["test"]["r2"] > by[("acts", "hypernet")]["null"]["r2"] + 0.3
-    assert set(maps) == {"procrustes", "ridge", "hypernet"}  # the fitted activation maps, for interventions
+    assert by[("acts", "mlp")]["test"]["r2"] > by[("acts", "mlp")]["null"]["r2"] + 0.3
+    assert set(maps) == {"procrustes", "ridge", "mlp"}  # the fitted activation maps, for interventions
     sim = similarity(va, vb, seed=0)
     assert sim["cka_acts"]["test"] > 0.99 and sim["cka_acts"]["null"] < 0.05
     assert sim["svcca_acts"]["test"] > 0.99 and abs(sim["svcca_acts"]["null"]) < 0.1

@@ -85,14 +85,14 @@ def test_single_safetensors_file_and_pt_checkpoint(tmp_path: Path, tiny_gpt2_dir
 
 def test_gguf_file_streams_raw_tensors_and_converts_once(demo_zoo: Path) -> None:
     from xsae_cli.zoo.demo import real_model_path
-    from xsae_cli.zoo.weights import _iter_gguf
+    from xsae_cli.zoo.sources.gguf_file import GGUFFile
 
     gguf = real_model_path("smollm2-135m")
     r = resolve(gguf)
     assert r.kind == "gguf" and r.model_dir is not None and (r.model_dir / "config.json").exists()
     cfg = json.loads((r.model_dir / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
-    first = next(_iter_gguf(gguf))
+    first = next(GGUFFile().read_weights(gguf))
     assert first[0] == "token_embd.weight" and tuple(first[1].shape) == (49152, 576)
     names = [i.name for i in tensor_index(r)]
     assert "model.layers.29.mlp.down_proj.weight" in names

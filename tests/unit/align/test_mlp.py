@@ -1,27 +1,28 @@
-"""The hypernet mapper: learns a nonlinear map, stops on validation, handles sparse codes."""
+"""The mlp mapper: learns a nonlinear map, stops on validation, handles sparse codes."""
 
 from __future__ import annotations
 
 import torch
 
-from xsae_cli.align.hypernet import (
-    HypernetMapper,
-    HypernetSettings,
+from xsae_cli.align.linear import r2_score
+from xsae_cli.align.mappers.mlp import (
+    MlpMapper,
+    MlpMapperSettings,
     SparseInput,
     mapper_loss,
     to_sparse_rows,
 )
-from xsae_cli.align.linear import Ridge, r2_score
+from xsae_cli.align.mappers.ridge import Ridge
 from xsae_cli.align.metrics import topk_codes
 
 
-def test_hypernet_beats_ridge_on_a_nonlinear_map_and_keeps_the_best_val_epoch() -> None:
+def test_mlp_beats_ridge_on_a_nonlinear_map_and_keeps_the_best_val_epoch() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 12, generator=g)
     w = torch.randn(12, 6, generator=g)
     y = (x @ w).abs() * 5.0 + 2.0  # symmetric: no linear map predicts it
     tr, va, te = slice(0, 3000), slice(3000, 3500), slice(3500, 4000)
-    fit = HypernetMapper(HypernetSettings(hidden=64, max_epochs=12, patience=3, lr=3e-3)).fit(x[tr], y[tr], x[va], y[va])
+    fit = MlpMapper(MlpMapperSettings(hidden=64, max_epochs=12, patience=3, lr=3e-3)).fit(x[tr], y[tr], x[va], y[va])
     mean = y[tr].double().mean(0)
     net = r2_score(fit.predict(x[te]), y[te], mean)
     lin = r2_score(Ridge().fit(x[tr], y[tr], x[va], y[va]).predict(x[te]), y[te], mean)
@@ -36,7 +37,7 @@ def test_shuffled_pairs_give_no_held_out_skill() -> None:
     x = torch.randn(2000, 8, generator=g)
     y = x @ torch.randn(8, 4, generator=g)
     perm = torch.randperm(1500, generator=g)
-    fit = HypernetMapper(HypernetSettings(hidden=32, max_epochs=6, patience=2)).fit(x[:1500], y[:1500][perm], x[1500:1750], y[1500:1750])
+    fit = MlpMapper(MlpMapperSettings(hidden=32, max_epochs=6, patience=2)).fit(x[:1500], y[:1500][perm], x[1500:1750], y[1500:1750])
     assert r2_score(fit.predict(x[1750:]), y[1750:], y[:1500].double().mean(0)) < 0.05
 
 
@@ -49,8 +50,8 @@ def test_sparse_codes_in_and_out() -> None:
     dense = codes @ layer.bag.weight + layer.bias  # the EmbeddingBag is a Linear layer on the dense row
     assert torch.allclose(layer((idx, val)), dense, atol=1e-5)
     target = topk_codes(codes @ torch.rand(64, 32, generator=g), 4)
-    fit = HypernetMapper(HypernetSettings(hidden=32, max_epochs=3), sparse=True).fit(codes[:1000], target[:1000], codes[1000:1100], target[1000:1100])
+    fit = MlpMapper(MlpMapperSettings(hidden=32, max_epochs=3), sparse=True).fit(codes[:1000], target[:1000], codes[1000:1100], target[1000:1100])
     pred = fit.predict(codes[1100:])
     assert pred.shape == (100, 32) and bool((pred >= 0).all())  # codes are never negative
-    loss, terms = mapper_loss(pred, target[1100:], target[:1000].mean(0), HypernetSettings(), sparse=True)
+    loss, terms = mapper_loss(pred, target[1100:], target[:1000].mean(0), MlpMapperSettings(), sparse=True)
     assert torch.isfinite(loss) and set(terms) == {"mse", "cosine", "correlation", "sparsity"}

@@ -1,6 +1,7 @@
-"""The "hypernetwork" mapper: a 3-layer MLP with LayerNorm and dropout, and its multi-objective loss.
+"""The ``mlp`` mapper: a 3-layer MLP with LayerNorm and dropout, and its multi-objective loss.
 
-It is the nonlinear candidate against ridge. It earns its place only where it beats ridge on
+Called ``hypernet`` in 0.1 (it never generated weights; it is a plain MLP); the old name is
+still accepted by ``--mappers`` and ``[align] mappers``. It is the nonlinear candidate against ridge. It earns its place only where it beats ridge on
 held-out rows, so it is trained exactly like the linear mappers are scored: fit on train, the epoch
 kept is the one with the best validation R^2 (early stopping), and the test rows are never seen.
 
@@ -31,11 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xsae_cli.align.linear import r2_score
+from xsae_cli.align.mappers import register_mapper
 from xsae_cli.align.settings import MlpMapperSettings
 
-
-#: The MLP mapper's settings are the [align.mlp] config section.
-HypernetSettings = MlpMapperSettings
 
 
 class SparseInput(nn.Module):
@@ -65,7 +64,7 @@ def to_sparse_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, x.gather(1, idx)
 
 
-class Hypernet(nn.Module):
+class Mlp(nn.Module):
     """in -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> out."""
 
     def __init__(self, d_x: int, d_y: int, hidden: int, dropout: float, nonneg: bool, sparse_input: bool = False) -> None:
@@ -84,7 +83,7 @@ class Hypernet(nn.Module):
         return F.relu(y) if self.nonneg else y
 
 
-def mapper_loss(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tensor, s: HypernetSettings, sparse: bool) -> tuple[torch.Tensor, dict[str, float]]:
+def mapper_loss(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tensor, s: MlpMapperSettings, sparse: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted loss and its terms for one batch (see the module docstring)."""
     tc = target - centre
     pc = pred - centre
@@ -105,10 +104,10 @@ def mapper_loss(pred: torch.Tensor, target: torch.Tensor, centre: torch.Tensor, 
 
 
 @dataclass
-class HypernetMap:
-    """A trained hypernet with the scalings it needs; ``predict`` works in the data's own units."""
+class MlpMap:
+    """A trained MLP with the scalings it needs; ``predict`` works in the data's own units."""
 
-    model: Hypernet
+    model: Mlp
     mx: torch.Tensor
     sx: float
     my: torch.Tensor
@@ -137,17 +136,19 @@ class HypernetMap:
             return (self._forward((self.mx + v.float())[None]) - base)[0]
 
 
-class HypernetMapper:
-    """Fits :class:`Hypernet` with early stopping on validation R^2."""
+class MlpMapper:
+    """Fits :class:`Mlp` with early stopping on validation R^2."""
 
-    name = "hypernet"
+    name = "mlp"
+    linear = False
+    describes = "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept"
 
-    def __init__(self, settings: HypernetSettings | None = None, sparse: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
-        self.settings = settings or HypernetSettings()
+    def __init__(self, settings: MlpMapperSettings | None = None, sparse: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
+        self.settings = settings or MlpMapperSettings()
         self.sparse = sparse
         self.on_epoch = on_epoch
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> HypernetMap:
+    def fit(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> MlpMap:
         s = self.settings
         torch.manual_seed(s.seed)
         gen = torch.Generator().manual_seed(s.seed)
@@ -159,8 +160,8 @@ class HypernetMapper:
         sx = float((x - mx).pow(2).sum(1).mean().sqrt()) / math.sqrt(x.shape[1]) or 1.0
         my = y.mean(0)
         sy = (float(y.pow(2).sum(1).mean().sqrt()) if self.sparse else float((y - my).pow(2).sum(1).mean().sqrt())) / math.sqrt(y.shape[1]) or 1.0
-        model = Hypernet(x.shape[1], y.shape[1], s.hidden, s.dropout, nonneg=self.sparse, sparse_input=sparse_input)
-        mapper = HypernetMap(model, mx, sx, my, sy, self.sparse, {})
+        model = Mlp(x.shape[1], y.shape[1], s.hidden, s.dropout, nonneg=self.sparse, sparse_input=sparse_input)
+        mapper = MlpMap(model, mx, sx, my, sy, self.sparse, {})
         opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         zx = (x - mx) / sx
         rows = to_sparse_rows(zx) if sparse_input else None
@@ -203,3 +204,10 @@ class HypernetMapper:
         model.eval()
         mapper.info = {"best_epoch": best_epoch, "epochs_run": epochs_run, "val_r2": best_score, "history": history, "settings": asdict(s)}
         return mapper
+
+
+register_mapper(
+    MlpMapper,
+    lambda space, spec: MlpMapper(getattr(spec, "mlp", None) or MlpMapperSettings(), sparse=space == "codes"),
+    aliases={"hypernet": "the mapper 'hypernet' is now called 'mlp' (a 3-layer MLP); the old name still works for now"},
+)
