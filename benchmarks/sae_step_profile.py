@@ -29,8 +29,8 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,22 @@ def _instrumented(sae: models.SparseAutoencoder, timer: PhaseTimer) -> Iterator[
         del sae._pre, sae._select
 
 
+def train_step(sae: models.SparseAutoencoder, opt: Any, tracker: Any, x: torch.Tensor, span: Callable[[str], AbstractContextManager[Any]] | None = None) -> None:
+    """One TopK training step as xsae's trainer drives it (the benchmark's xsae runner and this profile),
+    its three parts in ``span("forward")``, ``span("backward")``, ``span("optimizer")``."""
+    span = span or (lambda _name: nullcontext())
+    with span("forward"):
+        out = sae.training_forward(x, dead_mask=tracker.dead_mask(sae.cfg.dead_tokens_threshold))
+    with span("backward"):
+        out.loss.backward()
+    with span("optimizer"):
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        tracker.update(out.fired, x.shape[0])
+
+
 def _xsae_step(d_in: int, d_sae: int, k: int, batch: int, device: torch.device) -> tuple[Any, Any, Any, torch.Tensor]:
     from sae_throughput import synthetic_acts
 
@@ -172,24 +188,11 @@ def step_phases(d_in: int, d_sae: int, k: int, batch: int, device: torch.device,
     timer = PhaseTimer(device)
     batches = [x[i * batch : (i + 1) * batch] for i in range(4)]
 
-    def step(xb: torch.Tensor, timed: bool) -> None:
-        span = timer.span if timed else (lambda _n: _null())
-        with span("forward"):
-            out = sae.training_forward(xb, dead_mask=tracker.dead_mask(sae.cfg.dead_tokens_threshold))
-        with span("backward"):
-            out.loss.backward()
-        with span("optimizer"):
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.set_decoder_norm_to_unit_norm()
-            tracker.update(out.fired, xb.shape[0])
-
-    plain = time_median(lambda: step(batches[0], False), device, reps=steps, warmup=warmup)
+    plain = time_median(lambda: train_step(sae, opt, tracker, batches[0]), device, reps=steps, warmup=warmup)
     per_step: list[dict[str, float]] = []
     with _instrumented(sae, timer):
         for i in range(warmup + steps):
-            step(batches[i % 4], True)
+            train_step(sae, opt, tracker, batches[i % 4], timer.span)
             got = timer.collect()
             if i >= warmup:
                 per_step.append(got)
@@ -210,11 +213,6 @@ def step_phases(d_in: int, d_sae: int, k: int, batch: int, device: torch.device,
             "phases_ms": {n: phases[n] for n in PHASES}, "phases_sum_ms": total, "step_ms": plain * 1e3, "tokens_per_s": batch / plain}
 
 
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. Kernels
 # ----------------------------------------------------------------------------------------------
@@ -225,24 +223,13 @@ def kernel_table(d_in: int, d_sae: int, k: int, batch: int, device: torch.device
     from torch.profiler import ProfilerActivity, profile
 
     sae, opt, tracker, x = _xsae_step(d_in, d_sae, k, batch, device)
-    xb = x[:batch]
-
-    def step() -> None:
-        out = sae.training_forward(xb, dead_mask=tracker.dead_mask(sae.cfg.dead_tokens_threshold))
-        out.loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-        tracker.update(out.fired, xb.shape[0])
-
     for _ in range(2):
-        step()
+        train_step(sae, opt, tracker, x[:batch])
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step()
+            train_step(sae, opt, tracker, x[:batch])
         _sync(device)
     events = prof.key_averages()
     if device.type == "cuda":

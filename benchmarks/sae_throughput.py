@@ -178,6 +178,8 @@ class Runner:
 
 def xsae_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tensor, bf16: bool | None = None) -> Runner:
     """xsae's TopK SAE, trained the way a trainer drives it; ``bf16`` forces the bf16-encoder flag."""
+    from sae_step_profile import train_step
+
     from xsae_cli.sae.metrics import FiringTracker
 
     cfg = SaeConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, bf16_encoder=bf16)
@@ -187,13 +189,7 @@ def xsae_runner(d_in: int, d_sae: int, k: int, optimizer: str, first: torch.Tens
     tracker = FiringTracker(d_sae, device=first.device)
 
     def step(x: torch.Tensor) -> None:
-        out = sae.training_forward(x, dead_mask=tracker.dead_mask(cfg.dead_tokens_threshold))
-        out.loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-        tracker.update(out.fired, x.shape[0])
+        train_step(sae, opt, tracker, x)
 
     def before_eval() -> None:
         if hasattr(opt, "eval"):
