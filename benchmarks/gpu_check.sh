@@ -143,6 +143,9 @@ if (out / "tests.xml").exists():
 if (out / "throughput.json").exists():
     data = json.loads((out / "throughput.json").read_text())
     for res in data["results"]:
+        if "error" in res:
+            print(f"\n{res['shape']}: FAILED {res['error']}")
+            continue
         roof = res.get("roofline") or {}
         print(f"\n{res['shape']}: {res['d_in']} x {res['d_sae']}, k {res['k']}, batch {res['batch']}, {res['tokens']:,} tokens; "
               f"roofline {roof.get('tokens_per_s', 0):,.0f} tokens/s ({roof.get('tflops', 0):.0f} TFLOP/s {roof.get('dtype', '')}); "
@@ -152,6 +155,8 @@ if (out / "throughput.json").exists():
             ratio = f"{r['ours_over_this']:.2f}x" if r.get("ours_over_this") else ""
             print(f"  {r['impl']:<10} {r['optimizer']:<7} {r['tokens_per_s']:>12,.0f} {ratio:>9} {r['fvu']:>7.4f} {r['dead_pct']:>6.1f} "
                   f"{100 * r.get('roofline_fraction', 0):>5.1f}% {r.get('peak_bytes', 0) / 2**20:>9,.0f}")
+        for name, why in res.get("failed", {}).items():
+            print(f"  FAILED {name}: {why[:200]}")
     for shape in (data.get("breakdown") or {}).get("shapes", []):
         for p in shape["phases"]:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in p["phases_ms"].items())
@@ -161,7 +166,10 @@ if (out / "throughput.json").exists():
             if t["exact"] and (t["dtype"] not in best or t["ms"] < best[t["dtype"]]["ms"]):
                 best[t["dtype"]] = t
         plain = {t["dtype"]: t["ms"] for t in shape["topk"] if t["method"] == "torch.topk"}
-        print(f"top-k {shape['batch']}x{shape['d_sae']}: " + "; ".join(f"{d}: torch.topk {plain[d]:.3f} ms, fastest exact {b['method']} {b['ms']:.3f} ms" for d, b in best.items()))
+        if best:
+            print(f"top-k {shape['batch']}x{shape['d_sae']}: " + "; ".join(f"{d}: torch.topk {plain.get(d, float('nan')):.3f} ms, fastest exact {b['method']} {b['ms']:.3f} ms" for d, b in best.items()))
+    for err in (data.get("breakdown") or {}).get("errors", []) + ([data["breakdown"]["error"]] if "error" in (data.get("breakdown") or {}) else []):
+        print(f"profile error: {err}")
 print("\nFAILED: " + "; ".join(failed) if failed else "\nall steps passed")
 EOF
 [ ${#FAILED[@]} = 0 ]

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -288,21 +289,34 @@ def _phase_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _guarded(what: str, fn: Callable[[], Any], errors: list[str]) -> Any:
+    """``fn()``, or None with the error kept: one part failing on a one-shot GPU run spares the others."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the file and the JSON, not raised
+        errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        print(f"profile: {errors[-1]}", flush=True)
+        return None
+
+
 def profile_report(shapes: list[tuple[int, int, int, int]], device: torch.device, path: Path) -> dict[str, Any]:
     """All three measurements for each (d_in, d_sae, k, batch); text into ``path``, results returned."""
-    report: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "shapes": []}
+    errors: list[str] = []
+    report: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "shapes": [], "errors": errors}
+    text: list[str] = []
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
-        report["bf16_matmul_8192"] = matmul_throughput(8192, 8192, 8192, torch.bfloat16, device, reps=10)
-    text: list[str] = [f"device {device} ({report.get('gpu', 'cpu')}), torch {torch.__version__}"]
-    if "bf16_matmul_8192" in report:
-        text.append(f"bf16 8192^3 matmul: {report['bf16_matmul_8192']['tflops']:.0f} TFLOP/s")
+        report["bf16_matmul_8192"] = _guarded("bf16 matmul", lambda: matmul_throughput(8192, 8192, 8192, torch.bfloat16, device, reps=10), errors)
+        if report["bf16_matmul_8192"]:
+            text.append(f"bf16 8192^3 matmul: {report['bf16_matmul_8192']['tflops']:.0f} TFLOP/s")
+    text.insert(0, f"device {device} ({report.get('gpu', 'cpu')}), torch {torch.__version__}")
     for i, (d_in, d_sae, k, batch) in enumerate(shapes):
         entry: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch}
         batches = [batch, 4 * batch] if i == 0 else [batch]
-        entry["phases"] = [step_phases(d_in, d_sae, k, b, device) for b in batches]
-        entry["topk"] = topk_variants(batch, d_sae, k, device)
-        entry["kernels"] = kernel_table(d_in, d_sae, k, batch, device)
+        phases = [_guarded(f"phases {d_in}x{d_sae} batch {b}", partial(step_phases, d_in, d_sae, k, b, device), errors) for b in batches]
+        entry["phases"] = [p for p in phases if p]
+        entry["topk"] = _guarded(f"top-k {batch}x{d_sae}", partial(topk_variants, batch, d_sae, k, device), errors) or []
+        entry["kernels"] = _guarded(f"kernels {d_in}x{d_sae}", partial(kernel_table, d_in, d_sae, k, batch, device), errors) or "(kernel table failed)"
         report["shapes"].append(entry)
         lines = [""]
         for r in entry["phases"]:
@@ -311,5 +325,6 @@ def profile_report(shapes: list[tuple[int, int, int, int]], device: torch.device
         lines.extend(f"  {t['dtype']:<9} {t['method']:<13} {t['ms']:8.3f} ms  exact: {t['exact']}" for t in entry["topk"])
         print("\n".join(lines), flush=True)  # the kernel table goes to the file only
         text.extend([*lines, entry["kernels"]])
+    text.extend(f"ERROR {e}" for e in errors)
     path.write_text("\n".join(text) + "\n")
     return report

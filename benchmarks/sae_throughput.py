@@ -338,13 +338,23 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
     cuda = device.type == "cuda"
     print(f"\n[{name}] d_in={d_in} d_sae={d_sae} k={k} batch={batch} steps={steps} ({steps * batch} tokens, {warmup} untimed), data: {source}, device: {device}", flush=True)
     runners: list[Runner] = []
+    failed: dict[str, str] = {}  # a runner that raises is dropped, the others go on (a GPU slot is not rerun lightly)
+
+    def drop(r_name: str, exc: Exception) -> None:
+        failed[r_name] = f"{type(exc).__name__}: {exc}"
+        print(f"  {r_name} failed and is left out: {failed[r_name]}", flush=True)
+
     for want in runners_wanted:
         # Built and stepped once (untimed, step 1) one after another, so that each one's own
         # memory shows: what it keeps, and the transient peak of a step.
         sync(device)
         before = torch.cuda.memory_allocated(device) if cuda else 0
-        r = make_runner(want, d_in, d_sae, k, first, steps * batch, batch)
-        dt = timed_step(r, first)
+        try:
+            r = make_runner(want, d_in, d_sae, k, first, steps * batch, batch)
+            dt = timed_step(r, first)
+        except Exception as exc:  # noqa: BLE001 - see `failed`
+            drop(want, exc)
+            continue
         if warmup == 0:
             r.times.append(dt)
         if cuda:
@@ -353,16 +363,30 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
     for i in range(1, steps):
         xb = train[i * batch : (i + 1) * batch]
         last = []
-        for r in runners:
-            last.append(timed_step(r, xb))
+        for r in list(runners):
+            try:
+                last.append(timed_step(r, xb))
+            except Exception as exc:  # noqa: BLE001 - see `failed`
+                drop(f"{r.name}:{r.optimizer}", exc)
+                runners.remove(r)
+                continue
             if i >= warmup:
                 r.times.append(last[-1])
         if i == 1 or (i + 1) % 20 == 0 or i == steps - 1:
             print(f"  step {i + 1}/{steps}: " + ", ".join(f"{r.name}:{r.optimizer} {dt * 1e3:.1f}ms" for r, dt in zip(runners, last)), flush=True)
-    roof = encoder_roofline(d_in, d_sae, batch, device) if roofline else None
+    roof = None
+    if roofline:
+        try:
+            roof = encoder_roofline(d_in, d_sae, batch, device)
+        except Exception as exc:  # noqa: BLE001 - see `failed`
+            drop("roofline", exc)
     rows = []
     for r in runners:
-        fvu, dead = held_out(r, evalset)
+        try:
+            fvu, dead = held_out(r, evalset)
+        except Exception as exc:  # noqa: BLE001 - see `failed`
+            drop(f"{r.name}:{r.optimizer}", exc)
+            continue
         med = statistics.median(r.times)
         row = {"impl": r.name, "optimizer": r.optimizer, "tokens_per_s": batch / med, "tokens_per_s_mean": batch * len(r.times) / sum(r.times), "fvu": fvu, "dead_pct": dead, "steps_timed": len(r.times)}
         if cuda:
@@ -373,7 +397,7 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
     for row in rows:
         ours = next((o for o in rows if o["impl"].startswith("xsae") and o["optimizer"] == row["optimizer"]), None)
         row["ours_over_this"] = ours["tokens_per_s"] / row["tokens_per_s"] if ours and not row["impl"].startswith("xsae") else None
-    result = {"shape": name, "d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "tokens": steps * batch, "data": source, "device": str(device), "rows": rows, "roofline": roof}
+    result = {"shape": name, "d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "tokens": steps * batch, "data": source, "device": str(device), "rows": rows, "roofline": roof, "failed": failed}
     if cuda:
         result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)  # since the last step's reset: held-out pass included
         result["data_bytes"] = (train.numel() + evalset.numel()) * train.element_size()
@@ -396,6 +420,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"encoder-matmul roofline: {roof['dtype']} [{result['batch']}, {result['d_in']}] x [{result['d_in']}, {result['d_sae']}] in {roof['seconds'] * 1e3:.3f} ms ({roof['tflops']:.1f} TFLOP/s) = {roof['tokens_per_s']:,.0f} tokens/s")
     if cuda:
         print(f"torch.cuda.max_memory_allocated: {result['max_memory_allocated_bytes'] / 2**30:.2f} GiB (activations on the GPU: {result['data_bytes'] / 2**30:.2f} GiB)")
+    for name, why in result.get("failed", {}).items():
+        print(f"FAILED {name}: {why}")
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -474,32 +500,53 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}, both, gpu")
     info = machine(device)
     print(f"machine: {info}")
-    results = []
-    for shape in shapes:
-        wanted = available((args.runners or default_runners(shape, device)).split(","))
-        results.append(run_shape(shape, wanted, args.warmup, args.tokens, device, n_eval=args.held_out, roofline=args.roofline))
-        print_table(results[-1])
-    info["load_avg_end"] = os.getloadavg()
+    results: list[dict[str, Any]] = []
 
     def write(breakdown: Any) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": info, "results": results, "breakdown": breakdown}, indent=2))
 
-    write(None)  # the table is kept should the profile below fail
+    failures = 0
+    for shape in shapes:
+        wanted = available((args.runners or default_runners(shape, device)).split(","))
+        try:
+            results.append(run_shape(shape, wanted, args.warmup, args.tokens, device, n_eval=args.held_out, roofline=args.roofline))
+        except Exception as exc:  # noqa: BLE001 - the next shape still runs (an out-of-memory one, say)
+            import traceback
+
+            traceback.print_exc()
+            results.append({"shape": shape, "error": f"{type(exc).__name__}: {exc}"})
+            failures += 1
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        failures += bool(results[-1]["failed"])
+        print_table(results[-1])
+        write(None)  # kept should anything later fail
+    info["load_avg_end"] = os.getloadavg()
+    write(None)
     if args.breakdown:
         from sae_step_profile import profile_report
 
         try:
-            write(profile_report([SHAPES[s][:4] for s in shapes], device, Path(args.breakdown)))
+            report = profile_report([SHAPES[s][:4] for s in shapes], device, Path(args.breakdown))
+            write(report)
+            failures += bool(report["errors"])
         except Exception as exc:  # noqa: BLE001 - a one-shot GPU run keeps what it measured
             import traceback
 
             traceback.print_exc()
             write({"error": f"{type(exc).__name__}: {exc}"})
-            raise SystemExit(1) from None
+            failures += 1
     for res in results:
-        print_table(res)
+        if "error" in res:
+            print(f"\n{res['shape']}: FAILED {res['error']}")
+        else:
+            print_table(res)
     print(f"\nload average at start {info['load_avg_start']}, at end {info['load_avg_end']}")
+    if failures:
+        raise SystemExit(f"{failures} shape(s), runner set(s) or profile(s) failed: see above")
 
 
 if __name__ == "__main__":
