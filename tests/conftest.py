@@ -25,8 +25,9 @@ def xsae_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A user's XSAE_* settings must not leak into tests; the numeric-path switches are kept, so
-    # `XSAE_BF16_ENCODER=on|off make test` runs the whole suite down one path (see README).
-    keep = ("XSAE_HOME", "XSAE_CACHE", "XSAE_BF16_ENCODER", "XSAE_SPARSE_BACKEND")
+    # `XSAE_BF16_ENCODER=on|off make test` runs the whole suite down one path (see README); the GPU
+    # tests' device switch is kept for `benchmarks/gpu_check.sh --dry-run`.
+    keep = ("XSAE_HOME", "XSAE_CACHE", "XSAE_BF16_ENCODER", "XSAE_SPARSE_BACKEND", "XSAE_GPU_TESTS_DEVICE")
     for key in list(os.environ):
         if key.startswith("XSAE_") and key not in keep:
             del os.environ[key]

@@ -201,21 +201,23 @@ class _Pattern:
     transposed (per-latent) view needs is paid once.
     """
 
-    def __init__(self, cols: Tensor, n_rows: int, n_cols: int, crow: Tensor, backend: str, rows: Tensor | None = None) -> None:
+    def __init__(self, cols: Tensor, n_rows: int, n_cols: int, crow: Tensor, backend: str, rows: Tensor | None = None, per_row: int | None = None) -> None:
         self.cols = cols
         self.n_rows = n_rows
         self.n_cols = n_cols
         self.crow = crow
         self.backend = backend
         self._rows = rows
+        self._per_row = per_row  # entries in every row (TopK, AuxK), whose columns come unsorted
         self._t: tuple[Tensor, Tensor, Tensor] | None = None
+        self._sorted: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_topk(cls, idx: Tensor, n_cols: int, backend: str) -> _Pattern:
         """k entries per row: the pattern of a TopK (or AuxK) selection ``idx [N, k]``."""
         n, k = idx.shape
         crow = torch.arange(0, n * k + 1, k, device=idx.device)
-        return cls(idx.reshape(-1), n, n_cols, crow, backend)
+        return cls(idx.reshape(-1), n, n_cols, crow, backend, per_row=k)
 
     @classmethod
     def from_flat(cls, flat: Tensor, n_rows: int, n_cols: int, backend: str) -> _Pattern:
@@ -236,10 +238,27 @@ class _Pattern:
             self._rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.cols.device), counts, output_size=self.nnz)
         return self._rows
 
-    def csr(self, values: Tensor) -> Tensor:
+    def csr_mask(self, like: Tensor, sort: bool) -> tuple[Tensor, Tensor | None]:
+        """The pattern as a zero-valued CSR tensor (``like``'s dtype and device), and ``order``: entry j
+        of the tensor's values is entry ``order[j]`` of the pattern (None: the same order).
+
+        torch's CSR invariant wants the columns of each row ascending, and cuSPARSE's SDDMM is
+        specified for such CSR; a TopK selection (``topk(sorted=False)``) leaves them unsorted.
+        ``sort`` sorts them (once per pattern; tens of microseconds on a GPU). The CPU kernel
+        computes every entry on its own, needs no order (the tests compare it with dense autograd on
+        unsorted patterns), and sorting [8192, 32] indices there costs ~40 ms on 2 cores, so CPU
+        callers pass ``sort=False``. BatchTopK's patterns come sorted.
+        """
+        cols, order = self.cols, None
+        if sort and self._per_row is not None and self._per_row > 1:
+            if self._sorted is None:
+                ascending, within = self.cols.view(self.n_rows, self._per_row).sort(dim=-1)
+                self._sorted = (ascending.reshape(-1), (within + self.crow[:-1, None]).reshape(-1))
+            cols, order = self._sorted
         with warnings.catch_warnings():  # PyTorch calls CSR "beta"; this use is checked by the tests
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n_rows, self.n_cols), check_invariants=False)
+            mask = torch.sparse_csr_tensor(self.crow, cols, like.new_zeros(self.nnz), (self.n_rows, self.n_cols), check_invariants=False)
+        return mask, order
 
     def transposed(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, crow_t, rows_t): the pattern sorted by latent, for products with G^T."""
@@ -276,16 +295,18 @@ def _spmm_t(p: _Pattern, values: Tensor, dense: Tensor) -> Tensor:
     return out
 
 
-def _sddmm(p: _Pattern, a: Tensor, b: Tensor) -> Tensor:
+def _sddmm(p: _Pattern, a: Tensor, b: Tensor, sort: bool | None = None) -> Tensor:
     """(a @ b^T) sampled at the pattern: out[i] = a[rows[i]] . b[cols[i]]; a [n_rows, D], b [n_cols, D].
 
-    The ``bag`` backend uses ``torch.sparse.sampled_addmm`` (no [nnz, D] temporary); should a
+    The ``bag`` backend uses ``torch.sparse.sampled_addmm`` (no [nnz, D] temporary), on a CSR
+    mask with sorted columns off the CPU (``sort``, see :meth:`_Pattern.csr_mask`); should a
     build lack it for this device or dtype, the chunked gather below gives the same numbers.
     """
     if p.backend == "bag":
         try:
-            mask = p.csr(a.new_zeros(p.nnz))
-            return torch.sparse.sampled_addmm(mask, a, b.t(), beta=0.0).values()
+            mask, order = p.csr_mask(a, sort=a.device.type != "cpu" if sort is None else sort)
+            vals = torch.sparse.sampled_addmm(mask, a, b.t(), beta=0.0).values()
+            return vals if order is None else torch.empty_like(vals).index_copy_(0, order, vals)
         except (RuntimeError, NotImplementedError):  # pragma: no cover - depends on the build
             pass
     out = a.new_empty(p.nnz)

@@ -24,14 +24,14 @@ from xsae_cli.sae.models import (
 D_IN, D_SAE, K = 12, 48, 4
 
 
-def make(arch: str, dtype: str = "float32", **kw) -> models.SparseAutoencoder:
+def make(arch: str, dtype: str = "float32", device: str | torch.device | None = None, **kw) -> models.SparseAutoencoder:
     k = K if arch in ("topk", "batchtopk") else None
-    return create_sae(SaeConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=k, dtype=dtype, **kw), seed=0)
+    return create_sae(SaeConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=k, dtype=dtype, **kw), device=device, seed=0)
 
 
-def data(n: int = 64, d: int = D_IN, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def data(n: int = 64, d: int = D_IN, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g) + 0.3).to(dtype)
+    return (torch.randn(n, d, generator=g) + 0.3).to(device=device, dtype=dtype)
 
 
 @pytest.fixture
@@ -239,7 +239,7 @@ def _recorded_selection(sae):
 
     def select(pre, training):
         pattern, vals = inner(pre, training)
-        mask = torch.zeros(pattern.n_rows, pattern.n_cols, dtype=torch.bool)
+        mask = torch.zeros(pattern.n_rows, pattern.n_cols, dtype=torch.bool, device=pattern.cols.device)
         mask[pattern.rows, pattern.cols] = True
         calls.append(mask)
         return pattern, vals
@@ -258,15 +258,16 @@ def _assert_is_a_top_selection(scores, mask, per_row):
         assert lo.min() >= hi.max()
 
 
-def _dense_reference_loss(sae, x, dead_mask=None, masks=None):
+def _dense_reference_loss(sae, x, dead_mask=None, masks=None, sel=None):
     """TopK/BatchTopK loss written with plain dense autograd, on the selection the SAE made.
 
     Where the selection ran on bf16 pre-activations, nearby values tie and either side of a tie is a
     right answer, so the SAE's own selection (``masks``, from :func:`_recorded_selection`) is used
-    after checking that it is a valid top selection of the path's pre-activations.
+    after checking that it is a valid top selection of the path's pre-activations (``sel``: those of
+    another SAE, e.g. the GPU one a CPU reference checks; default: this SAE's own).
     """
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    sel = selection_pre(sae, x)
+    sel = selection_pre(sae, x) if sel is None else sel
     n = x.shape[0]
     if sae.cfg.arch == "topk":
         mask = masks[0]
@@ -295,13 +296,20 @@ def _dense_reference_loss(sae, x, dead_mask=None, masks=None):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("with_dead", [0, 2, 16])  # none; fewer than aux_k (scaled); many
 def test_sparse_backward_matches_dense_autograd(arch, dtype, tol, with_dead, backend):
-    sae = make(arch, dtype=dtype)
-    x = data(24, dtype=sae.dtype)
+    check_sparse_backward(arch, dtype, tol, with_dead)
+
+
+def check_sparse_backward(arch, dtype, tol, with_dead, device="cpu"):
+    """The sparse path's loss and gradients against dense autograd on the same selection, on ``device``
+    (tests/gpu runs it on CUDA with both backends)."""
+    sae = make(arch, dtype=dtype, device=device)
+    x = data(24, dtype=sae.dtype, device=device)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.2)
         sae.b_enc.normal_(0, 0.2)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(3))[:with_dead]] = True
+    dead = dead.to(device)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     masks = _recorded_selection(sae)
     out = sae.training_forward(x, dead_mask=dead)
@@ -315,22 +323,45 @@ def test_sparse_backward_matches_dense_autograd(arch, dtype, tol, with_dead, bac
 
 
 def test_sparse_functions_pass_gradcheck(backend):
+    check_sparse_gradcheck(backend)
+
+
+def check_sparse_gradcheck(backend, device="cpu"):
+    """gradcheck (float64) of both sparse autograd functions on a random pattern, on ``device``."""
     g = torch.Generator().manual_seed(0)
     n, d, m, k = 5, 4, 7, 3
-    x = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
-    b_dec = torch.randn(d, dtype=torch.float64, generator=g, requires_grad=True)
-    W_enc = torch.randn(d, m, dtype=torch.float64, generator=g, requires_grad=True)
-    b_enc = torch.randn(m, dtype=torch.float64, generator=g, requires_grad=True)
-    W_dec = torch.randn(m, d, dtype=torch.float64, generator=g, requires_grad=True)
-    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)])
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(device).requires_grad_()
+
+    x, b_dec, W_enc, b_enc, W_dec = leaf(n, d), leaf(d), leaf(d, m), leaf(m), leaf(m, d)
+    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)]).to(device)
     p = _Pattern.from_topk(idx, m, backend)
 
     def enc(x, b_dec, W_enc, b_enc):
         return _GatherLinear.apply(x, b_dec, W_enc, b_enc, (x - b_dec).detach(), p, None)
 
     assert torch.autograd.gradcheck(enc, (x, b_dec, W_enc, b_enc))
-    vals = torch.randn(n * k, dtype=torch.float64, generator=g, requires_grad=True)
+    vals = leaf(n * k)
     assert torch.autograd.gradcheck(lambda v, w: _SparseDecode.apply(v, w, p), (vals, W_dec))
+
+
+def test_sorted_csr_mask_meets_torch_invariants_and_samples_the_same_products():
+    """Off the CPU the sampled products run on a CSR mask with each row's columns sorted (torch's CSR
+    invariant, cuSPARSE's SDDMM); TopK's own columns come unsorted. Both give the same products."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(40, generator=g)[:5] for _ in range(7)])
+    p = _Pattern.from_topk(idx, 40, "bag")
+    a, b = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    ref = (a[p.rows] * b[p.cols]).sum(-1)
+    mask, order = p.csr_mask(a, sort=True)
+    torch.sparse_csr_tensor(mask.crow_indices(), mask.col_indices(), mask.values(), mask.shape, check_invariants=True)
+    assert torch.equal(p.cols[order], mask.col_indices()) and not torch.equal(order, torch.arange(35))
+    with pytest.raises(RuntimeError, match="sorted"):  # the unsorted mask the CPU uses breaks the invariant
+        unsorted, _ = p.csr_mask(a, sort=False)
+        torch.sparse_csr_tensor(unsorted.crow_indices(), unsorted.col_indices(), unsorted.values(), unsorted.shape, check_invariants=True)
+    for sort in (False, True):
+        torch.testing.assert_close(models._sddmm(p, a, b, sort=sort), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_auxk_is_zero_without_dead_latents_and_trains_the_dead_ones():
