@@ -100,7 +100,7 @@ def test_sane_train_and_embed_on_the_device_match_the_cpu(tiny_gpt2: Path, tmp_p
     ck = str(run / "checkpoint_epoch_1")
     emb = {}
     for name, where in (("device", str(device)), ("cpu", "cpu")):
-        _ok(run_xsae("--json", "--device", where, "sane", "embed", "--checkpoint", ck, "--models", models, "--max-windows", "4", "--output-dir", str(tmp_path / name)))
+        _ok(run_xsae("--json", "--device", where, "sane", "embed", "--checkpoint", ck, "--models", models, "--max-windows", "4", "--out", str(tmp_path / name)))
         emb[name] = np.load(tmp_path / name / "model_embeddings.npz")["embeddings"]
     ours, ref = emb["device"], emb["cpu"]
     assert ours.shape == ref.shape == (2, 512) and np.isfinite(ours).all()

@@ -170,7 +170,8 @@ def test_global_topk_on_the_device_equals_the_cpu(device: torch.device) -> None:
 
 def test_trainer_step_on_the_device_keeps_decoder_rows_unit_norm(device: torch.device, tmp_path) -> None:
     """One SaeTrainer step per architecture on the device: b_dec init, AuxK, Adam, decoder renorm, firing counts."""
-    from xsae_cli.sae.train import SaeTrainer, TrainSettings
+    from xsae_cli.sae.settings import SaeTrainSettings as TrainSettings
+    from xsae_cli.sae.train import SaeTrainer
 
     for arch in models.ARCHITECTURES:
         settings = TrainSettings(arch=arch, k=4, expansion=4, batch_size=64, tokens=128, optimizer="adam", l1_coefficient=0.01, dead_tokens_threshold=32)
