@@ -59,6 +59,14 @@ class XsaeApp(typer.Typer):
             if rc == 130:  # click turns Ctrl-C into exit code 130; it is not a user error
                 out.err_console.print("interrupted", highlight=False)
             sys.exit(rc if isinstance(rc, int) else 0)
+        except OSError as exc:  # a write outside the atomic writers (e.g. the SQLite catalogue) met a full disk
+            import errno
+
+            if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or out.state.debug or "--debug" in sys.argv:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            out.err_console.print(f"[bold red]error:[/bold red] {escape(f'no space left on the device{where}')}. free some space and run the command again", highlight=False, soft_wrap=True)
+            sys.exit(2)
         except XsaeError as exc:
             if out.state.debug or "--debug" in sys.argv:
                 raise
