@@ -86,7 +86,7 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     )
     assert_user_error(
         run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--mappers", "ridge,hypernett", "--out", str(tmp_path / "m")),
-        "unknown mapper 'hypernett'", "did you mean 'mlp' (formerly 'hypernet')",
+        "'hypernett' is not one of procrustes, ridge, mlp", "did you mean 'hypernet'",
     )
     (tmp_path / "junk").mkdir()
     assert_user_error(run_xsae("align", "report", str(tmp_path / "junk")), "alignment report not found")

@@ -72,9 +72,9 @@ def setting(default: Any, help: str, **meta: Any) -> Any:
 class InvalidSetting(XsaeError):
     """A value outside what its field allows; the config loader adds where the value came from."""
 
-    def __init__(self, key: str, value: Any, rule: str, example: str | None = None) -> None:
+    def __init__(self, key: str, value: Any, rule: str, example: str | None = None, hint: str | None = None) -> None:
         self.key, self.value, self.rule, self.example = key, value, rule, example
-        super().__init__(f"{key} = {value!r} {rule}", f"e.g. {example}" if example else None)
+        super().__init__(f"{key} = {value!r} {rule}", hint or (f"e.g. {example}" if example else None))
 
 
 class Settings:
@@ -267,8 +267,8 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
             import difflib
 
             close = difflib.get_close_matches(item, choices, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise InvalidSetting(f.name, value, f"is not {rule_text(m)}", (hint + "e.g. " + choices[0]) if hint else choices[0])
+            hint = f"did you mean '{close[0]}'?" if close else f"e.g. {choices[0]}"
+            raise InvalidSetting(f.name, item, f"is not {rule_text(m)}", hint=hint)
 
 
 # ----------------------------------------------------------------------------------------------
