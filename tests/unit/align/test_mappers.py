@@ -72,7 +72,8 @@ def registered() -> Iterator[None]:
 
 def test_a_mapper_registered_here_runs_through_the_transfer_fitting_code(registered: None) -> None:
     from tests.unit.align.test_transfer import _views
-    from xsae_cli.align.transfer import TransferSpec, score_direction
+    from xsae_cli.align.scoring import score_direction
+    from xsae_cli.align.transfer import TransferSpec
 
     assert "lstsq" in mapper_names() and "lstsq" in linear_mappers() and "lstsq" not in default_mappers()
     g = torch.Generator().manual_seed(0)

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
-from xsae_cli.align.transfer import (
-    TransferSpec,
-    Views,
-    _check_counts,
-    matched_depth,
-    parse_layers,
-    score_direction,
-    similarity,
-)
+from xsae_cli.align.scoring import Views, score_direction, similarity
+from xsae_cli.align.sides import Side, matched_depth, parse_layers
+from xsae_cli.align.stages import Pairing, check_counts
+from xsae_cli.align.transfer import TransferSpec
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.sae.models import SaeConfig, create_sae
 
@@ -45,14 +40,14 @@ class _Corpus:
 
 
 def test_too_few_pairs_is_an_error_with_the_counts() -> None:
-    widths = {"a": 576, "b": 384}
+    a, b = Side("a", "a", None, None, 1, width=576), Side("b", "b", None, None, 1, width=384)
     with pytest.raises(XsaeError, match=r"too few paired tokens: train 900, val 300, test 400 .* 576 \(a\) and 384 \(b\).*1,152 train"):
-        _check_counts(_Corpus(900, 300, 400), widths, ("a", "b"))
-    _check_counts(_Corpus(1200, 80, 300), widths, ("a", "b"))  # enough
+        check_counts(Pairing(_Corpus(900, 300, 400), {}, {}), a, b)
+    check_counts(Pairing(_Corpus(1200, 80, 300), {}, {}), a, b)  # enough
 
 
 def _views(acts: dict[str, torch.Tensor], seed: int, k: int = 4) -> Views:
-    from xsae_cli.align.transfer import _views as build
+    from xsae_cli.align.scoring import _views as build
 
     d = acts["train"].shape[1]
     saes = []

@@ -215,7 +215,7 @@ def test_transfer_stores_the_matched_block_viz_draws() -> None:
     """The producer side of latent_matching.top_pairs (align/transfer.py), on a correlation matrix with known pairs."""
     import torch
 
-    from xsae_cli.align.transfer import top_matched_pairs
+    from xsae_cli.align.scoring import top_matched_pairs
 
     corr = torch.full((5, 4), 0.05)
     for a, b, r in ((0, 2, 0.6), (3, 0, 0.9), (1, 1, 0.3), (4, 3, 0.8)):

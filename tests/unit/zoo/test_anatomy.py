@@ -68,7 +68,7 @@ def _build(name: str):
 
 @pytest.mark.parametrize("name", NAMED + UNNAMED)
 def test_blocks_agree_across_module_config_and_names(name: str, tmp_path: Path) -> None:
-    from xsae_cli.align.transfer import n_blocks
+    from xsae_cli.align.sides import n_blocks
     from xsae_cli.data.activations import resolve_module_name
     from xsae_cli.zoo.registry import describe
     from xsae_cli.zoo.sources import resolve
