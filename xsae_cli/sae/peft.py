@@ -28,9 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from peft import PeftModel
@@ -40,6 +39,7 @@ from peft.utils.peft_types import PeftType
 from torch import nn
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.data.hooks import hidden_of, replace_hidden
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -262,33 +262,6 @@ def _infer_d_in(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _split_output(output: Any, where: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """The hidden-state tensor of a module's output, and how to put a replacement back."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda h: h
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        rest = output[1:]
-        kind = type(output)
-
-        def rebuild(h: torch.Tensor) -> Any:
-            items = [h, *rest]
-            return kind(items) if kind in (tuple, list) else kind(*items)
-
-        return output[0], rebuild
-    if isinstance(output, Mapping) and output:
-        key = next(iter(output))
-        if isinstance(output[key], torch.Tensor):
-
-            def rebuild_map(h: torch.Tensor) -> Any:
-                return type(output)(**{**output, key: h})
-
-            return output[key], rebuild_map
-    raise XsaeError(
-        f"cannot find the hidden state in the output of {where} (a {type(output).__name__})",
-        "target a module that returns a tensor, or a tuple whose first element is the hidden state",
-    )
-
-
 class SaeLayer(nn.Module, BaseTunerLayer):
     """Wraps a module; each adapter runs its SAE on the module's output.
 
@@ -396,7 +369,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         active = [a for a in self.active_adapters if a in self.xsae_mode]
         if self.disable_adapters or not active:
             return output
-        hidden, rebuild = _split_output(output, self.module_name or type(self.base_layer).__name__)
+        hidden = hidden_of(output, self.module_name or type(self.base_layer).__name__)
         spliced = False
         for name in active:
             sae = self.xsae_sae[name] if name in self.xsae_sae else None
@@ -417,7 +390,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
             if self.xsae_mode[name] == "splice":
                 hidden = sae.decode(codes).to(hidden.dtype)
                 spliced = True
-        return rebuild(hidden) if spliced else output
+        return replace_hidden(output, hidden) if spliced else output
 
     def __repr__(self) -> str:
         rep = super().__repr__()
