@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
     from xsae_cli.sae.models import SaeConfig, SparseAutoencoder
 
-FORMATS = ("saelens", "sparsify")
+#: ``peft``: a PEFT adapter folder (:mod:`xsae_cli.sae.adapters`) that ``PeftSaeModel.from_pretrained`` loads.
+FORMATS = ("saelens", "sparsify", "peft")
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -101,7 +102,7 @@ def save_sae(
     force: bool = False,
     hook: str | None = None,
 ) -> Path:
-    """Write ``sae`` in SAELens's layout (default) or sparsify's; return the folder written.
+    """Write ``sae`` in SAELens's layout (default), sparsify's, or as a PEFT adapter; return the folder written.
 
     The folder is built under a temporary name and moved into place when complete, so an
     interrupted save never leaves half an SAE that a later load would trust. An existing non-empty
@@ -109,10 +110,16 @@ def save_sae(
 
     ``format="sparsify"`` writes ``path/<hook>/`` (sparsify keeps one folder per hook point under a
     run folder), with ``hook`` taken from the argument or else from ``metadata["hook_name"]``;
-    other hooks already under ``path`` are left alone.
+    other hooks already under ``path`` are left alone. ``format="peft"`` writes an adapter folder
+    whose target module is ``hook`` or else the SAE's ``hook_module`` / ``hook_name`` metadata.
     """
     fmt = _check_format(format)
     path = Path(path)
+    if fmt == "peft":
+        from xsae_cli.sae.adapters import _target_of, export_peft
+
+        export_peft({hook or _target_of(path.name, sae): sae}, path, force=force)
+        return path
     if fmt == "saelens":
         cfg_json, tensors = _to_saelens(sae)
         with atomic_dir(path, force=force) as tmp:
@@ -136,7 +143,7 @@ def save_sae(
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """Say which layout ``path`` holds: ``"saelens"`` or ``"sparsify"``.
+    """Say which layout ``path`` holds: ``"saelens"``, ``"sparsify"`` or ``"peft"`` (an adapter folder).
 
     A run folder of hook folders counts as the layout of its hook folders (``"sparsify"`` when
     it mixes both). A path to one of the files inside a folder is accepted too. Anything else is
@@ -185,6 +192,10 @@ def load_sae_dir(path: str | os.PathLike[str], *, device: str | torch.device = "
     """
     folder = _folder_of(path)
     kind = _folder_kind(folder)
+    if kind == "peft":
+        from xsae_cli.sae.adapters import load_peft_saes
+
+        return load_peft_saes(folder, device=device)
     if kind is not None:
         sae = _load_folder(folder, kind, device)
         name = (sae.cfg.metadata or {}).get("hook_name") or folder.name
@@ -209,6 +220,11 @@ def export_sae(
     ``dst/<hook>/`` as sparsify expects; in SAELens's layout each goes to ``dst/<hook>/``.
     """
     fmt = _check_format(format)
+    if fmt == "peft":
+        from xsae_cli.sae.adapters import export_peft_from
+
+        export_peft_from(src, dst, force=force, hook=hook)
+        return Path(dst)
     saes = load_sae_dir(src)
     dst = Path(dst)
     if len(saes) == 1 and _folder_kind(_folder_of(src)) is not None:
@@ -373,6 +389,13 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
 def _load_folder(folder: Path, kind: str, device: Any) -> SparseAutoencoder:
     if kind == "saelens":
         return _load_saelens(folder, device)
+    if kind == "peft":
+        from xsae_cli.sae.adapters import load_peft_saes
+
+        saes = load_peft_saes(folder, device=device)
+        if len(saes) != 1:
+            raise XsaeError(f"the adapter {folder} holds {len(saes)} SAEs ({', '.join(saes)})", "load them all with load_sae_dir")
+        return next(iter(saes.values()))
     return _load_sparsify(folder, device)
 
 
@@ -662,6 +685,10 @@ def _folder_kind(folder: Path) -> str | None:
     A folder with a weights file but no cfg.json (or the other way round) is an error naming the
     missing file: it is clearly meant to be an SAE, and "nothing found" would mislead.
     """
+    from xsae_cli.sae.adapters import is_peft_adapter
+
+    if is_peft_adapter(folder):
+        return "peft"
     has_cfg = (folder / SAELENS_CFG).is_file()
     if (folder / SAELENS_WEIGHTS).is_file():
         if not has_cfg:
@@ -697,7 +724,7 @@ def _natural_key(name: str) -> list[Any]:
 def _nothing_found(folder: Path) -> XsaeError:
     return XsaeError(
         f"no SAE found in {folder}",
-        f"expected {SAELENS_CFG} + {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify), or hook folders holding them",
+        f"expected {SAELENS_CFG} + {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify), a PEFT adapter (adapter_config.json), or hook folders holding them",
     )
 
 

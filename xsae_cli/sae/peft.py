@@ -270,7 +270,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("xsae_sae",)
-    other_param_names = ("xsae_mode", "xsae_pending", "xsae_codes", "xsae_configs")
+    other_param_names = ("xsae_mode", "xsae_pending", "xsae_codes", "xsae_configs", "xsae_train", "xsae_outputs")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaeAdapterConfig, module_name: str = "") -> None:
         super().__init__()
@@ -280,6 +280,11 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         self.xsae_pending: dict[str, SaeAdapterConfig] = {}
         self.xsae_codes: dict[str, torch.Tensor] = {}
         self.xsae_configs: dict[str, SaeAdapterConfig] = {}
+        # Set for one forward by xsae_cli.sae.adapters.training_outputs: adapters whose SAE takes a
+        # training step here ({"keep": token mask or None, "dead": dead-latent mask or None}), and
+        # their TrainOutputs (losses with their graphs; the caller pops them right after).
+        self.xsae_train: dict[str, dict[str, Any]] = {}
+        self.xsae_outputs: dict[str, Any] = {}
         self.module_name = module_name
         self._disable_adapters = False
         self.merged_adapters = []
@@ -318,16 +323,16 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         metadata = {"hook_name": self.module_name, "peft_adapter": adapter_name}
         if config.base_model_name_or_path:
             metadata["model_name"] = config.base_model_name_or_path
-        sae_cfg = SaeConfig(
-            arch=config.arch,
-            d_in=int(d_in),
-            d_sae=int(d_sae),
-            k=config.k if uses_k else None,
-            dtype=config.dtype,
-            apply_b_dec_to_input=config.apply_b_dec_to_input,
-            metadata=metadata,
+        sae_cfg = SaeConfig.from_dict({  # from_dict: sae_kwargs may hold options of the architecture
+            "arch": config.arch,
+            "d_in": int(d_in),
+            "d_sae": int(d_sae),
+            "k": config.k if uses_k else None,
+            "dtype": config.dtype,
+            "apply_b_dec_to_input": config.apply_b_dec_to_input,
+            "metadata": metadata,
             **config.sae_kwargs,
-        )
+        })
         # Initialised on the CPU (create_sae's rule: same weights on every device), then moved; under
         # PEFT's low_cpu_mem_usage the parameters are on the meta device and are assigned at load.
         sae = create_sae(sae_cfg, seed=config.init_seed)
@@ -382,6 +387,11 @@ class SaeLayer(nn.Module, BaseTunerLayer):
                     "set d_in in the adapter config to the hidden-state width, or target another module",
                 )
             x = hidden.to(sae.W_enc.dtype)
+            if name in self.xsae_train:
+                new = self._training_step(name, sae, x)
+                if self.xsae_mode[name] == "splice":
+                    hidden, spliced = new.to(hidden.dtype), True
+                continue
             codes = sae.encode(x)
             # Detached: a tensor holding an autograd graph on a module would keep the graph alive
             # between steps and break copy.deepcopy of the model. Train through splice, or call the
@@ -391,6 +401,20 @@ class SaeLayer(nn.Module, BaseTunerLayer):
                 hidden = sae.decode(codes).to(hidden.dtype)
                 spliced = True
         return replace_hidden(output, hidden) if spliced else output
+
+    def _training_step(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's training forward on this hidden state (kept tokens only); returns the hidden
+        state with the kept rows replaced by the training reconstruction (gradients flow to both)."""
+        plan = self.xsae_train[name]
+        flat = x.reshape(-1, x.shape[-1])
+        keep = plan.get("keep")
+        rows = flat if keep is None else flat[keep.reshape(-1).to(flat.device)]
+        out = sae.training_forward(rows, plan.get("dead"))
+        self.xsae_outputs[name] = out
+        if keep is None:
+            return out.x_hat.reshape(x.shape)
+        index = keep.reshape(-1).to(flat.device).nonzero().squeeze(1)
+        return flat.index_put((index,), out.x_hat.to(flat.dtype)).reshape(x.shape)
 
     def __repr__(self) -> str:
         rep = super().__repr__()

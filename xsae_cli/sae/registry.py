@@ -232,7 +232,21 @@ def sparsify_names() -> tuple[str, ...]:
     return tuple(s.sparsify for s in specs().values() if s.sparsify)
 
 
+def describe() -> list[dict[str, Any]]:
+    """One JSON-able row per registered architecture (what ``xsae sae archs`` shows)."""
+    return [
+        {
+            "arch": s.name, "class": f"{s.cls.__module__}.{s.cls.__qualname__}", "uses_k": s.uses_k, "saelens": s.saelens,
+            "saelens_read": list(s.saelens_read), "sparsify": s.sparsify, "tensors": {n: t.kind for n, t in s.tensors.items()},
+            "coefficients": list(s.coefficients), "options": dict(s.options), "unit_norm_decoder": s.unit_norm_decoder,
+            "bf16_selection": s.bf16_selection,
+        }
+        for s in specs().values()
+    ]
+
+
 __all__ = [
+    "describe",
     "ArchSpec",
     "ExtraTensor",
     "arch_names",
