@@ -66,15 +66,6 @@ def in_launched_process() -> bool:
     return os.environ.get("XSAE_LAUNCHED") == "1"
 
 
-def dist_env() -> dict[str, int]:
-    """Rank, local rank and world size as the launchers publish them (1 process when unset)."""
-    return {
-        "rank": int(os.environ.get("RANK", "0")),
-        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
-
-
 def strip_launch_args(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     skip = False

@@ -584,25 +584,12 @@ def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device: Any, source
     dtype = getattr(torch, _dtype_name(cfg.dtype))
     with init_empty_weights(include_buffers=False):
         sae = create_sae(cfg)
-    own = dict(sae.state_dict())
-    state = {}
-    for name, value in tensors.items():
-        if name not in own:
-            raise XsaeError(f"{source} holds {name}, which a {cfg.arch} SAE does not have", "check the architecture in cfg.json")
-        target = own[name]
-        if tuple(value.shape) != tuple(target.shape):
-            if value.numel() == target.numel() and value.dim() <= 1 and target.dim() <= 1:
-                value = value.reshape(target.shape)
-            else:
-                raise XsaeError(
-                    f"{name} in {source} has shape {list(value.shape)} but a {cfg.arch} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae} needs {list(target.shape)}",
-                    "the config and the weights disagree; re-create the files",
-                )
-        state[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+    # The loaders pass exactly the tensors the registration declares, shape-checked (_check_shapes).
+    state = {name: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous() for name, value in tensors.items()}
     sae.load_state_dict(state, strict=False, assign=True)
     still_meta = [n for n, p in sae.named_parameters() if p.device.type == "meta"]
-    if still_meta:
-        raise XsaeError(f"{source} lacks {', '.join(still_meta)} for a {cfg.arch} SAE", "re-create the file")
+    if still_meta:  # a class that makes a parameter its registration does not declare
+        raise XsaeError(f"{source} lacks {', '.join(still_meta)} for a {cfg.arch} SAE", f"declare it in the {cfg.arch} registration (tensors=...), or re-create the file")
     return sae.to(device)
 
 

@@ -183,3 +183,18 @@ def test_builtin_registrations_say_what_the_old_literal_tables_said() -> None:
     assert torch.equal(jump.threshold.detach(), torch.full((8,), 0.25)) and "threshold" in dict(jump.named_parameters())
     btk = create_sae(SaeConfig(arch="batchtopk", d_in=4, d_sae=8, k=2))
     assert "threshold" in dict(btk.named_buffers()) and "threshold" not in dict(btk.named_parameters())
+
+
+def test_a_parameter_the_registration_does_not_declare_is_named_at_load(tmp_path: Path) -> None:
+    class Undeclared(GainTopKSae):
+        def __init__(self, cfg: SaeConfig, generator: torch.Generator | None = None) -> None:
+            super().__init__(cfg, generator)
+            self.bias2 = nn.Parameter(torch.zeros(int(cfg.d_sae)))
+
+    register_sae_class("undeclared", Undeclared, uses_k=True, options={"gain_decay": 0.0}, tensors={"gain": ExtraTensor("parameter", init=1.0)})
+    try:
+        folder = save_sae(create_sae(SaeConfig(arch="undeclared", d_in=4, d_sae=8, k=2)), tmp_path / "u")
+        with pytest.raises(XsaeError, match="lacks bias2 for a undeclared SAE.*declare it"):
+            load_sae(folder)
+    finally:
+        unregister_sae_class("undeclared")
