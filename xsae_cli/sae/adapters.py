@@ -88,6 +88,11 @@ def _groups(saes: Mapping[str, SparseAutoencoder], mode: str) -> list[tuple[SaeA
     """SAEs that one adapter config describes (same settings and d_sae), each with its config."""
     out: dict[Any, dict[str, SparseAutoencoder]] = {}
     for path, sae in saes.items():
+        if (sae.cfg.metadata or {}).get("hook_site", "output") != "output":
+            raise XsaeError(
+                f"the SAE for {path} was trained on the module's {sae.cfg.metadata['hook_site']}, and an SAE adapter reads its output",
+                "name the module whose output that is (e.g. the previous block) as the target",
+            )
         c = _config_for(sae, [path], mode)
         key = (c.arch, c.k, c.num_latents, c.dtype, c.apply_b_dec_to_input, repr(sorted(c.sae_kwargs.items())), c.base_model_name_or_path)
         out.setdefault(key, {})[path] = sae

@@ -142,3 +142,6 @@ def test_bad_input_names_the_module_and_the_fix() -> None:
         inject_saes(_qwen(), ["model.layers.1"])
     with pytest.raises(XsaeError, match="not an xsae SAE adapter"):
         load_peft_saes(Path(__file__).parent)
+    on_input = create_sae(SaeConfig(arch="relu", d_in=32, d_sae=8, metadata={"hook_name": "model.layers.1", "hook_site": "input"}))
+    with pytest.raises(XsaeError, match="trained on the module's input"):
+        inject_saes(_qwen(), {"model.layers.1": on_input})
