@@ -106,16 +106,20 @@ class Pattern:
         return self._t
 
 
+def _gather_add(n_out: int, into: Tensor, take: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+    """``out[into[i]] += values[i] * dense[take[i]]`` in chunks (the ``gather`` backend's product)."""
+    out = dense.new_zeros(n_out, dense.shape[1])
+    for s in range(0, values.numel(), _GATHER_CHUNK):
+        sl = slice(s, s + _GATHER_CHUNK)
+        out.index_add_(0, into[sl], dense.index_select(0, take[sl]) * values[sl, None])
+    return out
+
+
 def _spmm(p: Pattern, values: Tensor, dense: Tensor) -> Tensor:
     """G @ dense, with G [n_rows, n_cols] given by (p, values) and dense [n_cols, D] -> [n_rows, D]."""
     if p.backend == "bag":
         return F.embedding_bag(p.cols, dense, p.crow[:-1], mode="sum", per_sample_weights=values)
-    out = dense.new_zeros(p.n_rows, dense.shape[1])
-    rows, cols = p.rows, p.cols
-    for s in range(0, p.nnz, _GATHER_CHUNK):
-        sl = slice(s, s + _GATHER_CHUNK)
-        out.index_add_(0, rows[sl], dense.index_select(0, cols[sl]) * values[sl, None])
-    return out
+    return _gather_add(p.n_rows, p.rows, p.cols, values, dense)
 
 
 def _spmm_t(p: Pattern, values: Tensor, dense: Tensor) -> Tensor:
@@ -123,12 +127,7 @@ def _spmm_t(p: Pattern, values: Tensor, dense: Tensor) -> Tensor:
     if p.backend == "bag":
         order, crow_t, rows_t = p.transposed()
         return F.embedding_bag(rows_t, dense, crow_t[:-1], mode="sum", per_sample_weights=values.index_select(0, order))
-    out = dense.new_zeros(p.n_cols, dense.shape[1])
-    rows, cols = p.rows, p.cols
-    for s in range(0, p.nnz, _GATHER_CHUNK):
-        sl = slice(s, s + _GATHER_CHUNK)
-        out.index_add_(0, cols[sl], dense.index_select(0, rows[sl]) * values[sl, None])
-    return out
+    return _gather_add(p.n_cols, p.cols, p.rows, values, dense)
 
 
 def _sddmm(p: Pattern, a: Tensor, b: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ names cheaply once they are loaded, and the base class can import it without a c
 from __future__ import annotations
 
 import importlib
+import numbers
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -205,7 +206,7 @@ def check_arch(name: str, *, k: Any = None, d_sae: Any = None, where: str = "") 
     ``k <= d_sae`` when both are known. Config, trainer settings and the PEFT tuner all call it."""
     spec = get_arch(name, where)
     if spec.uses_k:
-        if k is None or isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        if k is None or isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
             got = "" if k is None else f" (got {k!r})"
             raise XsaeError(f"a {name} SAE needs k >= 1 active latents{got}", "set k to a positive integer (e.g. k = 32)")
         if d_sae is not None and int(k) > int(d_sae):
@@ -246,11 +247,11 @@ def describe() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "describe",
     "ArchSpec",
     "ExtraTensor",
     "arch_names",
     "check_arch",
+    "describe",
     "from_saelens",
     "from_sparsify",
     "get_arch",
