@@ -32,7 +32,7 @@ import enum
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft import PeftModel
@@ -87,12 +87,17 @@ def _register() -> None:
     """
     from peft import mapping
 
-    tables = ((mapping.PEFT_TYPE_TO_CONFIG_MAPPING, SaeAdapterConfig), (mapping.PEFT_TYPE_TO_TUNER_MAPPING, SaeTuner), (mapping.PEFT_TYPE_TO_PREFIX_MAPPING, PREFIX))
-    if all(table.get(PEFT_TYPE) is value or table.get(PEFT_TYPE) == value for table, value in tables):
+    # PEFT types these tables as keyed by PeftType; they are plain dicts looked up by string.
+    tables: list[tuple[dict[Any, Any], Any]] = [
+        (cast(dict, mapping.PEFT_TYPE_TO_CONFIG_MAPPING), SaeAdapterConfig),
+        (cast(dict, mapping.PEFT_TYPE_TO_TUNER_MAPPING), SaeTuner),
+        (cast(dict, mapping.PEFT_TYPE_TO_PREFIX_MAPPING), PREFIX),
+    ]
+    if all(table.get(PEFT_TYPE) == value for table, value in tables):
         return
     for table, value in tables:
-        held = table.get(PEFT_TYPE)
-        if held is not None and held is not value and getattr(held, "__qualname__", held) != getattr(value, "__qualname__", value):
+        held = table.get(PEFT_TYPE)  # this module reloaded: same names, new classes, replaced below
+        if held is not None and held != value and getattr(held, "__qualname__", held) != getattr(value, "__qualname__", value):
             raise RuntimeError(f"another PEFT method is registered as {PEFT_TYPE.value} ({held!r})")
     owner = next((t for t, p in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == PREFIX and t != PEFT_TYPE), None)
     if owner is not None:
@@ -124,11 +129,11 @@ class SaeAdapterConfig(PeftConfig):
     expansion_factor: float | None = field(default=None, metadata={"help": "d_sae = expansion_factor x d_in when num_latents is not set"})
     d_in: int | None = field(default=None, metadata={"help": "width of the hidden state; inferred from the target when None"})
     mode: str = field(default="splice", metadata={"help": "'splice': output replaced by the reconstruction; 'observe': output unchanged, codes recorded"})
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={"help": "module names (exact or suffix match) or a regex, as in LoraConfig; any nn.Module type"},
     )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "module names or a regex to leave out"})
+    exclude_modules: list[str] | set[str] | str | None = field(default=None, metadata={"help": "module names or a regex to leave out"})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "only these layer indices (as in LoraConfig)"})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "name of the layer list, e.g. 'layers' (as in LoraConfig)"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "extra modules trained and saved with the adapter (PEFT's modules_to_save)"})
@@ -442,7 +447,7 @@ class SaeTuner(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SaeLayer
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - an instance attribute in BaseTuner
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:

@@ -141,21 +141,21 @@ def register_sae_class(
     saelens = saelens or name
     read = tuple(saelens_read) if saelens_read is not None else (saelens,)
     for other in _REGISTRY.values():
-        clash = set(read) & set(other.saelens_read)
-        if clash:
-            raise ValueError(f"SAELens architecture {sorted(clash)} is already read as '{other.name}'")
+        shared = set(read) & set(other.saelens_read)
+        if shared:
+            raise ValueError(f"SAELens architecture {sorted(shared)} is already read as '{other.name}'")
     fields = {f for f in SaeConfig.__dataclass_fields__}
     options = dict(options or {})
-    clash = sorted(set(options) & fields)
-    if clash:
-        raise ValueError(f"options {clash} of '{name}' are SaeConfig fields already")
+    taken = sorted(set(options) & fields)
+    if taken:
+        raise ValueError(f"options {taken} of '{name}' are SaeConfig fields already")
     unknown = [c for c in coefficients if c not in fields and c not in options]
     if unknown:
         raise ValueError(f"coefficients {unknown} of '{name}' are neither SaeConfig fields nor its options")
     tensors = dict(tensors or {})
-    clash = sorted(set(tensors) & set(BASE_TENSORS))
-    if clash:
-        raise ValueError(f"extra tensors {clash} of '{name}' clash with the base tensors")
+    twice = sorted(set(tensors) & set(BASE_TENSORS))
+    if twice:
+        raise ValueError(f"extra tensors {twice} of '{name}' clash with the base tensors")
     spec = ArchSpec(
         name=name, cls=cls, uses_k=uses_k, saelens=saelens, saelens_read=read, sparsify=sparsify, tensors=tensors,
         coefficients=tuple(coefficients), options=options, unit_norm_decoder=unit_norm_decoder, bf16_selection=bf16_selection,

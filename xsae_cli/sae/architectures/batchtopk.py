@@ -31,7 +31,7 @@ class BatchTopKSae(TopKSae):
     def _select(self, pre: Tensor, training: bool) -> tuple[Pattern, Tensor]:
         n, d_sae = pre.shape
         if training:
-            flat = global_topk(pre, int(self.cfg.k) * n)
+            flat = global_topk(pre, self.k * n)
         else:  # JumpReLU semantics: every latent above the threshold (and above zero)
             keep = (pre > self.threshold.to(pre.dtype)) & (pre > 0)
             flat = keep.reshape(-1).nonzero().squeeze(1)

@@ -23,9 +23,14 @@ class TopKSae(SparseAutoencoder):
     Training runs one dense matmul (the pre-activations) and otherwise only sparse products.
     """
 
+    @property
+    def k(self) -> int:
+        """Active latents per token (the registration says topk uses k, so the config holds one)."""
+        return int(self.cfg.k or 0)
+
     def _select(self, pre: Tensor, training: bool) -> tuple[Pattern, Tensor]:
         """Pattern and pre-activation values of the selected latents (TopK: k per row)."""
-        vals, idx = pre.topk(int(self.cfg.k), dim=-1, sorted=False)
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
         return Pattern.from_topk(idx, int(self.cfg.d_sae), self.sparse_backend), vals.reshape(-1)
 
     def _sparse_codes(self, x_n: Tensor, training: bool) -> tuple[Tensor, Pattern, Tensor, Tensor]:
@@ -102,7 +107,7 @@ class TopKSae(SparseAutoencoder):
 
 def _saelens_cfg(cfg: SaeConfig) -> dict[str, Any]:
     """SAELens's TopK config holds k; xsae's decoder is never rescaled at run time."""
-    return {"k": int(cfg.k), "rescale_acts_by_decoder_norm": False}
+    return {"k": int(cfg.k or 0), "rescale_acts_by_decoder_norm": False}
 
 
 register_sae_class(
