@@ -9,8 +9,9 @@ their original activation, and only real tokens are scored: their activations ha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.data.hooks import HiddenCapture, find_hidden, input_hidden, replace_hidden, replace_input_hidden, replacing
+from xsae_cli.data.hooks import (
+    HiddenCapture,
+    find_hidden,
+    input_hidden,
+    replace_hidden,
+    replace_input_hidden,
+    replacing,
+)
 
 H = torch.arange(6.0).reshape(1, 2, 3)
 NEW = -torch.ones(1, 2, 3)
@@ -110,9 +117,8 @@ def test_capture_input_site_and_missing_module() -> None:
 
 def test_capture_does_not_swallow_another_capture_s_stop() -> None:
     model = _Chain()
-    with HiddenCapture(model, {"outer": "blocks.0"}) as outer:
-        with HiddenCapture(model, {"inner": "blocks.2"}, stop=False):
-            model(torch.randn(1, 3))  # the outer stop at block 0 must pass through the inner capture
+    with HiddenCapture(model, {"outer": "blocks.0"}) as outer, HiddenCapture(model, {"inner": "blocks.2"}, stop=False):
+        model(torch.randn(1, 3))  # the outer stop at block 0 must pass through the inner capture
     assert "outer" in outer.values
 
 
@@ -122,9 +128,8 @@ def test_capture_of_a_module_without_tensor_names_the_hook() -> None:
             return None
 
     model = nn.Sequential(Silent())
-    with pytest.raises(XsaeError, match=r"hook h \(0\) gives NoneType with no tensor at its output"):
-        with HiddenCapture(model, {"h": "0"}):
-            model(torch.zeros(1))
+    with pytest.raises(XsaeError, match=r"hook h \(0\) gives NoneType with no tensor at its output"), HiddenCapture(model, {"h": "0"}):
+        model(torch.zeros(1))
     with pytest.raises(XsaeError, match="unknown hook site"):
         HiddenCapture(model, {"h": "0"}, site="middle")
 

@@ -10,9 +10,20 @@ import torch
 
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.data.hooks import HiddenCapture
-from xsae_cli.sae.adapters import export_peft, inject_saes, load_peft_saes, training_outputs
+from xsae_cli.sae.adapters import (
+    export_peft,
+    inject_saes,
+    load_peft_saes,
+    training_outputs,
+)
 from xsae_cli.sae.evaluate import spliced
-from xsae_cli.sae.formats import detect_format, export_sae, load_sae, load_sae_dir, save_sae
+from xsae_cli.sae.formats import (
+    detect_format,
+    export_sae,
+    load_sae,
+    load_sae_dir,
+    save_sae,
+)
 from xsae_cli.sae.models import SaeConfig, create_sae
 from xsae_cli.sae.train import TrainSettings
 

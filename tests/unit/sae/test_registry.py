@@ -17,9 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.sae.base import SaeConfig, SparseAutoencoder, create_sae, fired_dense, mse_loss
+from xsae_cli.sae.base import (
+    SaeConfig,
+    SparseAutoencoder,
+    create_sae,
+    fired_dense,
+    mse_loss,
+)
 from xsae_cli.sae.formats import load_sae, save_sae
-from xsae_cli.sae.registry import ExtraTensor, arch_names, get_arch, register_sae_class, specs, unregister_sae_class
+from xsae_cli.sae.registry import (
+    ExtraTensor,
+    arch_names,
+    get_arch,
+    register_sae_class,
+    specs,
+    unregister_sae_class,
+)
 from xsae_cli.sae.train import SaeTrainer, TrainSettings
 
 NAME = "gaintopk"
@@ -83,7 +96,7 @@ def _batches(x: Tensor, batch: int):
 
 
 def _settings(**kw) -> TrainSettings:
-    base = dict(arch=NAME, k=4, expansion=4, batch_size=256, tokens=8192, checkpoint_every=8, log_every=4, seed=1, extra={"gain_decay": 1e-2})
+    base = {"arch": NAME, "k": 4, "expansion": 4, "batch_size": 256, "tokens": 8192, "checkpoint_every": 8, "log_every": 4, "seed": 1, "extra": {"gain_decay": 1e-2}}
     base.update(kw)
     return TrainSettings(**base)
 
