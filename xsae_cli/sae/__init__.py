@@ -30,7 +30,7 @@ _EXPORTS = {
     "SaeTuner": "peft",
     "get_peft_sae_model": "peft",
     "sae_adapter_config_class": "peft",
-    "TrainSettings": "train",
+    "SaeTrainSettings": "settings",
     "SaeTrainer": "train",
 }
 

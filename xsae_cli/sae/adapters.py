@@ -4,7 +4,7 @@ The services on top of the tuner (:mod:`xsae_cli.sae.peft`), for code that train
 through the model rather than on a cache of activations:
 
 - :func:`inject_saes` puts SAEs on modules of a model (``{module path: SAE}`` trained ones, or
-  fresh ones made from :class:`~xsae_cli.sae.train.TrainSettings`), in ``splice`` mode (the
+  fresh ones made from :class:`~xsae_cli.sae.settings.SaeTrainSettings`), in ``splice`` mode (the
   module's hidden state is replaced by the reconstruction) or ``observe`` mode (left unchanged);
   the base model's weights are frozen, as PEFT freezes them for any adapter.
 - :func:`training_outputs` runs one forward with the SAEs in training mode and returns each SAE's
@@ -36,7 +36,7 @@ from xsae_cli.core.errors import XsaeError
 if TYPE_CHECKING:
     from xsae_cli.sae.base import SparseAutoencoder, TrainOutput
     from xsae_cli.sae.peft import PeftSaeModel, SaeAdapterConfig
-    from xsae_cli.sae.train import TrainSettings
+    from xsae_cli.sae.settings import SaeTrainSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,11 +99,13 @@ def _groups(saes: Mapping[str, SparseAutoencoder], mode: str) -> list[tuple[SaeA
     return [(_config_for(next(iter(group.values())), list(group), mode), group) for group in out.values()]
 
 
-def adapter_config_from_settings(settings: TrainSettings, hooks: Sequence[str], *, mode: str = "splice", seed: int | None = None) -> SaeAdapterConfig:
-    """The adapter config of fresh SAEs trained with ``settings`` on ``hooks`` (module paths)."""
+def adapter_config_from_settings(settings: SaeTrainSettings, hooks: Sequence[str], *, mode: str = "splice", seed: int = 0) -> SaeAdapterConfig:
+    """The adapter config of fresh SAEs trained with ``settings`` on ``hooks`` (module paths);
+    ``seed`` makes their initial weights (as the trainer's seed does)."""
     from xsae_cli.sae.peft import _sae_config_extra_fields, sae_adapter_config_class
+    from xsae_cli.sae.train import sae_config_for
 
-    probe = settings.sae_config(max(1, settings.k), {})  # the SaeConfig the trainer would make
+    probe = sae_config_for(settings, max(1, settings.k), {})  # the SaeConfig the trainer would make
     kwargs = {name: getattr(probe, name) for name in sorted(_sae_config_extra_fields()) if name != "options"}
     kwargs.update(probe.options)
     size = {"num_latents": settings.d_sae} if settings.d_sae else {"expansion_factor": float(settings.expansion)}
@@ -112,7 +114,7 @@ def adapter_config_from_settings(settings: TrainSettings, hooks: Sequence[str], 
         mode=mode,
         target_modules=list(hooks),
         sae_kwargs=kwargs,
-        init_seed=settings.seed if seed is None else seed,
+        init_seed=int(seed),
         **size,
     )
 
@@ -126,9 +128,10 @@ def inject_saes(
     model: nn.Module,
     saes: Mapping[str, SparseAutoencoder] | Sequence[str],
     *,
-    settings: TrainSettings | None = None,
+    settings: SaeTrainSettings | None = None,
     mode: str = "splice",
     adapter_name: str = "default",
+    seed: int = 0,
 ) -> PeftSaeModel:
     """``model`` as a :class:`PeftSaeModel` with SAEs on the given modules, base weights frozen.
 
@@ -150,11 +153,11 @@ def inject_saes(
         groups = _groups(resolved, mode)
     else:
         if settings is None:
-            raise XsaeError("fresh SAEs need training settings", "pass settings=TrainSettings(...), or {module path: SAE}")
+            raise XsaeError("fresh SAEs need training settings", "pass settings=SaeTrainSettings(...), or {module path: SAE}")
         paths = [resolve_module_name(model, path) for path in saes]
         if not paths:
             raise XsaeError("no module paths to put SAEs on", "pass at least one, e.g. model.layers.6")
-        groups = [(adapter_config_from_settings(settings, paths, mode=mode), {})]
+        groups = [(adapter_config_from_settings(settings, paths, mode=mode, seed=seed), {})]
     names = [adapter_name if i == 0 else f"{adapter_name}_{i}" for i in range(len(groups))]
     peft_model: PeftSaeModel | None = None
     for name, (config, group) in zip(names, groups):

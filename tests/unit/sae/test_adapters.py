@@ -25,7 +25,7 @@ from xsae_cli.sae.formats import (
     save_sae,
 )
 from xsae_cli.sae.models import SaeConfig, create_sae
-from xsae_cli.sae.train import TrainSettings
+from xsae_cli.sae.settings import SaeTrainSettings
 
 IDS = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -90,8 +90,8 @@ def test_saes_of_several_shapes_become_several_adapters_and_round_trip(tmp_path:
 def test_training_forward_through_the_model_equals_training_on_captured_activations() -> None:
     """The adapter's loss is the SAE's training loss on the module's hidden state, kept tokens only;
     the forward stops after the last adapted module (norm and LM head never run)."""
-    settings = TrainSettings(arch="topk", k=4, expansion=2, seed=3)
-    model = inject_saes(_qwen(), ["model.layers.1", "2"], settings=settings, mode="observe")
+    settings = SaeTrainSettings(arch="topk", k=4, expansion=2)
+    model = inject_saes(_qwen(), ["model.layers.1", "2"], settings=settings, mode="observe", seed=3)
     keep = torch.ones(2, 12, dtype=torch.bool)
     keep[:, 0] = False  # BOS-like positions stay out of training
     base = model.get_base_model()
@@ -115,7 +115,7 @@ def test_training_forward_through_the_model_equals_training_on_captured_activati
 
 
 def test_observe_leaves_the_model_unchanged_and_splice_trains_what_follows() -> None:
-    settings = TrainSettings(arch="relu", expansion=2, seed=0)
+    settings = SaeTrainSettings(arch="relu", expansion=2)
     clean = _qwen()
     with torch.no_grad():
         want = clean(input_ids=IDS).logits
@@ -144,7 +144,7 @@ def test_trained_saes_inject_as_they_are_and_a_few_steps_through_the_model_learn
 
 
 def test_bad_input_names_the_module_and_the_fix() -> None:
-    settings = TrainSettings(arch="topk", k=4, expansion=2)
+    settings = SaeTrainSettings(arch="topk", k=4, expansion=2)
     with pytest.raises(XsaeError, match="no module 'model.layers.9'"):
         inject_saes(_qwen(), ["model.layers.9"], settings=settings)
     with pytest.raises(XsaeError, match="unknown SAE adapter mode 'watch'"):

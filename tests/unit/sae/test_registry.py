@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.settings import setting
 from xsae_cli.sae.base import (
     SaeConfig,
     SparseAutoencoder,
@@ -33,7 +35,8 @@ from xsae_cli.sae.registry import (
     specs,
     unregister_sae_class,
 )
-from xsae_cli.sae.train import SaeTrainer, TrainSettings
+from xsae_cli.sae.settings import SaeTrainSettings
+from xsae_cli.sae.train import SaeTrainer
 
 NAME = "gaintopk"
 
@@ -95,16 +98,26 @@ def _batches(x: Tensor, batch: int):
     return make
 
 
-def _settings(**kw) -> TrainSettings:
-    base = {"arch": NAME, "k": 4, "expansion": 4, "batch_size": 256, "tokens": 8192, "checkpoint_every": 8, "log_every": 4, "seed": 1, "extra": {"gain_decay": 1e-2}}
+@dataclass(frozen=True)
+class GainSettings(SaeTrainSettings):
+    """An architecture's option as a setting (a [sae] key, an XSAE_SAE_ variable, a flag): one field."""
+
+    gain_decay: float = setting(1e-2, "gaintopk: weight of the pull of the gains towards 1.", ge=0)
+
+    def sae_overrides(self) -> dict:
+        return {**super().sae_overrides(), "gain_decay": self.gain_decay}
+
+
+def _settings(**kw) -> GainSettings:
+    base = {"arch": NAME, "k": 4, "expansion": 4, "batch_size": 256, "tokens": 8192, "checkpoint_every": 8, "log_every": 4}
     base.update(kw)
-    return TrainSettings(**base)
+    return GainSettings(**base)
 
 
 def test_a_test_file_architecture_trains_resumes_saves_and_loads(tmp_path: Path) -> None:
     assert NAME in arch_names()
     x = _data()
-    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path / "run")
+    trainer = SaeTrainer(_settings(), {"h": 16}, tmp_path / "run", seed=1)
     logs = trainer.fit(_batches(x, 256))
     w_dec = trainer.states["h"].sae.W_dec.detach()  # before finalize() swaps in schedule-free's average
     assert torch.allclose(w_dec.norm(dim=1), torch.ones(64), atol=1e-4)  # unit_norm_decoder defaults to True
@@ -114,7 +127,7 @@ def test_a_test_file_architecture_trains_resumes_saves_and_loads(tmp_path: Path)
     assert logs["h"]["fvu"] < 0.5 and logs["h"]["l0"] <= 4 + 1e-6 and "gain_pull" in logs["h"]
     assert not torch.allclose(sae.gain.detach(), torch.ones(64))  # the extra parameter trained
 
-    resumed = SaeTrainer(_settings(tokens=8192 + 1024), {"h": 16}, tmp_path / "run")
+    resumed = SaeTrainer(_settings(tokens=8192 + 1024), {"h": 16}, tmp_path / "run", seed=1)
     assert resumed.try_resume() and resumed.step == trainer.step
     torch.testing.assert_close(resumed.states["h"].sae.gain.detach(), gain_at_checkpoint)
 
@@ -149,8 +162,11 @@ def test_a_test_file_architecture_is_a_peft_adapter(tmp_path: Path) -> None:
 
 
 def test_the_registry_validates_k_and_options_in_one_place() -> None:
+    assert SaeTrainSettings(arch=NAME).arch == NAME  # the settings' --arch choices read the registry
+    with pytest.raises(XsaeError, match="gaintopq"):
+        SaeTrainSettings(arch="gaintopq")
     with pytest.raises(XsaeError, match=f"a {NAME} SAE needs k >= 1"):
-        TrainSettings(arch=NAME, k=0)
+        SaeConfig(arch=NAME, d_in=4, d_sae=8)
     with pytest.raises(XsaeError, match="k=9 is larger than d_sae=8"):
         SaeConfig(arch=NAME, d_in=4, d_sae=8, k=9)
     with pytest.raises(XsaeError, match="unknown option"):
