@@ -156,5 +156,8 @@ def test_help_shows_generated_options_with_their_choices_and_old_spellings_still
     text = " ".join(proc.stdout.split())
     for flag in ("--l1-coefficient", "--warmup-fraction", "--normalize-activations", "--outlier-factor", "--no-pack"):
         assert flag in text, flag
-    assert "{choices:" not in text and "one of relu, topk, batchtopk, jumprelu" in text.replace("│ ", "")
+    flat = text.replace("│ ", "")
+    assert "{choices:" not in text and "one of " in flat
+    listed = flat.split("--arch", 1)[1].split("one of ", 1)[1][:80]  # the registered architectures, in registration order
+    assert all(arch in listed for arch in ("relu", "topk", "batchtopk", "jumprelu")), listed
     assert "--output" not in run_xsae("viz", "cluster", "--help").stdout  # hidden alias

@@ -46,6 +46,30 @@ def test_train_eval_export_on_tiny_gpt2(demo_zoo: Path, tmp_path: Path) -> None:
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "sp" / "transformer.h.2" / "sae.safetensors").exists()
 
+    # A run folder -> a PEFT adapter that PEFT's own loader puts on the model: its spliced
+    # predictions are the ones the downstream evaluation measured.
+    peft_dir = tmp_path / "adapter"
+    exp = run_xsae("--json", "sae", "export", str(out), str(peft_dir), "--format", "peft")
+    assert exp.returncode == 0, exp.stderr
+    assert json.loads(exp.stdout)["format"] == "peft"
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["target_modules"] == ["transformer.h.2"]
+    from peft import PeftModel
+
+    import xsae_cli.sae.peft  # noqa: F401 - registers the XSAE method with PEFT, as a user's import does
+    from xsae_cli.sae.evaluate import spliced
+    from xsae_cli.sae.formats import load_sae
+    from xsae_cli.zoo.registry import resolve_entry
+    from xsae_cli.zoo.sources import load_model
+
+    model, _ = load_model(resolve_entry("tiny-gpt2"), device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad(), spliced(model, "transformer.h.2", load_sae(out / "transformer.h.2")):
+        want = model(input_ids=ids).logits
+    adapted = PeftModel.from_pretrained(model, str(peft_dir))
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, want, atol=1e-5)
+    assert_user_error(run_xsae("sae", "export", str(out), str(peft_dir), "--format", "peft"), "already exists", "--force")
+
 
 def test_real_smollm2_topk_sae(demo_zoo: Path, tmp_path: Path) -> None:
     out = tmp_path / "smol"
@@ -102,3 +126,11 @@ def test_corrupt_sae_file_is_refused_with_its_path(tmp_path: Path, demo_zoo: Pat
     w = out / "transformer.h.2" / "sae_weights.safetensors"
     w.write_bytes(w.read_bytes()[:-50])
     assert_user_error(run_xsae("sae", "export", str(out / "transformer.h.2"), str(tmp_path / "o")), "sae_weights.safetensors")
+
+
+def test_archs_lists_the_registry() -> None:
+    proc = run_xsae("--json", "sae", "archs")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["arch"]: r for r in json.loads(proc.stdout)}
+    assert {"relu", "topk", "batchtopk", "jumprelu"} <= set(rows)
+    assert rows["batchtopk"]["saelens"] == "jumprelu" and rows["batchtopk"]["tensors"] == {"threshold": "buffer"} and rows["topk"]["uses_k"]

@@ -76,13 +76,13 @@ def evaluate(
 @app.command("export")
 @renamed("dst", "--output")
 def export(
-    src: Path = typer.Argument(..., help="An SAE folder (SAELens or sparsify layout)."),
+    src: Path = typer.Argument(..., help="An SAE folder, a run folder or a PEFT adapter folder (SAELens, sparsify or peft)."),
     dst: Path = typer.Argument(..., help="Where to write."),
-    fmt: str = typer.Option("saelens", "--format", help="saelens or sparsify."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Hook name for the sparsify layout (default: from the SAE's metadata)."),
+    fmt: str = typer.Option("saelens", "--format", help="saelens, sparsify, or peft (an adapter folder for PeftSaeModel.from_pretrained)."),
+    hook: Optional[str] = typer.Option(None, "--hook", help="Hook name for the sparsify layout, or the target module for peft (default: from the SAE's metadata)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
 ) -> None:
-    """Convert an SAE between the SAELens and sparsify layouts."""
+    """Convert SAEs between the SAELens and sparsify layouts and PEFT adapter folders."""
     from xsae_cli.sae.formats import export_sae
 
     path = export_sae(src, dst, fmt, force, hook=hook)
@@ -107,3 +107,16 @@ def features(
     live = sum(1 for lat in summary["latents"] if lat["frequency"] > 0)
     brief = {"written": str(path), "latents": len(summary["latents"]), "alive": live, "tokens": summary["n_tokens"]}
     out.emit(brief, lambda d: out.console.print(f"wrote [bold]{d['written']}[/bold]: {d['latents']} latents ({d['alive']} fired) over {d['tokens']:,} tokens"))
+
+
+@app.command("archs")
+def archs() -> None:
+    """The registered SAE architectures: whether they use k, their SAELens / sparsify names, extras."""
+    from xsae_cli.sae.registry import describe
+
+    rows = describe()
+    out.emit(rows, lambda rs: out.console.print(out.table("SAE architectures", ["arch", "uses k", "SAELens", "sparsify", "extra tensors", "loss coefficients", "options"], [
+        [r["arch"], "yes" if r["uses_k"] else "-", r["saelens"], r["sparsify"] or "-", ", ".join(f"{n} ({k})" for n, k in r["tensors"].items()) or "-",
+         ", ".join(r["coefficients"]) or "-", ", ".join(f"{n}={v}" for n, v in r["options"].items()) or "-"]
+        for r in rs
+    ])))

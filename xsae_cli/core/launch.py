@@ -11,8 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from xsae_cli.core.errors import XsaeError
 
@@ -64,15 +64,6 @@ def check_gpus(wanted: int, found: int) -> None:
 
 def in_launched_process() -> bool:
     return os.environ.get("XSAE_LAUNCHED") == "1"
-
-
-def dist_env() -> dict[str, int]:
-    """Rank, local rank and world size as the launchers publish them (1 process when unset)."""
-    return {
-        "rank": int(os.environ.get("RANK", "0")),
-        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
 
 
 def strip_launch_args(argv: Sequence[str]) -> list[str]:

@@ -22,25 +22,22 @@ import difflib
 import inspect
 import math
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.data.corpus import TokenContexts
+from xsae_cli.data.hooks import SITES, HiddenCapture
 from xsae_cli.zoo.anatomy import module_blocks
 
-SITES = ("output", "input")
 META_FILE = "meta.json"
 SHARD_FORMAT = "xsae-activations"
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to end a forward pass early; never escapes this module."""
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -109,22 +106,6 @@ def resolve_module_name(model: nn.Module, path: str) -> str:
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
     """The submodule of ``model`` that ``path`` denotes (see :func:`resolve_module_name`)."""
     return model.get_submodule(resolve_module_name(model, path))
-
-
-def _hidden(value: Any) -> torch.Tensor | None:
-    """The hidden-states tensor of a module's output or input (first tensor of a tuple/output)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):  # ModelOutput is a dict
-        for key in ("last_hidden_state", "hidden_states"):
-            if isinstance(value.get(key), torch.Tensor):
-                return value[key]
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
 
 
 # --------------------------------------------------------------------------------------- store
@@ -269,34 +250,6 @@ class ActivationStore:
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Hooked activations ``{hook: [batch, tokens, d_in]}`` of one forward pass (all positions)."""
-        acts: dict[str, torch.Tensor] = {}
-        n_hooks = len(self.hooks)
-        stop = self.stop_early
-
-        def keep(hook: str, value: Any) -> None:
-            if hook in acts:
-                return
-            tensor = _hidden(value)
-            if tensor is None:
-                raise XsaeError(
-                    f"hook {hook} ({self.modules[hook]}) gives {type(value).__name__} with no tensor at its {self.site}",
-                    "hook a module that passes hidden states on (a block, an MLP, an attention module)",
-                )
-            acts[hook] = tensor
-            if stop and len(acts) == n_hooks:
-                raise _StopForward
-
-        handles = []
-        for hook, name in self.modules.items():
-            module = self.model.get_submodule(name)
-            if self.site == "output":
-                handles.append(module.register_forward_hook(lambda m, a, k, out, h=hook: keep(h, out), with_kwargs=True))
-            else:
-
-                def pre(m: nn.Module, args: tuple, kwargs: dict, h: str = hook) -> None:
-                    keep(h, args if args else (kwargs.get("hidden_states"), *kwargs.values()))
-
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         training = [m for m in self.model.modules() if m.training]  # dropout off, restored after
         for m in training:
             m.training = False
@@ -304,15 +257,12 @@ class ActivationStore:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         try:
-            with torch.inference_mode():
+            with HiddenCapture(self.model, self.modules, site=self.site, stop=self.stop_early) as cap, torch.inference_mode():
                 self._target(input_ids=input_ids, attention_mask=attention_mask.to(self.model_device), **self._forward_kwargs)
-        except _StopForward:
-            pass
         finally:
-            for handle in handles:
-                handle.remove()
             for m in training:
                 m.training = True
+        acts = cap.values
         missing = [h for h in self.hooks if h not in acts]
         if missing:
             raise XsaeError(

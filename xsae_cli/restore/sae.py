@@ -57,10 +57,6 @@ class RestoreSaeSpec:
     force: bool = False
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: the forward pass has produced everything needed."""
-
-
 class DirectCapture:
     """Output of ``model.layers[layer]`` via a forward hook that stops the forward right there."""
 
@@ -70,20 +66,11 @@ class DirectCapture:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        store: list[torch.Tensor] = []
+        from xsae_cli.data.hooks import HiddenCapture
 
-        def hook(module: Any, args: Any, output: torch.Tensor) -> None:
-            store.append(output)
-            raise _Stop
-
-        handle = self.model.layers[self.layer].register_forward_hook(hook)
-        try:
+        with HiddenCapture(self.model, {hook_name(self.layer): self.model.layers[self.layer]}) as cap:
             self.model(ids, attn)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return store[0]
+        return cap.values[hook_name(self.layer)]
 
 
 class TransformerLensCapture:

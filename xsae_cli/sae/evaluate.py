@@ -9,52 +9,29 @@ their original activation, and only real tokens are scored: their activations ha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from xsae_cli.data.activations import resolve_module_name
+from xsae_cli.data.hooks import replacing
 from xsae_cli.sae.models import SparseAutoencoder
 
 
-def _replace_hidden(output: Any, new: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, tuple):
-        return (new, *output[1:])
-    if hasattr(output, "last_hidden_state"):
-        output.last_hidden_state = new
-        return output
-    raise TypeError(f"cannot splice into a module returning {type(output).__name__}")
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.last_hidden_state
-
-
 @contextmanager
-def spliced(model: torch.nn.Module, hook: str, fn: Any, keep: torch.Tensor | None = None) -> Iterator[None]:
-    """Replace ``hook``'s output by ``fn(hidden)`` at positions where ``keep`` is False."""
+def spliced(model: torch.nn.Module, hook: str, fn: Any, keep: torch.Tensor | None = None, *, site: str = "output") -> Iterator[None]:
+    """Replace ``hook``'s hidden state (its output, or its input) by ``fn(hidden)`` where ``keep`` is False."""
     module = model.get_submodule(resolve_module_name(model, hook))
 
-    def forward_hook(_m: Any, _inp: Any, output: Any) -> Any:
-        h = _hidden(output)
+    def splice(h: torch.Tensor) -> torch.Tensor:
         new = fn(h).to(h.dtype)
-        if keep is not None:
-            new = torch.where(keep[..., None].to(h.device), h, new)
-        return _replace_hidden(output, new)
+        return new if keep is None else torch.where(keep[..., None].to(h.device), h, new)
 
-    handle = module.register_forward_hook(forward_hook)
-    try:
+    with replacing(module, splice, site=site):
         yield
-    finally:
-        handle.remove()
 
 
 def _token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -71,8 +48,12 @@ def downstream_metrics(
     attention_mask: torch.Tensor | None = None,
     *,
     batch_contexts: int = 8,
+    site: str = "output",
 ) -> dict[str, float] | None:
-    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL; None without an LM head."""
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL; None without an LM head.
+
+    ``site`` is where the SAE read its training activations: the splice replaces the same tensor.
+    """
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return None
     device = next(model.parameters()).device
@@ -89,9 +70,9 @@ def downstream_metrics(
             continue
         kwargs = {"attention_mask": mask} if mask is not None else {}
         clean = model(input_ids=ids, **kwargs).logits
-        with spliced(model, hook, lambda h: sae(h.to(sae_device, torch.float32)).to(h.device), keep=special):
+        with spliced(model, hook, lambda h: sae(h.to(sae_device, torch.float32)).to(h.device), keep=special, site=site):
             recon = model(input_ids=ids, **kwargs).logits
-        with spliced(model, hook, torch.zeros_like, keep=special):
+        with spliced(model, hook, torch.zeros_like, keep=special, site=site):
             zero = model(input_ids=ids, **kwargs).logits
         n = int(scored.sum())
         totals["ce_clean"] += float(_token_ce(clean, ids)[scored].sum())

@@ -7,7 +7,8 @@ holding ``cfg.json`` and ``sae.safetensors``. Both are written here so that the 
 gives the same reconstruction as ours (checked in ``tests/unit/sae/test_interop.py``), and both are read
 so that their SAEs work in xsae.
 
-Mapping of the architectures (SAELens 6.x names):
+Each architecture's registration (:mod:`xsae_cli.sae.registry`) says what its files look like,
+so nothing here names an architecture. For the built-in ones (SAELens 6.x names):
 
 ========== ===================== ============================================================
 xsae       SAELens ``architecture``  notes
@@ -34,17 +35,33 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.core.io import atomic_dir, atomic_write_json, load_safetensors, read_json, save_safetensors
+from xsae_cli.core.io import (
+    atomic_dir,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    save_safetensors,
+)
+from xsae_cli.sae.registry import (
+    arch_names,
+    from_saelens,
+    from_sparsify,
+    get_arch,
+    saelens_names,
+    sparsify_names,
+    specs,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from xsae_cli.sae.models import SaeConfig, SparseAutoencoder
 
-FORMATS = ("saelens", "sparsify")
+#: ``peft``: a PEFT adapter folder (:mod:`xsae_cli.sae.adapters`) that ``PeftSaeModel.from_pretrained`` loads.
+FORMATS = ("saelens", "sparsify", "peft")
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -62,11 +79,6 @@ XSAE_FORMAT_VERSION = 1
 #: *layout* (SAELens >= 6), and without it SAELens treats the file as a pre-6.0 config and drops
 #: the nested metadata.
 SAELENS_LAYOUT_VERSION = "6.0.0"
-
-#: xsae arch -> SAELens architecture written to disk.
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-#: SAELens architecture read from disk -> xsae arch (when no ``xsae`` key says otherwise).
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
 #: Metadata keys SAELens reads at the top level of pre-6.0 configs.
 _LEGACY_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path", "model_from_pretrained_kwargs")
@@ -90,7 +102,7 @@ def save_sae(
     force: bool = False,
     hook: str | None = None,
 ) -> Path:
-    """Write ``sae`` in SAELens's layout (default) or sparsify's; return the folder written.
+    """Write ``sae`` in SAELens's layout (default), sparsify's, or as a PEFT adapter; return the folder written.
 
     The folder is built under a temporary name and moved into place when complete, so an
     interrupted save never leaves half an SAE that a later load would trust. An existing non-empty
@@ -98,10 +110,16 @@ def save_sae(
 
     ``format="sparsify"`` writes ``path/<hook>/`` (sparsify keeps one folder per hook point under a
     run folder), with ``hook`` taken from the argument or else from ``metadata["hook_name"]``;
-    other hooks already under ``path`` are left alone.
+    other hooks already under ``path`` are left alone. ``format="peft"`` writes an adapter folder
+    whose target module is ``hook`` or else the SAE's ``hook_module`` / ``hook_name`` metadata.
     """
     fmt = _check_format(format)
     path = Path(path)
+    if fmt == "peft":
+        from xsae_cli.sae.adapters import _target_of, export_peft
+
+        export_peft({hook or _target_of(path.name, sae): sae}, path, force=force)
+        return path
     if fmt == "saelens":
         cfg_json, tensors = _to_saelens(sae)
         with atomic_dir(path, force=force) as tmp:
@@ -125,7 +143,7 @@ def save_sae(
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """Say which layout ``path`` holds: ``"saelens"`` or ``"sparsify"``.
+    """Say which layout ``path`` holds: ``"saelens"``, ``"sparsify"`` or ``"peft"`` (an adapter folder).
 
     A run folder of hook folders counts as the layout of its hook folders (``"sparsify"`` when
     it mixes both). A path to one of the files inside a folder is accepted too. Anything else is
@@ -174,6 +192,10 @@ def load_sae_dir(path: str | os.PathLike[str], *, device: str | torch.device = "
     """
     folder = _folder_of(path)
     kind = _folder_kind(folder)
+    if kind == "peft":
+        from xsae_cli.sae.adapters import load_peft_saes
+
+        return load_peft_saes(folder, device=device)
     if kind is not None:
         sae = _load_folder(folder, kind, device)
         name = (sae.cfg.metadata or {}).get("hook_name") or folder.name
@@ -198,6 +220,11 @@ def export_sae(
     ``dst/<hook>/`` as sparsify expects; in SAELens's layout each goes to ``dst/<hook>/``.
     """
     fmt = _check_format(format)
+    if fmt == "peft":
+        from xsae_cli.sae.adapters import export_peft_from
+
+        export_peft_from(src, dst, force=force, hook=hook)
+        return Path(dst)
     saes = load_sae_dir(src)
     dst = Path(dst)
     if len(saes) == 1 and _folder_kind(_folder_of(src)) is not None:
@@ -269,24 +296,15 @@ def _prepared(sae: SparseAutoencoder, fmt: str) -> SparseAutoencoder:
 
 
 def _weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
-    out = {name: getattr(sae, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    threshold = getattr(sae, "threshold", None)
-    if threshold is not None:
-        out["threshold"] = threshold.detach()
-    return out
+    """The four base tensors and the extra ones the architecture's registration declares."""
+    return {name: getattr(sae, name).detach() for name in sae.spec.tensor_shapes(sae.cfg)}
 
 
 def _to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     sae = _prepared(sae, "saelens")
     cfg = sae.cfg
-    arch = _check_arch(cfg.arch)
-    architecture = _TO_SAELENS[arch]
-    w = _weights(sae)
-    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if architecture == "jumprelu":
-        if "threshold" not in w:
-            raise XsaeError(f"a {arch} SAE needs a threshold tensor [d_sae] to be saved, and this one has none", "train or load it with models.create_sae")
-        tensors["threshold"] = w["threshold"]
+    spec = get_arch(cfg.arch)
+    tensors = _weights(sae)
     metadata = {k: _jsonable(v) for k, v in dict(cfg.metadata or {}).items()}
     added = [key for key in ("model_name", "hook_name", "context_size", "prepend_bos", "sae_lens_version") if key not in metadata]
     for key in ("model_name", "hook_name", "context_size", "prepend_bos"):
@@ -294,7 +312,7 @@ def _to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, torch
     metadata.setdefault("sae_lens_version", SAELENS_LAYOUT_VERSION)
     reshape = metadata.pop("reshape_activations", "none") or "none"
     cfg_json: dict[str, Any] = {
-        "architecture": architecture,
+        "architecture": spec.saelens,
         "d_in": int(cfg.d_in),
         "d_sae": int(cfg.d_sae),
         "dtype": _dtype_name(cfg.dtype),
@@ -303,13 +321,12 @@ def _to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, torch
         "normalize_activations": cfg.normalize_activations or "none",
         "reshape_activations": reshape,
     }
-    if architecture == "topk":
-        cfg_json["k"] = int(cfg.k)
-        cfg_json["rescale_acts_by_decoder_norm"] = False
+    if spec.saelens_cfg is not None:
+        cfg_json.update(spec.saelens_cfg(cfg))
     cfg_json["metadata"] = metadata
     # added_metadata: keys written only because SAELens expects them; dropped again on load so
     # that a round trip gives back the same metadata.
-    cfg_json[XSAE_KEY] = {"format_version": XSAE_FORMAT_VERSION, "arch": arch, "config": _config_fields(cfg), "added_metadata": added}
+    cfg_json[XSAE_KEY] = {"format_version": XSAE_FORMAT_VERSION, "arch": spec.name, "config": _config_fields(cfg), "added_metadata": added}
     return cfg_json, tensors
 
 
@@ -318,11 +335,12 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
 
     sae = _prepared(sae, "sparsify")
     cfg = sae.cfg
-    arch = _check_arch(cfg.arch)
-    if arch != "topk":
+    spec = get_arch(cfg.arch)
+    if spec.sparsify is None:
+        held = ", ".join(s.title for s in specs().values() if s.sparsify) or "no"
         raise XsaeError(
-            f"sparsify stores only TopK SAEs, and this one is {arch}",
-            "save it in SAELens's layout (format='saelens'), or train a topk SAE",
+            f"sparsify stores only {held} SAEs, and this one is {spec.name}",
+            "save it in SAELens's layout (format='saelens'), or train an architecture sparsify stores",
         )
     w = _weights(sae)
     dtype = w["W_enc"].dtype
@@ -335,11 +353,11 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
     unit_decoder = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4))
     d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
     cfg_json: dict[str, Any] = {
-        "activation": "topk",
+        "activation": spec.sparsify,
         "expansion_factor": max(1, d_sae // d_in),
         "normalize_decoder": unit_decoder,
         "num_latents": d_sae,
-        "k": int(cfg.k),
+        "k": int(cfg.k),  # sparsify's activations all keep k latents per token
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,
@@ -350,7 +368,7 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
     config["normalize_activations"] = "none"
     extra = {
         "format_version": XSAE_FORMAT_VERSION,
-        "arch": arch,
+        "arch": spec.name,
         "config": config,
         "metadata": {k: _jsonable(v) for k, v in dict(cfg.metadata or {}).items()},
     }
@@ -371,6 +389,13 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
 def _load_folder(folder: Path, kind: str, device: Any) -> SparseAutoencoder:
     if kind == "saelens":
         return _load_saelens(folder, device)
+    if kind == "peft":
+        from xsae_cli.sae.adapters import load_peft_saes
+
+        saes = load_peft_saes(folder, device=device)
+        if len(saes) != 1:
+            raise XsaeError(f"the adapter {folder} holds {len(saes)} SAEs ({', '.join(saes)})", "load them all with load_sae_dir")
+        return next(iter(saes.values()))
     return _load_sparsify(folder, device)
 
 
@@ -399,25 +424,24 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
     architecture = raw.get("architecture")
     if architecture is None:
         architecture = "topk" if raw.get("activation_fn", raw.get("activation_fn_str")) == "topk" else "standard"
-    if architecture not in _FROM_SAELENS:
+    spec = from_saelens(architecture)
+    if spec is None:
         raise XsaeError(
             f"unknown SAE architecture '{architecture}' in {cfg_path}",
-            f"xsae reads SAELens architectures {', '.join(sorted(set(_FROM_SAELENS) - {'batchtopk'}))} (xsae archs {', '.join(_arches())})",
+            f"xsae reads SAELens architectures {', '.join(saelens_names())} (xsae archs {', '.join(arch_names())})",
         )
     extra = raw.get(XSAE_KEY) if isinstance(raw.get(XSAE_KEY), dict) else None
-    arch = _FROM_SAELENS[architecture]
     fields: dict[str, Any] = {}
     if extra:
         fields = dict(extra.get("config") or {})
-        arch = extra.get("arch", fields.get("arch", arch))
+        spec = get_arch(extra.get("arch", fields.get("arch", spec.name)), where=str(cfg_path))
         for key in extra.get("added_metadata") or ():
             metadata.pop(key, None)
-    _check_arch(arch, where=cfg_path)
-    if extra and _TO_SAELENS[arch] != architecture and not (arch == "batchtopk" and architecture == "batchtopk"):
-        raise XsaeError(
-            f"{cfg_path} says architecture '{architecture}' but its xsae record says arch '{arch}' (saved as '{_TO_SAELENS[arch]}')",
-            "the file was edited by hand; fix one of the two",
-        )
+        if architecture not in (spec.saelens, *spec.saelens_read):
+            raise XsaeError(
+                f"{cfg_path} says architecture '{architecture}' but its xsae record says arch '{spec.name}' (saved as '{spec.saelens}')",
+                "the file was edited by hand; fix one of the two",
+            )
 
     d_in, d_sae = _int_field(raw, "d_in", cfg_path), _int_field(raw, "d_sae", cfg_path)
     norm = raw.get("normalize_activations", "none")
@@ -441,7 +465,7 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
     if k is None and isinstance(raw.get("activation_fn_kwargs"), dict):
         k = raw["activation_fn_kwargs"].get("k")
     fields.update(
-        arch=arch,
+        arch=spec.name,
         d_in=d_in,
         d_sae=d_sae,
         dtype=_dtype_name(raw.get("dtype", fields.get("dtype", "float32"))),
@@ -450,21 +474,18 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
     )
     if norm == "none":
         fields["norm_scaling_factor"] = None
-    if arch in ("topk", "batchtopk") and fields.get("k") is None:
+    if spec.uses_k and fields.get("k") is None:
         if k is None:
-            raise XsaeError(f"{cfg_path} describes a {arch} SAE without k", "add \"k\": <active latents> to cfg.json")
-        fields["k"] = int(math.ceil(float(k)))
+            raise XsaeError(f"{cfg_path} describes a {spec.name} SAE without k", "add \"k\": <active latents> to cfg.json")
+        fields["k"] = math.ceil(float(k))
 
-    if architecture == "batchtopk" and "topk_threshold" in tensors and "threshold" not in tensors:
-        # a SAELens BatchTopK *training* checkpoint: its inference rule is a JumpReLU at this threshold
-        import torch
-
-        tensors["threshold"] = torch.full((d_sae,), float(tensors.pop("topk_threshold")))
-    required = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture in ("jumprelu", "batchtopk") else [])
-    _check_shapes(tensors, required, d_in, d_sae, weights_path, cfg_path)
-    if architecture in ("topk", "batchtopk") and raw.get("rescale_acts_by_decoder_norm"):
-        tensors = _fold_decoder_norm(tensors)
+    if spec.saelens_import is not None:
+        tensors = spec.saelens_import(raw, tensors)
     cfg = _make_config(fields, metadata, cfg_path)
+    required = spec.tensor_shapes(cfg)
+    _check_shapes(tensors, required, weights_path, cfg_path)
+    if raw.get("rescale_acts_by_decoder_norm"):
+        tensors = _fold_decoder_norm(tensors)
     return _build(cfg, {k: tensors[k] for k in required}, device, weights_path)
 
 
@@ -472,10 +493,11 @@ def _load_sparsify(folder: Path, device: Any) -> SparseAutoencoder:
     cfg_path, weights_path, raw, tensors = _read_layout(folder, SPARSIFY_CFG, SPARSIFY_WEIGHTS, "sparsify")
 
     activation = raw.get("activation", "topk")
-    if activation != "topk":
+    spec = from_sparsify(activation)
+    if spec is None:
         raise XsaeError(
             f"unknown SAE architecture: sparsify activation '{activation}' in {cfg_path}",
-            f"xsae reads sparsify's 'topk' activation (xsae archs {', '.join(_arches())})",
+            f"xsae reads sparsify's {', '.join(repr(n) for n in sparsify_names())} activation (xsae archs {', '.join(arch_names())})",
         )
     if raw.get("transcode"):
         raise XsaeError(f"{cfg_path} describes a transcoder (transcode=true), not an autoencoder", "xsae loads sparse autoencoders only")
@@ -493,10 +515,6 @@ def _load_sparsify(folder: Path, device: Any) -> SparseAutoencoder:
         "W_dec": tensors["W_dec"],
         "b_dec": tensors["b_dec"],
     }
-    _check_shapes(
-        mapped, ["W_enc", "b_enc", "W_dec", "b_dec"], d_in, d_sae, weights_path, cfg_path,
-        names={"W_enc": "encoder.weight (transposed)", "b_enc": "encoder.bias"},
-    )
     extra = None
     if (folder / SPARSIFY_XSAE).is_file():
         extra = read_json(folder / SPARSIFY_XSAE, "xsae sidecar")
@@ -515,10 +533,11 @@ def _load_sparsify(folder: Path, device: Any) -> SparseAutoencoder:
             if model:
                 metadata["model_name"] = model
     fields.update(
-        arch="topk", d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True, normalize_activations="none",
+        arch=spec.name, d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True, normalize_activations="none",
         dtype=_dtype_name(mapped["W_enc"].dtype),
     )
     cfg = _make_config(fields, metadata, cfg_path)
+    _check_shapes(mapped, spec.tensor_shapes(cfg), weights_path, cfg_path, names={"W_enc": "encoder.weight (transposed)", "b_enc": "encoder.bias"})
     return _build(cfg, {k: v.contiguous() for k, v in mapped.items()}, device, weights_path)
 
 
@@ -565,47 +584,18 @@ def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device: Any, source
     dtype = getattr(torch, _dtype_name(cfg.dtype))
     with init_empty_weights(include_buffers=False):
         sae = create_sae(cfg)
-    own = dict(sae.state_dict())
-    state = {}
-    for name, value in tensors.items():
-        if name not in own:
-            raise XsaeError(f"{source} holds {name}, which a {cfg.arch} SAE does not have", "check the architecture in cfg.json")
-        target = own[name]
-        if tuple(value.shape) != tuple(target.shape):
-            if value.numel() == target.numel() and value.dim() <= 1 and target.dim() <= 1:
-                value = value.reshape(target.shape)
-            else:
-                raise XsaeError(
-                    f"{name} in {source} has shape {list(value.shape)} but a {cfg.arch} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae} needs {list(target.shape)}",
-                    "the config and the weights disagree; re-create the files",
-                )
-        state[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+    # The loaders pass exactly the tensors the registration declares, shape-checked (_check_shapes).
+    state = {name: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).contiguous() for name, value in tensors.items()}
     sae.load_state_dict(state, strict=False, assign=True)
     still_meta = [n for n, p in sae.named_parameters() if p.device.type == "meta"]
-    if still_meta:
-        raise XsaeError(f"{source} lacks {', '.join(still_meta)} for a {cfg.arch} SAE", "re-create the file")
+    if still_meta:  # a class that makes a parameter its registration does not declare
+        raise XsaeError(f"{source} lacks {', '.join(still_meta)} for a {cfg.arch} SAE", f"declare it in the {cfg.arch} registration (tensors=...), or re-create the file")
     return sae.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks and discovery
 # ----------------------------------------------------------------------------------------------
-
-
-def _arches() -> tuple[str, ...]:
-    try:
-        from xsae_cli.sae.models import ARCHITECTURES
-
-        return tuple(ARCHITECTURES)
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        return ("relu", "topk", "batchtopk", "jumprelu")
-
-
-def _check_arch(arch: str, where: Path | None = None) -> str:
-    if arch not in _arches() or arch not in _TO_SAELENS:
-        place = f" in {where}" if where else ""
-        raise XsaeError(f"unknown SAE architecture '{arch}'{place}", f"use one of {', '.join(_arches())}")
-    return arch
 
 
 def _check_format(fmt: str) -> str:
@@ -639,26 +629,27 @@ def _require(path: Path, what: str) -> None:
 
 def _check_shapes(
     tensors: dict[str, torch.Tensor],
-    required: Iterable[str],
-    d_in: int,
-    d_sae: int,
+    expected: dict[str, list[int]],
     weights_path: Path,
     cfg_path: Path,
     names: dict[str, str] | None = None,
 ) -> None:
-    expected = {"W_enc": [d_in, d_sae], "b_enc": [d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in], "threshold": [d_sae]}
+    """Every tensor the architecture needs is in the file with the shape its config implies."""
     names = names or {}
-    for key in required:
+    for key, shape in expected.items():
         if key not in tensors:
             raise XsaeError(f"{weights_path} lacks the tensor {key}", f"the architecture in {cfg_path.name} needs it; re-create the file")
-        shape = list(tensors[key].shape)
-        if key == "threshold" and math.prod(shape) == 1:
-            continue  # a scalar threshold broadcasts
-        if shape != expected[key]:
+        got = list(tensors[key].shape)
+        if got != shape:
             raise XsaeError(
-                f"{names.get(key, key)} in {weights_path} has shape {shape} but {cfg_path.name} (d_in={d_in}, d_sae={d_sae}) needs {expected[key]}",
+                f"{names.get(key, key)} in {weights_path} has shape {got} but {cfg_path.name} ({_sizes(expected)}) needs {shape}",
                 "the config and the weights disagree; re-create the files",
             )
+
+
+def _sizes(expected: dict[str, list[int]]) -> str:
+    d_in, d_sae = expected["W_enc"]
+    return f"d_in={d_in}, d_sae={d_sae}"
 
 
 def _folder_of(path: str | os.PathLike[str]) -> Path:
@@ -681,6 +672,10 @@ def _folder_kind(folder: Path) -> str | None:
     A folder with a weights file but no cfg.json (or the other way round) is an error naming the
     missing file: it is clearly meant to be an SAE, and "nothing found" would mislead.
     """
+    from xsae_cli.sae.adapters import is_peft_adapter
+
+    if is_peft_adapter(folder):
+        return "peft"
     has_cfg = (folder / SAELENS_CFG).is_file()
     if (folder / SAELENS_WEIGHTS).is_file():
         if not has_cfg:
@@ -716,7 +711,7 @@ def _natural_key(name: str) -> list[Any]:
 def _nothing_found(folder: Path) -> XsaeError:
     return XsaeError(
         f"no SAE found in {folder}",
-        f"expected {SAELENS_CFG} + {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify), or hook folders holding them",
+        f"expected {SAELENS_CFG} + {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_CFG} + {SPARSIFY_WEIGHTS} (sparsify), a PEFT adapter (adapter_config.json), or hook folders holding them",
     )
 
 

@@ -3,14 +3,16 @@
 Why PEFT: people who already place LoRA adapters with ``target_modules=[...]`` and move them around
 with ``save_pretrained`` / ``from_pretrained`` get SAEs with the same gestures, several per model,
 on any module (a Linear, a LayerNorm, a whole decoder block that returns a tuple). This module
-registers one PEFT method, ``XSAE`` (prefix ``xsae_``), with PEFT itself, so PEFT's own functions
-(``inject_adapter_in_model``, ``PeftModel.from_pretrained``, ``get_peft_model_state_dict``) handle it.
+registers one PEFT method, ``XSAE`` (prefix ``xsae_``), in PEFT's own method tables (no patching of
+PEFT: see :class:`XsaePeftType`), so PEFT's own functions (``inject_adapter_in_model``,
+``PeftModel.from_pretrained``, ``get_peft_model_state_dict``) handle it.
 
 Pieces, in PEFT's pattern (``LoraConfig`` / ``LoraModel`` / ``LoraLayer``):
 
-- :class:`SaeAdapterConfig` (a ``PeftConfig``) and one subclass per architecture:
-  :class:`TopKSaeConfig`, :class:`ReluSaeConfig`, :class:`BatchTopKSaeConfig`, :class:`JumpReluSaeConfig`.
-  One PEFT type covers all four because PEFT refuses to mix adapter types in one model; the
+- :class:`SaeAdapterConfig` (a ``PeftConfig``) and one subclass per registered architecture,
+  made from the registry (:func:`sae_adapter_config_class`): ``TopKSaeConfig``, ``ReluSaeConfig``,
+  ``BatchTopKSaeConfig``, ``JumpReluSaeConfig``, and one for any architecture registered later.
+  One PEFT type covers them all because PEFT refuses to mix adapter types in one model; the
   ``arch`` field picks the subclass again when a config is loaded.
 - :class:`SaeLayer` wraps the targeted module; the SAE of each adapter is a
   :class:`~xsae_cli.sae.models.SparseAutoencoder` made by ``create_sae``.
@@ -26,31 +28,31 @@ untouched and records the codes on the wrapper (``layer.xsae_codes[adapter]``,
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft import PeftModel
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.peft_types import PeftType
 from torch import nn
 
 from xsae_cli.core.errors import XsaeError
+from xsae_cli.data.hooks import hidden_of, replace_hidden
+from xsae_cli.sae.registry import arch_names, check_arch, get_arch, specs
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from xsae_cli.sae.models import SparseAutoencoder
 
-PEFT_TYPE = "XSAE"
 PREFIX = "xsae_"
 MODES = ("splice", "observe")
-SAE_ARCHES = ("relu", "topk", "batchtopk", "jumprelu")
 DEFAULT_EXPANSION = 8
+DEFAULT_K = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,44 +60,51 @@ DEFAULT_EXPANSION = 8
 # ----------------------------------------------------------------------------------------------
 
 
-def _peft_type_member() -> PeftType:
-    """PEFT's ``PeftType.XSAE``, added to PEFT's enum if missing.
+class XsaePeftType(str, enum.Enum):
+    """xsae's PEFT method type, ``"XSAE"``.
 
-    ``register_peft_method`` accepts only names that are members of ``PeftType``, a closed enum meant
-    for methods living inside PEFT. Adding the member (as ``aenum.extend_enum`` does) lets xsae use
-    PEFT's public registration and keeps ``peft_type`` a real ``PeftType`` everywhere PEFT reads
-    ``.value`` or compares with ``==``; it serialises as the plain string "XSAE".
+    PEFT's ``register_peft_method`` (0.15 to 0.21) accepts only members of its own closed
+    ``PeftType`` enum, which lists the methods that live inside PEFT; there is no public way to
+    add one. PEFT reads a config's ``peft_type`` as a string everywhere (``PeftType`` is a ``str``
+    enum, the method tables are looked up with plain strings such as ``"LORA"``, and since
+    huggingface/peft#2634 a ``peft_type`` of another enum or a ``str`` is supported), so a member
+    of this ``str`` enum, whose name and value are both ``"XSAE"``, hashes, compares and serialises
+    as the string "XSAE" and PEFT needs no patching.
     """
-    if PEFT_TYPE in PeftType.__members__:
-        return PeftType[PEFT_TYPE]
-    member = str.__new__(PeftType, PEFT_TYPE)
-    member._name_ = PEFT_TYPE
-    member._value_ = PEFT_TYPE
-    member._sort_order_ = len(PeftType._member_names_)
-    member.__objclass__ = PeftType
-    PeftType._member_map_[PEFT_TYPE] = member
-    PeftType._value2member_map_[PEFT_TYPE] = member
-    PeftType._member_names_.append(PEFT_TYPE)
-    type.__setattr__(PeftType, PEFT_TYPE, member)
-    return member
+
+    XSAE = "XSAE"
+
+
+PEFT_TYPE = XsaePeftType.XSAE
 
 
 def _register() -> None:
-    """Register config, tuner and prefix with PEFT (idempotent: importing twice is harmless)."""
+    """Register config, tuner and prefix with PEFT (idempotent: importing twice is harmless).
+
+    Fills the same three public tables ``register_peft_method`` fills, with the same checks
+    (unique type and prefix, the tuner's prefix equal to the registered one), for a type outside
+    ``PeftType`` (see :class:`XsaePeftType`).
+    """
     from peft import mapping
 
-    peft_type = _peft_type_member()
-    if mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is SaeTuner:
+    # PEFT types these tables as keyed by PeftType; they are plain dicts looked up by string.
+    tables: list[tuple[dict[Any, Any], Any]] = [
+        (cast(dict, mapping.PEFT_TYPE_TO_CONFIG_MAPPING), SaeAdapterConfig),
+        (cast(dict, mapping.PEFT_TYPE_TO_TUNER_MAPPING), SaeTuner),
+        (cast(dict, mapping.PEFT_TYPE_TO_PREFIX_MAPPING), PREFIX),
+    ]
+    if all(table.get(PEFT_TYPE) == value for table, value in tables):
         return
-    try:
-        from peft.utils.peft_types import register_peft_method
-    except ImportError:  # PEFT < 0.15: fill the same tables by hand
-        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = SaeAdapterConfig
-        mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = SaeTuner
-        if hasattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING"):
-            mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
-        return
-    register_peft_method(name=PEFT_TYPE.lower(), config_cls=SaeAdapterConfig, model_cls=SaeTuner, prefix=PREFIX)
+    for table, value in tables:
+        held = table.get(PEFT_TYPE)  # this module reloaded: same names, new classes, replaced below
+        if held is not None and held != value and getattr(held, "__qualname__", held) != getattr(value, "__qualname__", value):
+            raise RuntimeError(f"another PEFT method is registered as {PEFT_TYPE.value} ({held!r})")
+    owner = next((t for t, p in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == PREFIX and t != PEFT_TYPE), None)
+    if owner is not None:
+        raise RuntimeError(f"the PEFT prefix {PREFIX!r} is already used by {owner}")
+    assert SaeTuner.prefix == PREFIX
+    for table, value in tables:
+        table[PEFT_TYPE] = value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,31 +114,33 @@ def _register() -> None:
 
 @dataclass
 class SaeAdapterConfig(PeftConfig):
-    """Configuration of an SAE adapter; use the per-architecture subclasses.
+    """Configuration of an SAE adapter, for any registered architecture (``arch``).
 
     Size: ``num_latents`` (d_sae) or ``expansion_factor`` (d_sae = factor x d_in; 8 when neither is
-    given). ``k`` (topk, batchtopk) defaults to 32. ``d_in`` is inferred from each target (Linear.out_features, Embedding.embedding_dim,
-    LayerNorm/RMSNorm normalized_shape, else the first forward's output); set it to fix it.
+    given). ``k`` (architectures that use it) defaults to 32. ``d_in`` is inferred from each target
+    (Linear.out_features, Embedding.embedding_dim, LayerNorm/RMSNorm normalized_shape, else the
+    first forward's output); set it to fix it. :func:`sae_adapter_config_class` gives the
+    per-architecture subclass (``TopKSaeConfig``, ...), whose ``arch`` is fixed.
     """
 
-    arch: str = field(default="topk", metadata={"help": f"SAE architecture: one of {', '.join(SAE_ARCHES)}"})
-    k: Optional[int] = field(default=None, metadata={"help": "active latents per token (topk) or on average (batchtopk)"})
-    num_latents: Optional[int] = field(default=None, metadata={"help": "d_sae, the number of latents"})
-    expansion_factor: Optional[float] = field(default=None, metadata={"help": "d_sae = expansion_factor x d_in when num_latents is not set"})
-    d_in: Optional[int] = field(default=None, metadata={"help": "width of the hidden state; inferred from the target when None"})
+    arch: str = field(default="topk", metadata={"help": "SAE architecture: any registered one (xsae_cli.sae.registry)"})
+    k: int | None = field(default=None, metadata={"help": "active latents per token (topk) or on average (batchtopk): architectures that use k"})
+    num_latents: int | None = field(default=None, metadata={"help": "d_sae, the number of latents"})
+    expansion_factor: float | None = field(default=None, metadata={"help": "d_sae = expansion_factor x d_in when num_latents is not set"})
+    d_in: int | None = field(default=None, metadata={"help": "width of the hidden state; inferred from the target when None"})
     mode: str = field(default="splice", metadata={"help": "'splice': output replaced by the reconstruction; 'observe': output unchanged, codes recorded"})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={"help": "module names (exact or suffix match) or a regex, as in LoraConfig; any nn.Module type"},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "module names or a regex to leave out"})
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "only these layer indices (as in LoraConfig)"})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "name of the layer list, e.g. 'layers' (as in LoraConfig)"})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained and saved with the adapter (PEFT's modules_to_save)"})
+    exclude_modules: list[str] | set[str] | str | None = field(default=None, metadata={"help": "module names or a regex to leave out"})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "only these layer indices (as in LoraConfig)"})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "name of the layer list, e.g. 'layers' (as in LoraConfig)"})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "extra modules trained and saved with the adapter (PEFT's modules_to_save)"})
     dtype: str = field(default="float32", metadata={"help": "dtype of the SAE's weights, whatever the model's dtype"})
     apply_b_dec_to_input: bool = field(default=True, metadata={"help": "subtract b_dec before encoding (SAELens's convention)"})
-    init_seed: Optional[int] = field(default=None, metadata={"help": "seed for the SAE's initial weights"})
-    sae_kwargs: dict = field(default_factory=dict, metadata={"help": "other SaeConfig fields (l1_coefficient, jumprelu_bandwidth, aux_k, ...)"})
+    init_seed: int | None = field(default=None, metadata={"help": "seed for the SAE's initial weights"})
+    sae_kwargs: dict = field(default_factory=dict, metadata={"help": "other SaeConfig fields or architecture options (l1_coefficient, jumprelu_bandwidth, aux_k, ...)"})
 
     # Set (without annotation, so not a dataclass field) by the per-architecture subclasses.
     _expected_arch = None
@@ -137,32 +148,30 @@ class SaeAdapterConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _register()
-        self.peft_type = _peft_type_member()
+        self.peft_type = PEFT_TYPE
         expected = type(self)._expected_arch
         if expected is not None and self.arch != expected:
-            raise XsaeError(f"{type(self).__name__} is for arch '{expected}', got arch='{self.arch}'", f"use {_CONFIG_NAME_BY_ARCH.get(self.arch, 'SaeAdapterConfig')} for {self.arch}")
-        if self.arch not in SAE_ARCHES:
-            raise XsaeError(f"unknown SAE architecture '{self.arch}'", f"use one of {', '.join(SAE_ARCHES)}")
+            raise XsaeError(f"{type(self).__name__} is for arch '{expected}', got arch='{self.arch}'", f"use {_config_name(self.arch)} for {self.arch}")
+        spec = get_arch(self.arch)
         if self.mode not in MODES:
             raise XsaeError(f"unknown SAE adapter mode '{self.mode}'", f"use one of {', '.join(MODES)}")
-        if self.arch in ("topk", "batchtopk"):
-            if self.k is None:
-                self.k = 32
-            if not isinstance(self.k, int) or self.k <= 0:
-                raise XsaeError(f"k must be a positive integer, got {self.k!r}", "set k to the number of active latents")
+        if spec.uses_k and self.k is None:
+            self.k = DEFAULT_K
         if self.num_latents is not None and self.expansion_factor is not None:
             raise XsaeError("both num_latents and expansion_factor are set", "set only one of them")
         if self.num_latents is not None and (not isinstance(self.num_latents, int) or self.num_latents <= 0):
             raise XsaeError(f"num_latents must be a positive integer, got {self.num_latents!r}", "set num_latents to d_sae")
         if self.expansion_factor is not None and not self.expansion_factor > 0:
             raise XsaeError(f"expansion_factor must be positive, got {self.expansion_factor!r}", "e.g. expansion_factor=8")
-        if self.k is not None and self.num_latents is not None and self.k > self.num_latents:
+        if spec.uses_k and self.num_latents is not None and isinstance(self.k, int) and self.k > self.num_latents:
             raise XsaeError(f"k={self.k} is larger than num_latents={self.num_latents}", "lower k or raise num_latents")
+        check_arch(self.arch, k=self.k if spec.uses_k else None)
         if self.d_in is not None and (not isinstance(self.d_in, int) or self.d_in <= 0):
             raise XsaeError(f"d_in must be a positive integer, got {self.d_in!r}", "leave it unset to infer it from the target")
-        bad = sorted(set(self.sae_kwargs) - _sae_config_extra_fields())
+        valid = _sae_config_extra_fields() | set(spec.options)
+        bad = sorted(set(self.sae_kwargs) - valid)
         if bad:
-            raise XsaeError(f"unknown SAE settings in sae_kwargs: {', '.join(bad)}", f"valid: {', '.join(sorted(_sae_config_extra_fields()))}")
+            raise XsaeError(f"unknown SAE settings in sae_kwargs: {', '.join(bad)}", f"valid: {', '.join(sorted(valid))}")
         # PEFT stores list targets as a set (LoraConfig does the same); saving turns it back into a list.
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -177,7 +186,8 @@ class SaeAdapterConfig(PeftConfig):
         the file. Keys this version does not know (a newer xsae) are dropped with a warning, as
         PEFT does for its own configs.
         """
-        target = _CONFIG_BY_ARCH.get(kwargs.get("arch", ""), cls)
+        arch = kwargs.get("arch", "")
+        target = sae_adapter_config_class(arch) if arch in arch_names() else cls
         known = {f.name for f in dataclasses.fields(target) if f.init}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -189,48 +199,42 @@ class SaeAdapterConfig(PeftConfig):
         if self.num_latents is not None:
             return int(self.num_latents)
         factor = self.expansion_factor if self.expansion_factor is not None else DEFAULT_EXPANSION
-        return max(1, int(math.ceil(factor * d_in)))
+        return max(1, math.ceil(factor * d_in))
 
 
-@dataclass
-class TopKSaeConfig(SaeAdapterConfig):
-    """TopK SAE adapter: exactly ``k`` active latents per token."""
-
-    arch: str = "topk"
-    _expected_arch = "topk"
+_CONFIG_CLASSES: dict[str, type[SaeAdapterConfig]] = {}
+_CONFIG_HINT = "use SaeAdapterConfig(arch=...) or its per-architecture subclass, e.g. TopKSaeConfig"
 
 
-@dataclass
-class ReluSaeConfig(SaeAdapterConfig):
-    """ReLU SAE adapter trained with an L1 penalty (SAELens's "standard")."""
-
-    arch: str = "relu"
-    _expected_arch = "relu"
+def _config_name(arch: str) -> str:
+    return f"{get_arch(arch).title}SaeConfig"
 
 
-@dataclass
-class BatchTopKSaeConfig(SaeAdapterConfig):
-    """BatchTopK SAE adapter: ``k`` active latents per token on average over a batch."""
+def sae_adapter_config_class(arch: str) -> type[SaeAdapterConfig]:
+    """The adapter config class of one architecture (``TopKSaeConfig`` for ``topk``): ``arch`` fixed.
 
-    arch: str = "batchtopk"
-    _expected_arch = "batchtopk"
+    Made from the registry on first use, so every registered architecture has one, under the
+    name ``<class name without Sae>SaeConfig``, importable from this module.
+    """
+    spec = get_arch(arch)
+    made = _CONFIG_CLASSES.get(arch)
+    if made is not None:
+        return made
+    name = _config_name(arch)
+    doc = f"{spec.title} SAE adapter (``arch='{arch}'``): {(spec.cls.__doc__ or '').strip().splitlines()[0] if spec.cls.__doc__ else ''}"
+    made = dataclasses.make_dataclass(name, [("arch", str, field(default=arch))], bases=(SaeAdapterConfig,), namespace={"_expected_arch": arch, "__doc__": doc})
+    made.__module__ = __name__
+    _CONFIG_CLASSES[arch] = made
+    return made
 
 
-@dataclass
-class JumpReluSaeConfig(SaeAdapterConfig):
-    """JumpReLU SAE adapter: a learned threshold per latent."""
-
-    arch: str = "jumprelu"
-    _expected_arch = "jumprelu"
-
-
-_CONFIG_BY_ARCH: dict[str, type[SaeAdapterConfig]] = {
-    "topk": TopKSaeConfig,
-    "relu": ReluSaeConfig,
-    "batchtopk": BatchTopKSaeConfig,
-    "jumprelu": JumpReluSaeConfig,
-}
-_CONFIG_NAME_BY_ARCH = {arch: c.__name__ for arch, c in _CONFIG_BY_ARCH.items()}
+def __getattr__(name: str) -> Any:
+    """``TopKSaeConfig``, ``ReluSaeConfig``... for every registered architecture."""
+    if name.endswith("SaeConfig"):
+        for arch, spec in specs().items():
+            if f"{spec.title}SaeConfig" == name:
+                return sae_adapter_config_class(arch)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _sae_config_extra_fields() -> set[str]:
@@ -245,7 +249,7 @@ def _sae_config_extra_fields() -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _infer_d_in(module: nn.Module) -> Optional[int]:
+def _infer_d_in(module: nn.Module) -> int | None:
     """Width of the module's output when its type says it; None means 'learn it at first forward'."""
     if isinstance(module, nn.Linear):
         return int(module.out_features)
@@ -262,33 +266,6 @@ def _infer_d_in(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _split_output(output: Any, where: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """The hidden-state tensor of a module's output, and how to put a replacement back."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda h: h
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        rest = output[1:]
-        kind = type(output)
-
-        def rebuild(h: torch.Tensor) -> Any:
-            items = [h, *rest]
-            return kind(items) if kind in (tuple, list) else kind(*items)
-
-        return output[0], rebuild
-    if isinstance(output, Mapping) and output:
-        key = next(iter(output))
-        if isinstance(output[key], torch.Tensor):
-
-            def rebuild_map(h: torch.Tensor) -> Any:
-                return type(output)(**{**output, key: h})
-
-            return output[key], rebuild_map
-    raise XsaeError(
-        f"cannot find the hidden state in the output of {where} (a {type(output).__name__})",
-        "target a module that returns a tensor, or a tuple whose first element is the hidden state",
-    )
-
-
 class SaeLayer(nn.Module, BaseTunerLayer):
     """Wraps a module; each adapter runs its SAE on the module's output.
 
@@ -298,7 +275,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("xsae_sae",)
-    other_param_names = ("xsae_mode", "xsae_pending", "xsae_codes", "xsae_configs")
+    other_param_names = ("xsae_mode", "xsae_pending", "xsae_codes", "xsae_configs", "xsae_train", "xsae_outputs")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaeAdapterConfig, module_name: str = "") -> None:
         super().__init__()
@@ -308,6 +285,11 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         self.xsae_pending: dict[str, SaeAdapterConfig] = {}
         self.xsae_codes: dict[str, torch.Tensor] = {}
         self.xsae_configs: dict[str, SaeAdapterConfig] = {}
+        # Set for one forward by xsae_cli.sae.adapters.training_outputs: adapters whose SAE takes a
+        # training step here ({"keep": token mask or None, "dead": dead-latent mask or None}), and
+        # their TrainOutputs (losses with their graphs; the caller pops them right after).
+        self.xsae_train: dict[str, dict[str, Any]] = {}
+        self.xsae_outputs: dict[str, Any] = {}
         self.module_name = module_name
         self._disable_adapters = False
         self.merged_adapters = []
@@ -340,21 +322,22 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         from xsae_cli.sae.models import SaeConfig, create_sae
 
         config = self.xsae_configs[adapter_name]
-        if config.k is not None and config.arch in ("topk", "batchtopk") and config.k > d_sae:
+        uses_k = get_arch(config.arch).uses_k
+        if uses_k and config.k is not None and config.k > d_sae:
             raise XsaeError(f"k={config.k} is larger than d_sae={d_sae} for {self.module_name or 'the target'}", "lower k or raise num_latents")
         metadata = {"hook_name": self.module_name, "peft_adapter": adapter_name}
         if config.base_model_name_or_path:
             metadata["model_name"] = config.base_model_name_or_path
-        sae_cfg = SaeConfig(
-            arch=config.arch,
-            d_in=int(d_in),
-            d_sae=int(d_sae),
-            k=config.k if config.arch in ("topk", "batchtopk") else None,
-            dtype=config.dtype,
-            apply_b_dec_to_input=config.apply_b_dec_to_input,
-            metadata=metadata,
+        sae_cfg = SaeConfig.from_dict({  # from_dict: sae_kwargs may hold options of the architecture
+            "arch": config.arch,
+            "d_in": int(d_in),
+            "d_sae": int(d_sae),
+            "k": config.k if uses_k else None,
+            "dtype": config.dtype,
+            "apply_b_dec_to_input": config.apply_b_dec_to_input,
+            "metadata": metadata,
             **config.sae_kwargs,
-        )
+        })
         # Initialised on the CPU (create_sae's rule: same weights on every device), then moved; under
         # PEFT's low_cpu_mem_usage the parameters are on the meta device and are assigned at load.
         sae = create_sae(sae_cfg, seed=config.init_seed)
@@ -366,14 +349,14 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         self.xsae_pending.pop(adapter_name, None)
         return sae
 
-    def _base_device(self) -> Optional[torch.device]:
+    def _base_device(self) -> torch.device | None:
         base = self.get_base_layer()
         for tensor in list(base.parameters()) + list(base.buffers()):
             if tensor.device.type != "meta":
                 return tensor.device
         return None
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move only the device: the SAE keeps its own dtype (PEFT's version would cast it to the model's)."""
         target = device or self._base_device()
         if target is None or adapter_name not in self.xsae_sae:
@@ -383,7 +366,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
             return
         self.xsae_sae[adapter_name] = sae.to(target)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise XsaeError("an SAE adapter cannot be merged into the model's weights (it is not linear)", "use unload() to remove it, or keep it as an adapter")
 
     def unmerge(self) -> None:
@@ -396,10 +379,10 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         active = [a for a in self.active_adapters if a in self.xsae_mode]
         if self.disable_adapters or not active:
             return output
-        hidden, rebuild = _split_output(output, self.module_name or type(self.base_layer).__name__)
+        hidden = hidden_of(output, self.module_name or type(self.base_layer).__name__)
         spliced = False
         for name in active:
-            sae = self.xsae_sae[name] if name in self.xsae_sae else None
+            sae = self.xsae_sae[name] if name in self.xsae_sae else None  # noqa: SIM401 - ModuleDict has no get()
             if sae is None:
                 d_in = int(hidden.shape[-1])
                 sae = self._create_sae(name, d_in, self.xsae_configs[name].sae_size(d_in), device=hidden.device)
@@ -409,6 +392,11 @@ class SaeLayer(nn.Module, BaseTunerLayer):
                     "set d_in in the adapter config to the hidden-state width, or target another module",
                 )
             x = hidden.to(sae.W_enc.dtype)
+            if name in self.xsae_train:
+                new = self._training_step(name, sae, x)
+                if self.xsae_mode[name] == "splice":
+                    hidden, spliced = new.to(hidden.dtype), True
+                continue
             codes = sae.encode(x)
             # Detached: a tensor holding an autograd graph on a module would keep the graph alive
             # between steps and break copy.deepcopy of the model. Train through splice, or call the
@@ -417,7 +405,21 @@ class SaeLayer(nn.Module, BaseTunerLayer):
             if self.xsae_mode[name] == "splice":
                 hidden = sae.decode(codes).to(hidden.dtype)
                 spliced = True
-        return rebuild(hidden) if spliced else output
+        return replace_hidden(output, hidden) if spliced else output
+
+    def _training_step(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's training forward on this hidden state (kept tokens only); returns the hidden
+        state with the kept rows replaced by the training reconstruction (gradients flow to both)."""
+        plan = self.xsae_train[name]
+        flat = x.reshape(-1, x.shape[-1])
+        keep = plan.get("keep")
+        rows = flat if keep is None else flat[keep.reshape(-1).to(flat.device)]
+        out = sae.training_forward(rows, plan.get("dead"))
+        self.xsae_outputs[name] = out
+        if keep is None:
+            return out.x_hat.reshape(x.shape)
+        index = keep.reshape(-1).to(flat.device).nonzero().squeeze(1)
+        return flat.index_put((index,), out.x_hat.to(flat.dtype)).reshape(x.shape)
 
     def __repr__(self) -> str:
         rep = super().__repr__()
@@ -445,7 +447,7 @@ class SaeTuner(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SaeLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - an instance attribute in BaseTuner
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
@@ -454,7 +456,7 @@ class SaeTuner(BaseTuner):
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         if not isinstance(config, SaeAdapterConfig):
-            raise XsaeError(f"an SAE model takes SAE adapter configs, got {type(config).__name__}", "use TopKSaeConfig, ReluSaeConfig, BatchTopKSaeConfig or JumpReluSaeConfig")
+            raise XsaeError(f"an SAE model takes SAE adapter configs, got {type(config).__name__}", _CONFIG_HINT)
         super()._check_new_adapter_config(config)
 
     def _create_and_replace(
@@ -543,10 +545,10 @@ class PeftSaeModel(PeftModel):
     ) -> None:
         _register()
         if not isinstance(peft_config, SaeAdapterConfig):
-            raise XsaeError(f"PeftSaeModel takes SAE adapter configs, got {type(peft_config).__name__}", "use TopKSaeConfig, ReluSaeConfig, BatchTopKSaeConfig or JumpReluSaeConfig")
+            raise XsaeError(f"PeftSaeModel takes SAE adapter configs, got {type(peft_config).__name__}", _CONFIG_HINT)
         super().__init__(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (PEFT's PeftModel takes only one name).
 
         Active adapters run in the given order on each shared target: observe adapters read the
@@ -567,17 +569,17 @@ class PeftSaeModel(PeftModel):
                 out[name] = module
         return out
 
-    def get_saes(self, adapter_name: Optional[str] = None) -> dict[str, SparseAutoencoder]:
+    def get_saes(self, adapter_name: str | None = None) -> dict[str, SparseAutoencoder]:
         """``{module path: SparseAutoencoder}`` of one adapter (default: the active one)."""
         adapter_name = adapter_name or self.active_adapter
         return {name: layer.xsae_sae[adapter_name] for name, layer in self.sae_layers().items() if adapter_name in layer.xsae_sae}
 
-    def get_codes(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def get_codes(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """``{module path: codes [..., d_sae]}`` from the last forward, for one adapter (default: active)."""
         adapter_name = adapter_name or self.active_adapter
         return {name: layer.xsae_codes[adapter_name] for name, layer in self.sae_layers().items() if adapter_name in layer.xsae_codes}
 
-    def export_saes(self, path: Union[str, Path], adapter_name: Optional[str] = None, *, format: str = "saelens", force: bool = False) -> dict[str, Path]:
+    def export_saes(self, path: str | Path, adapter_name: str | None = None, *, format: str = "saelens", force: bool = False) -> dict[str, Path]:
         """Write each SAE of an adapter to ``path/<module path>/`` in SAELens's (or sparsify's) layout."""
         from pathlib import Path as _Path
 
@@ -610,7 +612,7 @@ def get_peft_sae_model(
     if isinstance(model, PeftModel):
         raise XsaeError("the model is already a PeftModel", "call model.add_adapter(name, config) to add another SAE adapter")
     if not isinstance(peft_config, SaeAdapterConfig):
-        raise XsaeError(f"get_peft_sae_model takes an SAE adapter config, got {type(peft_config).__name__}", "use TopKSaeConfig, ReluSaeConfig, BatchTopKSaeConfig or JumpReluSaeConfig")
+        raise XsaeError(f"get_peft_sae_model takes an SAE adapter config, got {type(peft_config).__name__}", _CONFIG_HINT)
     previous = model.__dict__.pop("peft_config", None)
     others: dict[str, PeftConfig] = {}
     if isinstance(previous, dict):
@@ -627,13 +629,12 @@ def get_peft_sae_model(
 _register()
 
 __all__ = [
-    "BatchTopKSaeConfig",
-    "JumpReluSaeConfig",
     "PeftSaeModel",
-    "ReluSaeConfig",
     "SaeAdapterConfig",
     "SaeLayer",
     "SaeTuner",
-    "TopKSaeConfig",
+    "XsaePeftType",
     "get_peft_sae_model",
+    "sae_adapter_config_class",
 ]
+# The per-architecture config classes (TopKSaeConfig, ...) come from __getattr__, from the registry.

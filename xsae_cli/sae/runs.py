@@ -240,7 +240,7 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
     for h, sae in saes.items():
         r = stats[h].compute()
         r["special_tokens_dropped"] = int(getattr(store.stats, "dropped_special", 0))
-        down = downstream_metrics(model, h, sae, held_ctx.input_ids[:n], held_ctx.special_mask[:n], held_ctx.attention_mask[:n] if held_ctx.attention_mask is not None else None)
+        down = downstream_metrics(model, h, sae, held_ctx.input_ids[:n], held_ctx.special_mask[:n], held_ctx.attention_mask[:n] if held_ctx.attention_mask is not None else None, site=s.site)
         r["downstream"] = down
         results["hooks"][h] = r
     return results

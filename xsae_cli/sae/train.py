@@ -15,9 +15,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import Checkpoints
 from xsae_cli.sae.metrics import FiringTracker
 from xsae_cli.sae.models import SaeConfig, SparseAutoencoder, create_sae
+from xsae_cli.sae.registry import get_arch
 from xsae_cli.sae.settings import OPTIMIZERS, SaeTrainSettings
 
 Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # skip_tokens -> batches
@@ -38,10 +40,11 @@ def total_steps(settings: SaeTrainSettings) -> int:
 def sae_config_for(settings: SaeTrainSettings, d_in: int, metadata: dict[str, Any]) -> SaeConfig:
     """The SAE that ``settings`` train on inputs of width ``d_in`` (``metadata`` goes into cfg.json)."""
     d_sae = settings.d_sae or d_in * settings.expansion
-    k = settings.k if settings.arch in ("topk", "batchtopk") else None
+    k = settings.k if get_arch(settings.arch).uses_k else None
     if k is not None and k > d_sae:
         raise XsaeError(f"k={k} is larger than d_sae={d_sae} (d_in {d_in} x expansion {settings.expansion})", "lower --k or raise --expansion / --d-sae")
-    return SaeConfig(arch=settings.arch, d_in=d_in, d_sae=d_sae, k=k, metadata=dict(metadata), **settings.sae_overrides())
+    # from_dict: the architecture's own options may come flat among the overrides
+    return SaeConfig.from_dict({"arch": settings.arch, "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": dict(metadata), **settings.sae_overrides()})
 
 
 class SignSGD(torch.optim.Optimizer):

@@ -109,11 +109,6 @@ def read_log(path: Path, run_label: str, rows: list[tuple[int, dict[str, Any]]] 
     return _sae_series(path, rows, run_label) if is_sae_log(rows) else _log_series(path, rows, run_label)
 
 
-def read_sae_log(path: Path, run_label: str) -> list[Series]:
-    """One series per hook from a ``train_log.jsonl``; a half-written last line (a crash) is skipped."""
-    return _sae_series(path, read_jsonl(path), run_label)
-
-
 def _sae_series(path: Path, rows: list[tuple[int, dict[str, Any]]], run_label: str) -> list[Series]:
     by_hook: dict[str, Series] = {}
     for no, row in rows:

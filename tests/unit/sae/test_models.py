@@ -390,7 +390,9 @@ def test_jumprelu_threshold_gets_ste_gradients():
     assert sae.threshold.grad is not None and sae.threshold.grad.abs().sum() > 0
     # The L0 term alone pushes up every threshold with pre-activations in its window, by the kernel's count.
     pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
-    l0 = models._Step.apply(pre, sae.threshold, 0.5).sum(-1).mean()
+    from xsae_cli.sae.architectures.jumprelu import _Step
+
+    l0 = _Step.apply(pre, sae.threshold, 0.5).sum(-1).mean()
     (grad,) = torch.autograd.grad(l0, sae.threshold)
     in_window = ((pre - sae.threshold).abs() < 0.25).any(0)
     assert (grad[in_window] < 0).all() and (grad[~in_window] == 0).all()
