@@ -48,7 +48,7 @@ def _cli_type(tp: Any, parse: Any) -> Any:
     inner, _ = base_type(tp)
     if parse is not None:
         return Optional[str]
-    if typing.get_origin(inner) is list:
+    if typing.get_origin(inner) is list or (typing.get_origin(inner) is tuple and Ellipsis in typing.get_args(inner)):
         return Optional[List[str]]
     if typing.get_origin(inner) is tuple:
         return Optional[str]

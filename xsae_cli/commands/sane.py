@@ -10,9 +10,7 @@ import typer
 from xsae_cli.commands.options import options, renamed, split_list
 from xsae_cli.core import console as out
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
-from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, SaneTrainSettings
-from xsae_cli.sane.views import view_help
+from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, LineageSettings, SaneTrainSettings
 
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
@@ -47,7 +45,6 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
     return done
 
 
-VIEW_HELP = view_help()
 
 
 def _scheme(s: Any, view: Optional[str] = None) -> Any:
@@ -235,31 +232,20 @@ def neighbors(
 
 
 @app.command("evaluate")
+@options("sane.evaluate", into="settings")
 def evaluate(
     ctx: typer.Context,
-    out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", help="Work folder: lineage zoo, caches, runs, lineage.json."),
+    out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", "-o", help="Work folder: lineage zoo, caches, runs, lineage.json."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Score this SANE checkpoint in every fold (default: train one per fold, with its held-out types left out)."),
-    families: str = typer.Option(",".join(LINEAGE_FAMILIES), "--families", help="Tiny families used as random-initialised bases."),
-    seeds: int = typer.Option(3, "--seeds", help="Random-initialised bases per family."),
-    real: str = typer.Option(",".join(LINEAGE_REAL), "--real", help="Real demo models used as bases ('' for none)."),
-    folds: int = typer.Option(2, "--folds", help="1: hold out permutations, norm rescaling and the hard types only; 2: every type held out once."),
-    epochs: int = typer.Option(3, "--epochs", help="Training epochs per fold."),
-    steps_per_epoch: int = typer.Option(40, "--steps-per-epoch"),
-    max_windows: int = typer.Option(32, "--max-windows", help="Windows per model when embedding (evenly spaced; tiny models fit whole)."),
-    real_layers: int = typer.Option(3, "--real-layers", help="Evenly spaced blocks of a real base that are written out and compared."),
     force: bool = typer.Option(False, "--force", help="Replace an existing lineage.json (the built zoo is reused)."),
-    view: Optional[str] = typer.Option(None, "--view", help=VIEW_HELP),
+    settings: LineageSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Lineage benchmark: retrieval of each variant's base (held-out transform types) vs quantile and random-encoder baselines."""
-    from xsae_cli.sane.evaluate import LineageSettings
     from xsae_cli.sane.evaluate import evaluate as run_eval
     from xsae_cli.sane.lineage.report import format_table
 
-    fams = tuple(f.strip() for f in families.split(",") if f.strip())
-    reals = tuple(f.strip() for f in real.split(",") if f.strip())
-    settings = LineageSettings(families=fams, seeds=seeds, real=reals, folds=folds, epochs=epochs, steps_per_epoch=steps_per_epoch, max_windows=max_windows, real_layers=real_layers, seed=ctx.obj.config.hardware.seed, view=_scheme(ctx.obj.config.sane, view).view)
-    if seeds < 2:
-        raise XsaeError(f"--seeds {seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
+    settings = settings.replace(seed=ctx.obj.config.hardware.seed)
+    fams, reals, seeds = settings.families, settings.real, settings.seeds
     if (out_dir / "lineage.json").exists() and not force:
         raise XsaeError(f"{out_dir / 'lineage.json'} already exists", "pass --force to replace it, or choose another --out")
     with out.progress() as bar:

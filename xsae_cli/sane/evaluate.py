@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import numpy as np
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_write_json
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
+from xsae_cli.sane.settings import LineageSettings
 from xsae_cli.sane.lineage.zoo import HARD, TRANSFORMS
 
 # Held-out types of each fold; a fold trains on every other type.
@@ -51,35 +52,6 @@ FOLDS: tuple[tuple[str, ...], ...] = (
 )
 FAMILIES = LINEAGE_FAMILIES
 REAL = LINEAGE_REAL
-
-
-@dataclass(frozen=True)
-class LineageSettings:
-    families: tuple[str, ...] = FAMILIES
-    seeds: int = 3
-    real: tuple[str, ...] = REAL
-    real_layers: int = 3  # evenly spaced blocks of a real base that are written out and compared
-    folds: int = 2  # 1: only fold 1 (held out: permutations, norm rescaling, the hard types)
-    epochs: int = 3
-    steps_per_epoch: int = 40
-    batch_size: int = 8
-    window_size: int = 256
-    max_windows: int = 32  # per model when embedding (evenly spaced); tiny models fit whole
-    d_model: int = 64
-    latent_dim: int = 16
-    lr: float = 1e-3
-    lineage_views: float = 0.5
-    fit_gains: bool = True  # fit per-kind pooling gains on the training models' lineages (sane/calibrate.py)
-    tiny_ft: tuple[int, int, float] = (20, 200, 1e-3)  # short steps, long steps, lr
-    real_ft: tuple[int, int, float] = (4, 16, 5e-5)
-    ft_batch: tuple[int, int] = (4, 32)  # tiny models: batch, tokens; real models use (2, 64)
-    seed: int = 0
-    train_seed: int = 0  # SANE's training seed only: the zoo, its transforms and the baselines stay as they are
-    view: str = "circuits"  # what SANE and the random encoder read: circuits, canonical or weights (sane/dataset.py)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 
 # --- the run -------------------------------------------------------------------------------

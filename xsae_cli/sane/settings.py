@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xsae_cli.core.settings import InvalidSetting, Settings, register_section, setting
+from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
 
 MIXED = ("no", "fp16", "bf16")
 MODEL, TRAIN = "SANE autoencoder", "SANE training"
@@ -79,6 +80,34 @@ class CalibrateSettings(Settings):
     max_windows: int = setting(32, "Windows per model (evenly spaced) when fitting.", ge=1)
 
 
+@dataclass(frozen=True)
+class LineageSettings(Settings):
+    """``xsae sane evaluate``: the lineage benchmark's zoo, folds and SANE training budget."""
+
+    families: tuple[str, ...] = setting(LINEAGE_FAMILIES, "Tiny families used as random-initialised bases.", panel="Lineage zoo")
+    seeds: int = setting(3, "Random-initialised bases per family (2 or more: one base per family makes lineage trivial).", ge=2, panel="Lineage zoo")
+    real: tuple[str, ...] = setting(LINEAGE_REAL, "Real demo models used as bases ('' for none).", panel="Lineage zoo")
+    real_layers: int = setting(3, "Evenly spaced blocks of a real base that are written out and compared.", ge=1, panel="Lineage zoo")
+    folds: int = setting(2, "1: hold out permutations, norm rescaling and the hard types only; 2: every type held out once.", ge=1, le=2)
+    epochs: int = setting(3, "Training epochs per fold.", ge=1)
+    steps_per_epoch: int = setting(40, "SANE training steps per epoch.", ge=1)
+    batch_size: int = setting(8, "Windows per SANE training step.", ge=2)
+    window_size: int = setting(256, "Chunks per window.", ge=1)
+    max_windows: int = setting(32, "Windows per model when embedding (evenly spaced; tiny models fit whole).", ge=1)
+    d_model: int = setting(64, "SANE transformer width.", ge=8)
+    latent_dim: int = setting(16, "Per-chunk latent size.", ge=1)
+    lr: float = setting(1e-3, "SANE learning rate.", gt=0)
+    lineage_views: float = setting(0.5, "P(second view = same window of another model of the lineage).", ge=0, le=1)
+    fit_gains: bool = setting(True, "Fit per-kind pooling gains on the training models' lineages (sane/calibrate.py).")
+    tiny_ft: tuple[int, int, float] = setting((20, 200, 1e-3), "Tiny models' fine-tunes: short steps, long steps, lr.", cli=False)
+    real_ft: tuple[int, int, float] = setting((4, 16, 5e-5), "Real models' fine-tunes: short steps, long steps, lr.", cli=False)
+    ft_batch: tuple[int, int] = setting((4, 32), "Tiny models' fine-tune batch: sequences, tokens (real models use 2, 64).", cli=False)
+    seed: int = setting(0, "Random seed (from [hardware] seed).", cli=False)
+    train_seed: int = setting(0, "SANE's training seed only: the zoo, its transforms and the baselines stay as they are.")
+    view: str = setting("circuits", "What SANE and the random encoder read (a registered view).", choices=view_names)
+
+
 register_section("sane", SaneTrainSettings, fixed=("seed", "device"))
+register_section("sane.evaluate", LineageSettings, fixed=("seed",))
 register_section("sane.embed", EmbedSettings)
 register_section("sane.calibrate", CalibrateSettings)
