@@ -317,7 +317,8 @@ def _located(exc: InvalidSetting, section: str, layers: _Layers, file_path: Path
     what = f" ({help_text})" if help_text else ""
     if source.startswith("flag "):
         flag = source[len("flag ") :]
-        return XsaeError(f"{flag} {exc.value!r}: {exc.rule}{what}", exc.hint)
+        sep = " " if exc.rule.startswith("is ") else ": "  # "--mappers 'x' is not one of ...", "--k 0: must be >= 1"
+        return XsaeError(f"{flag} {exc.value!r}{sep}{exc.rule}{what}", exc.hint)
     if source.startswith("env "):
         return XsaeError(f"environment variable {source[4:]}: [{section}] {exc.key} = {exc.value!r} {exc.rule}{what}", exc.hint)
     if source.startswith("file "):
