@@ -146,9 +146,9 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(run_xsae("sane", "train", "--out", str(tmp_path / "r")), "no models given")
     assert_user_error(run_xsae("sane", "train", "--zoo", "nope", "--out", str(tmp_path / "r")), "unknown --zoo")
     assert_user_error(run_xsae("sane", "tokenize", "no-such-model"), "unknown model 'no-such-model'")
-    assert_user_error(run_xsae("sane", "tokenize", "--view", "nope", "tiny-gpt2"), "unknown view 'nope'", "--view circuits")
+    assert_user_error(run_xsae("sane", "tokenize", "--view", "nope", "tiny-gpt2"), "--view 'nope' is not one of", "circuits")
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(tmp_path), "--models", "tiny-gpt2"), "not a SANE checkpoint")
-    assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--latent-dim", "64", "--out", str(tmp_path / "r")), "latent_dim 64", "chunk_size 64")
+    assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--latent-dim", "64", "--out", str(tmp_path / "r")), "--latent-dim 64: must be smaller than chunk_size", "(64)")
     assert_user_error(run_xsae("sane", "evaluate", "--seeds", "1", "--out", str(tmp_path / "lin")), "--seeds 1")
     assert_user_error(run_xsae("sane", "evaluate", "--families", "tiny-nope", "--real", "", "--out", str(tmp_path / "lin")), "tiny-nope")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from xsae_cli.core.errors import XsaeError
-from xsae_cli.sae import models
+from xsae_cli.sae import kernels, models
 from xsae_cli.sae.metrics import fvu
 from xsae_cli.sae.models import (
     ARCHITECTURES,
@@ -361,7 +361,7 @@ def test_sorted_csr_mask_meets_torch_invariants_and_samples_the_same_products():
         unsorted, _ = p.csr_mask(a, sort=False)
         torch.sparse_csr_tensor(unsorted.crow_indices(), unsorted.col_indices(), unsorted.values(), unsorted.shape, check_invariants=True)
     for sort in (False, True):
-        torch.testing.assert_close(models._sddmm(p, a, b, sort=sort), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(kernels._sddmm(p, a, b, sort=sort), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_auxk_is_zero_without_dead_latents_and_trains_the_dead_ones():
