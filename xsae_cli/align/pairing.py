@@ -280,9 +280,9 @@ def pair_corpus(
                     examples.append((tokenizer_a.decode([ids_a[ia]]), tokenizer_b.decode([ids_b[ib]])))
         ids_a_all = [e[0] for e in enc_a]
         ids_b_all = [e[0] for e in enc_b]
-        ctx_a, off_a = _contexts(ids_a_all, windows, "a", tokenizer_a, context_size)
-        ctx_b, off_b = _contexts(ids_b_all, windows, "b", tokenizer_b, context_size)
-        rows = [(w, pa + off_a, pb + off_b) for w, win in enumerate(windows) for pa, pb in win.pairs]
+        ctx_a, shift_a = _contexts(ids_a_all, windows, "a", tokenizer_a, context_size)
+        ctx_b, shift_b = _contexts(ids_b_all, windows, "b", tokenizer_b, context_size)
+        rows = [(w, pa + shift_a, pb + shift_b) for w, win in enumerate(windows) for pa, pb in win.pairs]
         pairs = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros((0, 3), dtype=torch.int64)
         splits[split] = PairedSplit(split, len(docs), ctx_a, ctx_b, pairs, content_a, content_b)
     return PairedCorpus(names, context_size, splits, skipped, time.perf_counter() - t0, examples)

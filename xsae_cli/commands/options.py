@@ -193,6 +193,8 @@ def options(
                     kwargs[target] = {name: flags[name]}
                 return func(*args, **kwargs)
             ctx = kwargs.get("ctx") or next((a for a in args if isinstance(a, typer.Context)), None)
+            if ctx is None:
+                raise TypeError(f"{func.__name__}: @options needs the command to take a typer.Context")
             state = ctx.obj
             state.config = state.config.with_flags(flags)
             for target, name in zip(targets, names):

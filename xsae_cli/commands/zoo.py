@@ -135,7 +135,11 @@ def fetch(force: bool = typer.Option(False, "--force", help="Download again even
     from xsae_cli.zoo.demo import fetch as fetch_demo
 
     paths = fetch_demo(force=force)
-    out.emit(paths, lambda d: [out.console.print(f"[green]ok[/green] {k}: {v}") for k, v in d.items()])
+    def show(d: dict[str, object]) -> None:
+        for k, v in d.items():
+            out.console.print(f"[green]ok[/green] {k}: {v}")
+
+    out.emit(paths, show)
 
 
 @app.command("demo")

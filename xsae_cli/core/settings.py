@@ -240,8 +240,8 @@ def _num(x: float) -> str:
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not _MISSING:
         return f.default
-    if f.default_factory is not _MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not _MISSING:
+        return f.default_factory()  # type: ignore[operator]
     return _MISSING
 
 
@@ -295,8 +295,8 @@ class Section:
             return self.defaults[f.name]
         if f.default is not _MISSING:
             return f.default
-        if f.default_factory is not _MISSING:  # type: ignore[misc]
-            return f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not _MISSING:
+            return f.default_factory()  # type: ignore[operator]
         return None
 
     def build(self, values: dict[str, Any]) -> Any:

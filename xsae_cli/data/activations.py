@@ -344,7 +344,7 @@ class ActivationStore:
         limit = max_tokens if max_tokens is not None else math.inf
         buffer = _Rows(self.hooks)  # rows waiting to be mixed
         ready = _Rows(self.hooks)  # mixed rows waiting to be cut into batches
-        yielded = 0
+        yielded: float = 0
 
         def release(count: int, mix: bool) -> None:
             rows = buffer.pop(buffer.count)
@@ -369,7 +369,7 @@ class ActivationStore:
                     release(buffer.count - self.shuffle_buffer_tokens // 2, mix=True)
                 batches = [ready.pop(batch_tokens) for _ in range(ready.count // batch_tokens)]
                 self.stats.seconds += time.perf_counter() - t0
-                if bar is not None:
+                if bar is not None and task is not None:
                     bar.update(task, completed=min(self.stats.tokens_kept, total))
                 for batch in batches:
                     count = min(batch_tokens, limit - yielded)
@@ -383,7 +383,7 @@ class ActivationStore:
                 batch = ready.pop(int(min(batch_tokens, ready.count, limit - yielded)))
                 yield batch
                 yielded += len(next(iter(batch.values())))
-            if bar is not None:
+            if bar is not None and task is not None:
                 bar.update(task, completed=total)
 
     def harvest(self, n_tokens: int | None = None, *, batch_tokens: int = 65536) -> dict[str, torch.Tensor]:

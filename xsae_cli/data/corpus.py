@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence, TypeVar, Union
 
 import torch
 
@@ -357,7 +357,10 @@ def render_texts(rows: Sequence[Row], tokenizer: Any) -> list[str]:
 # --------------------------------------------------------------------------------------- split
 
 
-def split_documents(texts: Sequence[Row], held_out_fraction: float, seed: int = 0) -> tuple[list[Row], list[Row]]:
+_Doc = TypeVar("_Doc")
+
+
+def split_documents(texts: Sequence[_Doc], held_out_fraction: float, seed: int = 0) -> tuple[list[_Doc], list[_Doc]]:
     """Split documents into (train, held_out) at random, each keeping the corpus order.
 
     Split by document, before tokenising: contexts packed from one document never land on both
@@ -469,7 +472,7 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
             for start in range(0, len(texts), chunk):
                 batch = list(texts[start : start + chunk])
                 ids.extend(list(x) for x in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"])
-                if bar is not None:
+                if bar is not None and task is not None:
                     bar.advance(task, len(batch))
     finally:
         log.setLevel(level)

@@ -62,7 +62,7 @@ def find_gaps(text: str, min_len: int = 1, max_len: int = 10) -> list[Gap]:
 def _pieces(text: str, gaps: list[Gap], vocab: Any, unknown: dict[str, int]) -> list[Piece]:
     pieces: list[Piece] = []
     pos = 0
-    for g in gaps + [None]:  # type: ignore[list-item]
+    for g in [*gaps, None]:
         end = g.start if g is not None else len(text)
         chunk = text[pos:end]
         if chunk:
@@ -99,7 +99,7 @@ def restore_text(
     model = model.to(device).eval()
     cands = candidate_ids(vocab).to(device)
     limit = model.config.max_position
-    results = []
+    results: list[dict[str, Any]] = []
     for gi, gap in enumerate(gaps):
         left: list[int] = []
         right: list[int] = []

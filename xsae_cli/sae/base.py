@@ -333,6 +333,7 @@ class SparseAutoencoder(nn.Module):
     def _norm_out(self, y: Tensor, state: tuple[Tensor, Tensor] | None) -> Tensor:
         mode = self.cfg.normalize_activations
         if mode == "expected_average_only_in":
+            assert self.cfg.norm_scaling_factor is not None, "expected_average_only_in needs norm_scaling_factor"
             return y / self.cfg.norm_scaling_factor
         if mode in ("constant_norm_rescale", "layer_norm"):
             if state is None or state[0].shape[0] != y.shape[0]:

@@ -37,7 +37,8 @@ def hook_dirname(hook: str) -> str:
 class ActivationSource(Protocol):
     """Where an SAE run's activations come from: the hooks, their widths, a resumable stream."""
 
-    hooks: list[str]
+    @property
+    def hooks(self) -> list[str]: ...
 
     @property
     def d_in(self) -> dict[str, int]: ...

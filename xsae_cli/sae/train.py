@@ -54,7 +54,7 @@ class SignSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]  # torch's stub returns the closure's loss; this optimizer takes none
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

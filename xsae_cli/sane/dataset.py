@@ -82,7 +82,7 @@ class _NpyAppender:
         arr = np.ascontiguousarray(arr, dtype=self.dtype)
         if arr.shape[1:] != self.shape[1:]:
             raise ValueError(f"{self.path.name}: row shape {arr.shape[1:]} != {self.shape[1:]}")
-        self.fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self.fh.write(arr.reshape(-1).view(np.uint8).tobytes())
         self.rows += arr.shape[0]
 
     def close(self) -> None:

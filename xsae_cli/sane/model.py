@@ -72,6 +72,8 @@ class SaneModelConfig:
 class Sinusoid(nn.Module):
     """sin/cos of a scalar in [0, 1] at geometric frequencies from 1/2 to ``max_freq`` cycles."""
 
+    freqs: torch.Tensor
+
     def __init__(self, n_freq: int, max_freq: float) -> None:
         super().__init__()
         freqs = torch.logspace(math.log10(0.5), math.log10(max_freq), n_freq)
@@ -122,6 +124,11 @@ class CoordSketch(nn.Module):
     checkpoint of a configuration uses the same keys.
     """
 
+    f_depth: torch.Tensor
+    f_pos: torch.Tensor
+    phase: torch.Tensor
+    kind_phase: torch.Tensor
+
     def __init__(self, n: int, n_kinds: int, seed: int = 1234) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -136,6 +143,8 @@ class CoordSketch(nn.Module):
 
 
 class SaneAutoencoder(nn.Module):
+    kind_gain: torch.Tensor
+
     def __init__(self, cfg: SaneModelConfig) -> None:
         super().__init__()
         cfg.validate()

@@ -154,7 +154,7 @@ def _bar_row(row: Any, p: Path, where: str, metric: str) -> BarRow:
     for v in VARIANTS:
         scores = require(row, v, p, where, dict)
         values[v] = finite(require(scores, metric, p, f"{where}.{v}"))  # None (NaN in the report) draws no bar
-    mean = row.get("mean") if isinstance(row.get("mean"), dict) else {}
+    mean = _v if isinstance(_v := row.get("mean"), dict) else {}
     return BarRow(space, mapper, values, finite(mean.get(metric)))
 
 
@@ -322,9 +322,9 @@ def plot_align(report: str | Path, output: str | Path, fmt: str = "png", metric:
     with style.styled():
         drawn = []
         if single:
-            fig, axes = combined_figure(rep)
+            fig, by_panel = combined_figure(rep)
             drawn.append((fig, paths["combined"]))
-            panels = {k: len(v) for k, v in axes.items()}
+            panels = {k: len(v) for k, v in by_panel.items()}
         else:
             for name in paths:
                 fig, axes = bars_figure(rep) if name == "bars" else heatmap_figure(rep)

@@ -75,7 +75,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
         raise XsaeError(f"{path}: embeddings of {', '.join(bad)} contain NaN or infinity", "re-embed those models")
     families = []
     for name in names:
-        info = models.get(name) if isinstance(models.get(name), dict) else {}
+        info = _v if isinstance(_v := models.get(name), dict) else {}
         families.append(str(info.get("family") or info.get("lineage") or "unknown"))
     return Embeddings(path, names, vectors, families, {k: data.get(k) for k in ("format", "dim", "config") if k in data})
 

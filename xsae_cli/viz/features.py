@@ -54,7 +54,7 @@ def _hook_of(p: Path) -> str | None:
     if not isinstance(cfg, dict):
         return None
     # SAELens 6 keeps the hook in metadata (what `xsae sae train` writes); older files at the top.
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = _v if isinstance(_v := cfg.get("metadata"), dict) else {}
     return cfg.get("hook_name") or meta.get("hook_name")
 
 

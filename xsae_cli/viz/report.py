@@ -186,7 +186,7 @@ def build_report(run_dirs: list[str | Path], method: str = "pca", dpi: int = sty
         toc.append(f'<li><a href="#run-{i}">{esc(info.name)}</a> <span class="kind k-{esc(info.kind)}">{esc(info.title)}</span> <span class="count">{esc(", ".join(c for c in counts if c))}</span></li>')
         summary_runs.append({"name": info.name, "path": str(t.path), "kind": info.kind, "kinds": info.kinds, "tables": len(info.tables), "figures": {k: sum(f.kind == k for f in figs) for k in ("curves", "cluster", "picture", *(("align",) if "align" in info.kinds else ()))}, "files": info.files, "notes": info.notes})
     heading = title or ("xsae report" + (f": {names[0]}" if len(names) == 1 else ""))
-    when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     facts = f"{len(targets)} run{'s' if len(targets) != 1 else ''} · written {when} by xsae {__version__} · self-contained: no network needed"
     nav = f'<nav id="toc"><h2>Contents</h2><ol>{"".join(toc)}</ol></nav>' if len(targets) > 1 else ""
     page = _TEMPLATE.replace("__TITLE__", esc(heading)).replace("__FACTS__", esc(facts)).replace("__NAV__", nav).replace("__SECTIONS__", "\n".join(sections))

@@ -204,7 +204,7 @@ def _hook_tables(info: RunInfo, hook_dirs: list[Path]) -> None:
         if not isinstance(cfg, dict):
             continue
         info.files.append(_rel(d / "cfg.json", info.path))
-        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        meta = _v if isinstance(_v := cfg.get("metadata"), dict) else {}
         feats = d / "features.json"
         rows.append([d.name, cfg.get("hook_name") or meta.get("hook_name"), cfg.get("architecture"), cfg.get("d_in"), cfg.get("d_sae"), cfg.get("k"), cfg.get("dtype"),
                      "yes" if (d / "sae_weights.safetensors").exists() or (d / "sae.safetensors").exists() else "no", "yes" if feats.exists() else "no"])
@@ -237,7 +237,7 @@ def _feature_table(info: RunInfo, path: Path, hook: str) -> None:
                 toks[i] = f"[{toks[i]}]"
                 toks = toks[max(0, i - 6): i + 4]
             ctx = "".join(toks[:12]).replace("\n", "↵")
-        lens = lat.get("logit_lens") if isinstance(lat.get("logit_lens"), dict) else {}
+        lens = _v if isinstance(_v := lat.get("logit_lens"), dict) else {}
         promoted = ", ".join(repr(str(p[0])) for p in (lens.get("promoted") or [])[:5] if isinstance(p, list) and p)
         rows.append([lat.get("id"), lat["frequency"], lat.get("mean_act"), lat.get("max_act"), ctx, promoted])
     dead = data.get("dead_fraction")
