@@ -81,7 +81,9 @@ def batch(enc: Encoded, s: RestoreTrainSettings, seq_len: int, vocab: Vocab, ste
 
 def train(settings: RestoreTrainSettings, out: Path, *, force: bool = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) in ``out``; library chatter goes to stderr so ``--json`` stays parseable."""
-    with contextlib.redirect_stdout(sys.stderr):
+    from xsae_cli.core.runlock import owned
+
+    with contextlib.redirect_stdout(sys.stderr), owned(out):
         return _train(settings, Path(out), force=force, on_log=on_log)
 
 

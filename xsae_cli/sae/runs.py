@@ -122,7 +122,16 @@ def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
 
 
 def train_run(spec: RunSpec) -> dict[str, Any]:
-    """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics."""
+    """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics.
+
+    The folder is held (:func:`xsae_cli.core.runlock.owned`) for the whole run: a second writer is refused."""
+    from xsae_cli.core.runlock import owned
+
+    with owned(spec.out):
+        return _train_run(spec)
+
+
+def _train_run(spec: RunSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import ActivationStore, ShardedActivations
 
     out = Path(spec.out)

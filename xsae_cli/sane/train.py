@@ -177,9 +177,13 @@ def train(*args: Any, **kwargs: Any) -> TrainResult:
     """Train (or resume); see :func:`_train`. Library chatter (DeepSpeed's logger, imported lazily by
     accelerate, prints to stdout) goes to stderr so that ``--json`` output stays parseable."""
     import contextlib
+    import inspect
     import sys
 
-    with contextlib.redirect_stdout(sys.stderr):
+    from xsae_cli.core.runlock import owned
+
+    out_dir = inspect.signature(_train).bind(*args, **kwargs).arguments["out_dir"]
+    with contextlib.redirect_stdout(sys.stderr), owned(out_dir):
         return _train(*args, **kwargs)
 
 
