@@ -71,3 +71,19 @@ def test_every_writer_refuses_an_out_that_is_a_file(name: str, tmp_path: Path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and f"--out {f} is a file, not a folder" in err and "\n" not in err, err
     assert f.read_text() == "keep me"
+
+
+def test_sae_train_refuses_a_resume_with_other_settings_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint trained at k=8: `--k 4` (and another hook) is refused listing both, before 'no-such-model' is even looked up."""
+    import dataclasses
+    import json
+
+    from xsae_cli.sae.settings import SaeRunSettings
+
+    step = tmp_path / "run" / "checkpoints" / "step_000000008"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 8, "hooks": ["0"], "settings": dataclasses.asdict(SaeRunSettings(k=8)), "skeleton": {}}))
+    assert _in_process(["sae", "train", "--model", "no-such-model", "--hook", "1", "--k", "4", "--out", str(tmp_path / "run")])[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings: --hook 0 -> 1; --k 8 -> 4" in err and "--force" in err and "\n" not in err, err
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints", "meta.json", "step_000000008"]

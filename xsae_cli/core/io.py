@@ -532,6 +532,15 @@ class Checkpoints:
                 out.append(int(p.name[5:]))
         return sorted(out)
 
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The last complete checkpoint's meta.json (no tensors read): for checks before any work."""
+        steps = self.steps()
+        if not steps:
+            return None
+        meta = read_json(self.root / f"step_{steps[-1]:09d}" / "meta.json", "checkpoint metadata")
+        meta.pop("skeleton", None)
+        return meta
+
     def latest(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         steps = self.steps()
         if not steps:
