@@ -135,7 +135,7 @@ def train(
     scheme = _scheme(settings)
     model_cfg = settings.model_config()
     with owned(out_dir), out.progress() as bar:  # held from the first check: a second writer is refused before tokenising
-        preflight(out_dir, cs, scheme.scheme_id, force)
+        preflight(out_dir, cs, scheme.scheme_id, force, settings)
         tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme)]
         state: dict[str, Any] = {}
 
