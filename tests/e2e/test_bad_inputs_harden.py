@@ -1,0 +1,50 @@
+"""Bad inputs of issue 17's kinds, through the real app: exit 2, one stderr line naming the input,
+no traceback, the input file untouched. In-process (the app, not a subprocess) to stay fast; one case
+runs the real `xsae` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_user_error, run_xsae
+
+GOOD = {"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [1.0, 1.0]}
+
+#: name -> (embeddings file content, extra args, what the line must name)
+NEIGHBORS = {
+    "nan distance": ({**GOOD, "b": [float("nan"), 1.0]}, [], "embeddings of b contain NaN or infinity"),
+    "infinite value": ({**GOOD, "c": [float("inf"), 1.0]}, [], "embeddings of c contain NaN or infinity"),
+    "not a vector": ({**GOOD, "c": "1,1"}, [], "embeddings['c'] is not a non-empty list of numbers"),
+    "empty vector": ({**GOOD, "c": []}, [], "embeddings['c'] is not a non-empty list of numbers"),
+    "top 0": (GOOD, ["--top", "0"], "--top 0 must be at least 1"),
+    "top negative": (GOOD, ["--top", "-3"], "--top -3 must be at least 1"),
+}
+
+
+def _in_process(args: list[str]) -> int:
+    from xsae_cli.cli import app
+
+    with pytest.raises(SystemExit) as ex:
+        app(args, prog_name="xsae")
+    return int(ex.value.code or 0)
+
+
+@pytest.mark.parametrize("case", list(NEIGHBORS))
+def test_sane_neighbors_refuses_what_has_no_distance(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    content, extra, needle = NEIGHBORS[case]
+    f = tmp_path / "model_embeddings.json"
+    f.write_text(json.dumps({"embeddings": content}))
+    before = f.read_bytes()
+    assert _in_process(["sane", "neighbors", "a", "--embeddings", str(f), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err and "Traceback" not in err, err
+    assert f.read_bytes() == before
+
+
+def test_nan_neighbors_in_a_subprocess(tmp_path: Path) -> None:
+    f = tmp_path / "model_embeddings.json"
+    f.write_text(json.dumps({"embeddings": {**GOOD, "b": [float("nan"), 1.0]}}))
+    assert_user_error(run_xsae("sane", "neighbors", "a", "--embeddings", str(f)), str(f), "NaN")
