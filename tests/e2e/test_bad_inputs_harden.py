@@ -48,3 +48,18 @@ def test_nan_neighbors_in_a_subprocess(tmp_path: Path) -> None:
     f = tmp_path / "model_embeddings.json"
     f.write_text(json.dumps({"embeddings": {**GOOD, "b": [float("nan"), 1.0]}}))
     assert_user_error(run_xsae("sane", "neighbors", "a", "--embeddings", str(f)), str(f), "NaN")
+
+
+@pytest.mark.parametrize("name", ["plot.jpg", "plot.JPEG", "plot.gif", "plot.pdf", "a_folder"])
+def test_viz_refuses_outputs_it_cannot_write(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PNG bytes went into files named .jpg/.gif; a folder as --out gave a traceback."""
+    emb = tmp_path / "model_embeddings.json"
+    emb.write_text(json.dumps({"embeddings": GOOD}))
+    target = tmp_path / name
+    if "." not in name:
+        target.mkdir()
+    for cmd in (["viz", "cluster", "-i", str(emb)], ["viz", "curves", str(tmp_path)]):
+        assert _in_process([*cmd, "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and f"--out {target}" in err and "\n" not in err, err
+    assert target.is_dir() if "." not in name else not target.exists()
