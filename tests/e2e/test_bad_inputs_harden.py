@@ -63,3 +63,10 @@ def test_viz_refuses_outputs_it_cannot_write(name: str, tmp_path: Path, capsys: 
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and f"--out {target}" in err and "\n" not in err, err
     assert target.is_dir() if "." not in name else not target.exists()
+
+
+def test_align_pair_refuses_a_folder_without_tokenizer_files(tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers builds an empty tokenizer there: 0 tokens, 0 pairs, exit 0 before."""
+    assert _in_process(["align", "pair", "--a", str(tiny_gpt2_dir), "--b", str(tiny_gpt2_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "turns text into no tokens" in err and str(tiny_gpt2_dir) in err and "\n" not in err, err
