@@ -70,3 +70,11 @@ def test_align_pair_refuses_a_folder_without_tokenizer_files(tiny_gpt2_dir: Path
     assert _in_process(["align", "pair", "--a", str(tiny_gpt2_dir), "--b", str(tiny_gpt2_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "turns text into no tokens" in err and str(tiny_gpt2_dir) in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize(("text", "needle"), [("a [...] b " * 300, "the text has 300 gaps"), ("a-na " * 25_000 + "[x]", "at most 100,000 per call"), ("a-na be-li2", "no gap in")])
+def test_restore_predict_bounds_its_work_before_the_model_loads(text: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Thousands of gaps ran for hours; the model path does not even exist here."""
+    assert _in_process(["restore", "predict", text, "-m", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err, err[:300]
