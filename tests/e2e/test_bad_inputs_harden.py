@@ -78,3 +78,16 @@ def test_restore_predict_bounds_its_work_before_the_model_loads(text: str, needl
     assert _in_process(["restore", "predict", text, "-m", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err, err[:300]
+
+
+def test_home_or_cache_that_is_a_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xsae_cli.core.config import xsae_cache
+    from xsae_cli.core.errors import XsaeError
+
+    f = tmp_path / "not-a-folder"
+    f.write_text("keep")
+    assert_user_error(run_xsae("zoo", "list", env={"XSAE_HOME": str(f)}), f"XSAE_HOME {f}", "is a file, not a folder")
+    monkeypatch.setenv("XSAE_CACHE", str(f / "sub"))
+    with pytest.raises(XsaeError, match=f"XSAE_CACHE {f}/sub: {f} is a file, not a folder"):
+        xsae_cache()
+    assert f.read_text() == "keep"
