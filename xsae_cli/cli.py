@@ -70,7 +70,8 @@ class XsaeApp(typer.Typer):
         except XsaeError as exc:
             if out.state.debug or "--debug" in sys.argv:
                 raise
-            out.err_console.print(f"[bold red]error:[/bold red] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
+            prefix = "interrupted: " if exc.exit_code == 130 else "[bold red]error:[/bold red] "
+            out.err_console.print(f"{prefix}{escape(exc.one_line())}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
 

@@ -122,6 +122,11 @@ def _tokenizer(resolved: Any, name: str, trust_remote_code: bool) -> Any:
         raise XsaeError(f"{name} has no model folder with a tokenizer", "add an HF folder (config.json and tokenizer files)")
     quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(folder, **({"trust_remote_code": True} if trust_remote_code else {}))
+        tok = AutoTokenizer.from_pretrained(folder, **({"trust_remote_code": True} if trust_remote_code else {}))
     except (OSError, ValueError) as exc:
         raise XsaeError(f"{name} has no usable tokenizer: {str(exc).splitlines()[0]}", "add a folder with tokenizer files") from exc
+    # transformers builds an empty tokenizer for a folder with a config but no tokenizer files: it
+    # turns every text into no tokens, and the pairing silently finds 0 pairs.
+    if not tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).get("input_ids"):
+        raise XsaeError(f"{name}'s tokenizer in {folder} turns text into no tokens (no tokenizer files there?)", "add the model's tokenizer files (tokenizer.json, or vocab and merges) to the folder")
+    return tok

@@ -103,7 +103,16 @@ def _checked(spec: TransferSpec) -> TransferSpec:
 
 
 def run_transfer(spec: TransferSpec) -> dict[str, Any]:
-    """Run the whole protocol and write ``report.json`` under ``spec.out``; return the report."""
+    """Run the whole protocol and write ``report.json`` under ``spec.out``; return the report.
+
+    The run folder is held for the whole run (:func:`xsae_cli.core.runlock.owned`)."""
+    from xsae_cli.core.runlock import owned
+
+    with owned(spec.out):
+        return _run_transfer(spec)
+
+
+def _run_transfer(spec: TransferSpec) -> dict[str, Any]:
     from xsae_cli.core.hardware import memory_report, package_versions, seed_everything
 
     t_start = time.perf_counter()

@@ -57,11 +57,12 @@ def predict(
     """Ranked restorations of each gap, with probabilities (beam search over the gap's characters)."""
     from xsae_cli.core.hardware import resolve_device
     from xsae_cli.restore.model import load_restoration
-    from xsae_cli.restore.predict import restore_text
+    from xsae_cli.restore.predict import check_text, restore_text
 
+    s = settings
+    check_text(text, s.min_len, s.max_len)  # before the model loads
     device = resolve_device(ctx.obj.config.hardware.device)
     loaded = load_restoration(model, vocab=vocab, device=device)
-    s = settings
     result = restore_text(loaded.model, loaded.vocab, text, beam=s.beam, top=s.top, min_len=s.min_len, max_len=s.max_len, device=device, warn=out.warn)
 
     def render(d: dict[str, Any]) -> None:

@@ -124,6 +124,7 @@ def train(
     settings: SaneTrainSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Train the SANE autoencoder on a zoo; resumes from the last checkpoint in --out."""
+    from xsae_cli.core.runlock import owned
     from xsae_cli.sane.train import preflight
     from xsae_cli.sane.train import train as run_train
 
@@ -133,8 +134,8 @@ def train(
     cs = settings.chunk_size
     scheme = _scheme(settings)
     model_cfg = settings.model_config()
-    preflight(out_dir, cs, scheme.scheme_id, force)
-    with out.progress() as bar:
+    with owned(out_dir), out.progress() as bar:  # held from the first check: a second writer is refused before tokenising
+        preflight(out_dir, cs, scheme.scheme_id, force, settings)
         tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme)]
         state: dict[str, Any] = {}
 

@@ -128,7 +128,7 @@ def align(
     from xsae_cli.viz.align import plot_align
     from xsae_cli.viz.common import resolve_format
 
-    fmt = resolve_format(output, fmt, v.format if v.format in ("png", "svg") else "png", ("png", "svg"))
+    fmt = resolve_format(output, fmt, v.format if v.format in ("png", "svg") else "png", ("png", "svg"), folder_ok=True)
     summary = plot_align(report_path, output, fmt=fmt, metric=metric.lower(), dpi=v.dpi, force=force)
     for note in summary["notes"]:
         out.warn(note)

@@ -330,10 +330,20 @@ def _located(exc: InvalidSetting, section: str, layers: _Layers, file_path: Path
 
 def xsae_home() -> Path:
     """XSAE_HOME (default ~/.cache/xsae): the zoo catalogue lives here."""
-    return Path(os.environ.get("XSAE_HOME") or Path.home() / ".cache" / "xsae").expanduser()
+    return _folder(Path(os.environ.get("XSAE_HOME") or Path.home() / ".cache" / "xsae").expanduser(), "XSAE_HOME")
+
+
+def _folder(path: Path, name: str) -> Path:
+    """``path``, refused when it (or a parent) is a file: every later mkdir there would fail with a traceback."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise XsaeError(f"{name} {path}: {p} is a file, not a folder", f"point {name} at a folder (it is made if missing)")
+            break
+    return path
 
 
 def xsae_cache() -> Path:
     """XSAE_CACHE (default $XSAE_HOME/cache): derived files (converted GGUF, harvests) that can be rebuilt."""
     env = os.environ.get("XSAE_CACHE")
-    return Path(env).expanduser() if env else xsae_home() / "cache"
+    return _folder(Path(env).expanduser(), "XSAE_CACHE") if env else _folder(xsae_home() / "cache", "XSAE_HOME")

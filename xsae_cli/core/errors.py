@@ -29,3 +29,12 @@ class XsaeError(Exception):
             text += ". " + self.hint.rstrip(".")
         # One line, whatever the message held: newlines in paths or library text would break it.
         return " ".join(text.split("\n"))
+
+
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(XsaeError):
+    """Ctrl-C after the work so far was saved: exit 130 (an interrupt is not a user error), with what was kept."""
+
+    exit_code = EXIT_INTERRUPTED

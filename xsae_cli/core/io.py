@@ -172,6 +172,60 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     atomic_write_text(path, dumps(data) + "\n")
 
 
+def _owner_tag() -> str:
+    """``<host>-<pid>``: the temporary folder of :func:`atomic_dir` names its builder, so that a later
+    run can tell the debris of a killed process from a folder another live process is building."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+#: Temporary folders in the old naming (no owner) older than this are debris.
+LEGACY_TMP_SECONDS = 24 * 3600
+
+
+def clean_stale_tmp(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.<name>.<host>-<pid>.*.tmp`` folders beside ``path`` whose builder on this host is gone
+    (a ``kill -9`` during a harvest or a checkpoint), and unowned ones older than a day. Returns them."""
+    import time
+
+    path = Path(path)
+    host, _pid = _owner_tag().rsplit("-", 1)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[^/]*\.tmp$")
+    removed: list[Path] = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if m.group("pid") is not None:
+            if m.group("host") != host or _alive(int(m.group("pid"))):
+                continue
+        else:
+            try:
+                if time.time() - p.stat().st_mtime < LEGACY_TMP_SECONDS:
+                    continue
+            except OSError:
+                continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and move it into place when complete.
@@ -182,7 +236,8 @@ def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     path = Path(path)
     refuse_overwrite(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale_tmp(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent))
     try:
         try:
             yield tmp
@@ -531,6 +586,15 @@ class Checkpoints:
             if p.is_dir() and p.name.startswith("step_") and (p / "meta.json").exists():
                 out.append(int(p.name[5:]))
         return sorted(out)
+
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The last complete checkpoint's meta.json (no tensors read): for checks before any work."""
+        steps = self.steps()
+        if not steps:
+            return None
+        meta = read_json(self.root / f"step_{steps[-1]:09d}" / "meta.json", "checkpoint metadata")
+        meta.pop("skeleton", None)
+        return meta
 
     def latest(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         steps = self.steps()

@@ -53,6 +53,9 @@ class Meta:
     parse: Callable[[Any], Any] | None = None  # text or TOML value -> value (e.g. "2M" tokens)
     panel: str | None = None  # --help group
     example: str | None = None  # shown in the fix of a bad value
+    #: On a resume from a checkpoint: "same" (changes the result: a different value is refused), "free"
+    #: (logging, checkpointing, device: may differ), "grow" (a budget, tokens / steps / epochs: may grow; recorded).
+    resume: str = "same"
 
     def choice_list(self) -> list[str] | None:
         if self.choices is None:
@@ -67,6 +70,44 @@ def setting(default: Any, help: str, **meta: Any) -> Any:
         frozen = list(default) if isinstance(default, list) else default
         return field(default_factory=lambda: type(frozen)(frozen), metadata={META_KEY: m})
     return field(default=default, metadata={META_KEY: m})
+
+
+def resume_changes(saved: dict[str, Any], now: Any) -> tuple[list[str], dict[str, list[Any]]]:
+    """Between the settings a checkpoint was trained with (``saved``, its JSON) and ``now``'s: the
+    differences a resume must refuse ("k 8 -> 4") and the budgets that grew ({"tokens": [old, new]}).
+
+    The policy is each field's ``resume`` (see :class:`Meta`), so a new setting brings its own; a field
+    the checkpoint does not record (an older run) is not compared."""
+    import json
+
+    def norm(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    refused: list[str] = []
+    grown: dict[str, list[Any]] = {}
+    for f in dataclasses.fields(now):
+        policy = meta_of(f).resume
+        if policy == "free" or f.name not in saved:
+            continue
+        old, new = norm(saved[f.name]), norm(getattr(now, f.name))
+        if old == new:
+            continue
+        if policy == "grow" and isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old:
+            grown[f.name] = [old, new]
+            continue
+        flag = meta_of(f).flag or "--" + f.name.replace("_", "-")
+        refused.append(f"{flag} {old} -> {new}")
+    return refused, grown
+
+
+def refuse_changed_resume(where: Any, refused: list[str], grows: Sequence[str] = ()) -> None:
+    """One line listing what differs from the checkpoint in ``where``; nothing when ``refused`` is empty."""
+    if refused:
+        more = f" (only {', '.join(grows)} may grow on a resume)" if grows else ""
+        raise XsaeError(
+            f"the checkpoints in {where} were trained with other settings: {'; '.join(refused)}",
+            f"rerun with the checkpoint's values to resume, pass --force to start over, or choose another --out{more}",
+        )
 
 
 class InvalidSetting(XsaeError):

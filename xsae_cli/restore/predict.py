@@ -46,6 +46,26 @@ class Piece:
     gap: Gap | None = None
 
 
+#: Gaps restored per call: each is its own beam search over up to --max-len positions, so a text with
+#: thousands of gaps would run for hours; longer texts are split into lines by the caller.
+MAX_GAPS = 256
+#: Characters of input text per call (a line of a tablet is tens to hundreds).
+MAX_TEXT = 100_000
+
+
+def check_text(text: str, min_len: int = 1, max_len: int = 10) -> list[Gap]:
+    """The gaps of ``text``, refusing a text without any, or one too large to restore in one call
+    (before any model load)."""
+    if len(text) > MAX_TEXT:
+        raise XsaeError(f"the text has {len(text):,} characters; restore predict takes at most {MAX_TEXT:,} per call", "split it into lines and restore each")
+    gaps = find_gaps(text, min_len, max_len)
+    if not gaps:
+        raise XsaeError(f"no gap in {text!r}", "mark a gap as [...] (unknown length) or [x] (one lost sign)")
+    if len(gaps) > MAX_GAPS:
+        raise XsaeError(f"the text has {len(gaps):,} gaps; restore predict restores at most {MAX_GAPS} per call", "split it into lines and restore each")
+    return gaps
+
+
 def find_gaps(text: str, min_len: int = 1, max_len: int = 10) -> list[Gap]:
     if min_len < 1 or max_len < min_len:
         raise XsaeError(f"bad gap lengths {min_len}..{max_len}", "use 1 <= --min-len <= --max-len")
@@ -90,9 +110,7 @@ def restore_text(
     """Ranked restorations of every gap in ``text`` (see the module docstring for the scoring)."""
     if beam < 1 or top < 1:
         raise XsaeError("--beam and --top must be at least 1", "e.g. --beam 8 --top 5")
-    gaps = find_gaps(text, min_len, max_len)
-    if not gaps:
-        raise XsaeError(f"no gap in {text!r}", "mark a gap as [...] (unknown length) or [x] (one lost sign)")
+    gaps = check_text(text, min_len, max_len)
     unknown: dict[str, int] = {}
     pieces = _pieces(text, gaps, vocab, unknown)
     warn_unknown(unknown, warn)

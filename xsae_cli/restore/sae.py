@@ -166,7 +166,16 @@ def activation_stream(
 
 
 def train_restore_sae(spec: RestoreSaeSpec) -> dict[str, Any]:
-    """Train an SAE on ``blocks.<layer>.hook_resid_post``; write SAELens files, features and metrics."""
+    """Train an SAE on ``blocks.<layer>.hook_resid_post``; write SAELens files, features and metrics.
+
+    The run folder is held for the whole run (:func:`xsae_cli.core.runlock.owned`)."""
+    from xsae_cli.core.runlock import owned
+
+    with owned(spec.out):
+        return _train_restore_sae(spec)
+
+
+def _train_restore_sae(spec: RestoreSaeSpec) -> dict[str, Any]:
     from xsae_cli.core.hardware import (
         memory_report,
         package_versions,

@@ -21,7 +21,7 @@ class RestoreTrainSettings(Settings):
 
     preset: str = setting("tiny", "tiny (tests, demo) or seed (the original 37M-parameter model).", choices=PRESETS)
     corpus: list[str] = setting(["builtin"], "builtin, .atf, .txt, .jsonl or .parquet files, or folders.")
-    steps: int = setting(2000, "Optimizer steps.", ge=1)
+    steps: int = setting(2000, "Optimizer steps.", ge=1, resume="grow")
     batch_size: int = setting(16, "Windows per step.", ge=1)
     seq_len: int = setting(0, "Characters per training window (0: the preset's max_position).", ge=0, le=MAX_SEQ)
     lr: float = setting(1e-3, "Peak learning rate (AdamW, warm-up then cosine).", gt=0)
@@ -30,12 +30,12 @@ class RestoreTrainSettings(Settings):
     mask_ratio: tuple[float, float] = setting((0.15, 0.25), "Fraction of each window masked: lowest, highest.", gt=0, lt=1, example="0.15,0.25")
     span: tuple[int, int] = setting((1, 10), "Lengths of a masked span: shortest, longest.", ge=1, le=1000, example="1,10")
     held_out_fraction: float = setting(0.05, "Fraction of documents held out.", ge=0, lt=1)
-    checkpoint_every: int = setting(200, "Steps between checkpoints.", ge=1)
-    keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
-    log_every: int = setting(10, "Steps between log rows.", ge=1)
+    checkpoint_every: int = setting(200, "Steps between checkpoints.", ge=1, resume="free")
+    keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1, resume="free")
+    log_every: int = setting(10, "Steps between log rows.", ge=1, resume="free")
     mixed_precision: str = setting("no", "no, fp16 (CUDA) or bf16, through accelerate.", choices=MIXED)
     seed: int = setting(0, "Random seed (from [hardware] seed).", cli=False)
-    device: str = setting("auto", "Device (from [hardware] device).", cli=False)
+    device: str = setting("auto", "Device (from [hardware] device).", cli=False, resume="free")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,13 +74,13 @@ class RestoreSaeSettings(SaeTrainSettings):
 
     layer: int = setting(-1, "Block whose output (residual stream) is hooked, 0-based (-1: the middle one).", ge=-1)
     max_samples: int = setting(200, "Corpus windows streamed through the model.", ge=1)
-    epochs: int = setting(50, "Passes over the samples.", ge=1)
+    epochs: int = setting(50, "Passes over the samples.", ge=1, resume="grow")
     batch_samples: int = setting(4, "Samples per forward pass of the model.", ge=1)
     seq_len: int | None = setting(None, "Characters per sample (default: the model's training windows).", ge=1, le=MAX_SEQ)
     via: str = setting("direct", "direct (hook the original model, stop after the block) or transformer-lens (run_with_cache, for comparison).", choices=VIAS)
     corpus: list[str] | None = setting(None, "Text to sample (default: the model's training corpus, else builtin).")
-    top_n: int = setting(8, "Top contexts kept per latent in features.json.", ge=1, cli=False)
-    summary_samples: int = setting(64, "Samples scanned for features.json.", ge=1, cli=False)
+    top_n: int = setting(8, "Top contexts kept per latent in features.json.", ge=1, cli=False, resume="free")
+    summary_samples: int = setting(64, "Samples scanned for features.json.", ge=1, cli=False, resume="free")
 
 
 _MOVED = {"beam": "restore.predict.beam", "top": "restore.predict.top", "max_gap": "restore.predict.max_len"}

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from xsae_cli.core.console import info, progress, warn
-from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.errors import Interrupted, XsaeError
 from xsae_cli.core.io import Checkpoints, atomic_dir
+from xsae_cli.core.settings import refuse_changed_resume, resume_changes
 from xsae_cli.restore.data import (
     IGNORE,
     Encoded,
@@ -81,7 +82,9 @@ def batch(enc: Encoded, s: RestoreTrainSettings, seq_len: int, vocab: Vocab, ste
 
 def train(settings: RestoreTrainSettings, out: Path, *, force: bool = False, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) in ``out``; library chatter goes to stderr so ``--json`` stays parseable."""
-    with contextlib.redirect_stdout(sys.stderr):
+    from xsae_cli.core.runlock import owned
+
+    with contextlib.redirect_stdout(sys.stderr), owned(out):
         return _train(settings, Path(out), force=force, on_log=on_log)
 
 
@@ -120,6 +123,11 @@ def _train(s: RestoreTrainSettings, out: Path, *, force: bool, on_log: Callable[
                 f"checkpoints in {ckpts.root} are for preset {meta.get('preset')} on {meta.get('corpus')}, not {s.preset} on {list(s.corpus)}",
                 "use another --out, or pass --force to start over",
             )
+        # seed and device come from [hardware]: the seed changes the result, the device does not
+        refused, grown = resume_changes(meta.get("settings") or {}, s)
+        refuse_changed_resume(ckpts.root.parent, refused, ["--steps"])
+        if grown:
+            info("resuming with a larger budget: " + ", ".join(f"{k} {a:,} -> {b:,}" for k, (a, b) in grown.items()))
     else:
         step0, state, meta = 0, None, {}
         vocab = Vocab.build(train_docs)
@@ -193,7 +201,7 @@ def _train(s: RestoreTrainSettings, out: Path, *, force: bool, on_log: Callable[
                     os.kill(os.getpid(), signal.SIGKILL)
     except KeyboardInterrupt:
         checkpoint(step)
-        raise XsaeError(f"interrupted at step {step}; checkpoint saved in {ckpts.root}", "run the same command again to resume") from None
+        raise Interrupted(f"at step {step}; checkpoint saved in {ckpts.root}", "run the same command again to resume") from None
     finally:
         if log_fh:
             log_fh.close()

@@ -122,13 +122,32 @@ def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
 
 
 def train_run(spec: RunSpec) -> dict[str, Any]:
-    """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics."""
+    """Train one SAE per hook on ``spec.model`` and write the run folder; return its metrics.
+
+    The folder is held (:func:`xsae_cli.core.runlock.owned`) for the whole run: a second writer is refused."""
+    from xsae_cli.core.runlock import owned
+
+    with owned(spec.out):
+        return _train_run(spec)
+
+
+def _train_run(spec: RunSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import ActivationStore, ShardedActivations
 
     out = Path(spec.out)
     if (out / "metrics.json").exists() and not spec.force:
         raise XsaeError(f"{out} already holds a finished run", "pass --force to train it again, or choose another --out")
     settings = spec.settings
+    if not spec.force:  # a resume with other settings is refused before any model load or harvest
+        from xsae_cli.core.io import Checkpoints
+        from xsae_cli.core.settings import refuse_changed_resume, resume_changes
+
+        saved = Checkpoints(out).latest_meta()
+        if saved is not None:
+            refused, _grown = resume_changes(saved.get("settings") or {}, settings)
+            if sorted(saved.get("hooks") or []) != sorted(spec.hooks):
+                refused.insert(0, f"--hook {','.join(saved.get('hooks') or [])} -> {','.join(spec.hooks)}")
+            refuse_changed_resume(out, refused, ["--tokens"])
     if spec.deepspeed_config:  # before any harvest: a bad config should cost nothing
         from xsae_cli.sae.zero import zero_config_for
 

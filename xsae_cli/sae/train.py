@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from xsae_cli.core.console import info, progress
-from xsae_cli.core.errors import XsaeError
+from xsae_cli.core.errors import Interrupted, XsaeError
 from xsae_cli.core.io import Checkpoints
 from xsae_cli.sae.metrics import FiringTracker
 from xsae_cli.sae.models import SaeConfig, SparseAutoencoder, create_sae
@@ -189,6 +189,22 @@ class SaeTrainer:
         for st in self.states.values():
             st.zero = ZeroSae(st.sae, st.optimizer, self.zero_config)
 
+    def _check_resume_settings(self, step: int, meta: dict[str, Any]) -> None:
+        """Refuse a resume whose settings change the result (each field's ``resume`` policy); a grown
+        budget (more tokens) is allowed, said, and recorded under ``resumes`` in run.json."""
+        from xsae_cli.core.io import atomic_write_json, read_json
+        from xsae_cli.core.settings import refuse_changed_resume, resume_changes
+
+        refused, grown = resume_changes(meta.get("settings") or {}, self.settings)
+        refuse_changed_resume(self.run_dir, refused, ["--tokens"])
+        if grown and self.rank == 0:
+            info("resuming with a larger budget: " + ", ".join(f"{k} {a:,} -> {b:,}" for k, (a, b) in grown.items()))
+            run_json = self.run_dir / "run.json"
+            if run_json.exists():
+                desc = read_json(run_json, "run description")
+                desc.setdefault("resumes", []).append({"step": step, "tokens": meta.get("tokens"), "grown": grown})
+                atomic_write_json(run_json, desc)
+
     def try_resume(self) -> bool:
         latest = self.checkpoints.latest()
         if latest is None:
@@ -199,6 +215,7 @@ class SaeTrainer:
                 f"checkpoints in {self.run_dir} are for hooks {meta.get('hooks')}, not {self.hooks}",
                 "use another --out, or pass --force to start over",
             )
+        self._check_resume_settings(step, meta)
         for hook, st in self.states.items():
             saved = state[hook]
             cfg = meta["configs"][hook]
@@ -329,7 +346,7 @@ class SaeTrainer:
                         os.kill(os.getpid(), signal.SIGKILL)
         except KeyboardInterrupt:
             self.save_checkpoint()
-            raise XsaeError(f"interrupted at step {self.step}; checkpoint saved in {self.checkpoints.root}", "run the same command again to resume") from None
+            raise Interrupted(f"at step {self.step}; checkpoint saved in {self.checkpoints.root}", "run the same command again to resume") from None
         finally:
             if log_fh:
                 log_fh.close()

@@ -165,8 +165,12 @@ def read_embeddings(path: Path) -> dict[str, np.ndarray]:
         raise XsaeError(f"{path} holds no name -> vector mapping", "point at the model_embeddings.json that `xsae sane embed` writes")
     out = {}
     for name, vec in table.items():
-        if isinstance(vec, list) and vec and all(isinstance(x, (int, float)) for x in vec):
-            out[name] = np.asarray(vec, dtype=np.float64)
+        if not (isinstance(vec, list) and vec and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec)):
+            raise XsaeError(f"{path}: embeddings['{name}'] is not a non-empty list of numbers", "re-create it with `xsae sane embed`")
+        out[name] = np.asarray(vec, dtype=np.float64)
+    bad = [n for n, v in out.items() if not np.isfinite(v).all()]
+    if bad:  # as viz cluster: a distance to NaN is no distance
+        raise XsaeError(f"{path}: embeddings of {', '.join(bad)} contain NaN or infinity", "re-embed those models")
     if not out:
         raise XsaeError(f"{path} holds no embeddings", "point at the model_embeddings.json that `xsae sane embed` writes")
     dims = {v.shape[0] for v in out.values()}
@@ -185,6 +189,8 @@ def cosine_neighbors(embeddings: dict[str, np.ndarray], name: str, k: int | None
         close = difflib.get_close_matches(name, list(embeddings), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise XsaeError(f"model '{name}' is not in the embeddings file", hint + f"known: {', '.join(sorted(embeddings))}")
+    if k is not None and k < 1:
+        raise XsaeError(f"--top {k} must be at least 1", "pass e.g. --top 5, or leave it out for all")
     q = embeddings[name]
     qn = q / (np.linalg.norm(q) + 1e-12)
     rows = []

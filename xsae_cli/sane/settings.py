@@ -33,7 +33,7 @@ class SaneTrainSettings(Settings):
     layer_keywords: list[str] = setting(["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"], "Name segments followed by a block number (depth coordinates of tensors).", cli=False, panel=MODEL)
     latent_dim: int = setting(16, "Per-chunk latent size (must be < chunk size).", ge=1, panel=MODEL)
     d_model: int = setting(128, "Transformer width.", ge=8, le=8192, panel=MODEL)
-    epochs: int = setting(10, "Training epochs.", ge=1, panel=TRAIN)
+    epochs: int = setting(10, "Training epochs.", ge=1, panel=TRAIN, resume="grow")
     batch_size: int = setting(4, "Windows per step (each gives two views; at least 2 for the contrastive loss).", ge=2, panel=TRAIN)
     window_size: int = setting(1024, "Chunks per window.", ge=1, le=1 << 20, panel=TRAIN)
     lr: float = setting(3e-4, "AdamW learning rate.", gt=0, panel=TRAIN)
@@ -45,11 +45,11 @@ class SaneTrainSettings(Settings):
     temperature: float = setting(0.1, "NT-Xent temperature.", gt=0, panel=TRAIN)
     contrast_weight: float = setting(0.5, "Weight of the contrastive loss.", ge=0, panel=TRAIN)
     lineage_views: float = setting(0.0, "P(second view = same window of another model of the lineage), when a lineage is given.", ge=0, le=1, panel=TRAIN)
-    save_every: int = setting(1, "Epochs between checkpoints.", ge=1, panel=TRAIN)
-    keep: int = setting(0, "Checkpoints kept (0: all).", ge=0, panel=TRAIN)
+    save_every: int = setting(1, "Epochs between checkpoints.", ge=1, panel=TRAIN, resume="free")
+    keep: int = setting(0, "Checkpoints kept (0: all).", ge=0, panel=TRAIN, resume="free")
     mixed_precision: str = setting("no", "no, fp16 or bf16 (through accelerate).", choices=MIXED, panel=TRAIN)
     seed: int = setting(0, "Random seed (from [hardware] seed).", cli=False)
-    device: str = setting("auto", "Device (from [hardware] device).", cli=False)
+    device: str = setting("auto", "Device (from [hardware] device).", cli=False, resume="free")
 
     def __post_init__(self) -> None:
         super().__post_init__()

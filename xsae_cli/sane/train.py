@@ -108,13 +108,25 @@ def checkpoint_scheme(meta: dict[str, Any], where: str, view: str | None = None,
     return scheme
 
 
-def preflight(out_dir: Path, chunk_size: int, scheme: str, force: bool) -> int | None:
+def check_resume_settings(meta: dict[str, Any], settings: SaneTrainSettings, out_dir: Path) -> None:
+    """Refuse a resume whose settings change the result (``--d-model``, ``--lr``, ...: each field's
+    ``resume`` policy); more ``--epochs`` may be asked for."""
+    from xsae_cli.core.settings import refuse_changed_resume, resume_changes
+
+    refused, _grown = resume_changes(meta.get("settings") or {}, settings)
+    refuse_changed_resume(out_dir, refused, ["--epochs"])
+
+
+def preflight(out_dir: Path, chunk_size: int, scheme: str, force: bool, settings: SaneTrainSettings | None = None) -> int | None:
     """Before any work: the epoch a run in ``out_dir`` would resume from, refusing a mismatched one."""
     found = checkpoints(Path(out_dir))
     if not found or force:
         return None
     epoch, ckpt = found[-1]
-    check_compatible(read_checkpoint_config(ckpt), chunk_size, scheme, str(ckpt))
+    meta = read_checkpoint_config(ckpt)
+    check_compatible(meta, chunk_size, scheme, str(ckpt))
+    if settings is not None:
+        check_resume_settings(meta, settings, Path(out_dir))
     return epoch
 
 
@@ -177,9 +189,13 @@ def train(*args: Any, **kwargs: Any) -> TrainResult:
     """Train (or resume); see :func:`_train`. Library chatter (DeepSpeed's logger, imported lazily by
     accelerate, prints to stdout) goes to stderr so that ``--json`` output stays parseable."""
     import contextlib
+    import inspect
     import sys
 
-    with contextlib.redirect_stdout(sys.stderr):
+    from xsae_cli.core.runlock import owned
+
+    out_dir = inspect.signature(_train).bind(*args, **kwargs).arguments["out_dir"]
+    with contextlib.redirect_stdout(sys.stderr), owned(out_dir):
         return _train(*args, **kwargs)
 
 
@@ -251,6 +267,7 @@ def _train(
         epoch_done, ckpt = existing[-1]
         meta = read_checkpoint_config(ckpt)
         check_compatible(meta, chunk_size, scheme, str(ckpt))
+        check_resume_settings(meta, settings, out_dir)
         model_cfg = SaneModelConfig(**meta["model"])
     model = SaneAutoencoder(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -13,12 +13,24 @@ from xsae_cli.core.errors import XsaeError
 from xsae_cli.viz.style import FORMATS
 
 
-def resolve_format(output: Path, fmt: str | None, default: str = "png", allowed: tuple[str, ...] = FORMATS) -> str:
+#: Suffixes of formats xsae does not write: PNG bytes in a file named .jpg would open as a broken image.
+OTHER_IMAGE_SUFFIXES = ("jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "pdf", "eps", "ps", "ico", "avif", "heic")
+
+
+def resolve_format(output: Path, fmt: str | None, default: str = "png", allowed: tuple[str, ...] = FORMATS, folder_ok: bool = False) -> str:
     """The output format: ``--format`` if given, else the output's suffix, else ``default``.
 
-    A ``--format`` that contradicts the file's suffix is refused rather than writing a PNG named .svg.
+    A ``--format`` that contradicts the file's suffix is refused rather than writing a PNG named .svg;
+    so is a suffix of a format xsae does not write (``.jpg``, ``.gif``, ...) and, unless the command
+    writes a folder of figures (``folder_ok``), an output that is an existing folder.
     """
+    output = Path(output)
     suffix = output.suffix.lower().lstrip(".")
+    if output.is_dir() and not folder_ok:
+        raise XsaeError(f"--out {output} is a folder", f"name a file in it, e.g. {output / ('figure.' + (fmt or default))}")
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        good = fmt if fmt in allowed else default if default in allowed else allowed[0]
+        raise XsaeError(f"--out {output}: xsae writes {', '.join(allowed)} here, not .{suffix}", f"name it {output.with_suffix('.' + good).name}")
     if fmt is not None:
         fmt = fmt.lower()
         if fmt not in allowed:

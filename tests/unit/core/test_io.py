@@ -106,3 +106,37 @@ def test_checkpoints_keep_last_and_ignore_incomplete(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "step_000000040").mkdir()
     step, state, meta = ck.latest()  # type: ignore[misc]
     assert step == 30 and meta["tokens"] == 3000 and torch.equal(state["w"], torch.full((2,), 30.0))
+
+
+def test_atomic_dir_cleans_the_debris_of_dead_builders_only(tmp_path) -> None:
+    """A kill -9 during a harvest left `.<key>.<host>-<pid>.*.tmp`; the next build removes it, not a live one's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from xsae_cli.core.io import _owner_tag, atomic_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _owner_tag().rsplit("-", 1)[0]
+    key = tmp_path / "abc123"
+    names = {
+        "dead": f".abc123.{host}-{dead.pid}.x1y2.tmp",
+        "live": f".abc123.{host}-{os.getpid()}.q9.tmp",
+        "other_host": f".abc123.elsewhere-{dead.pid}.z.tmp",
+        "legacy_new": ".abc123.k3j4.tmp",
+        "legacy_old": ".abc123.old5.tmp",
+        "other_key": f".zzz.{host}-{dead.pid}.a.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard_00000.safetensors").write_bytes(b"x")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(tmp_path / names["legacy_old"], (old, old))
+    with atomic_dir(key) as tmp:
+        assert tmp.name.startswith(f".abc123.{host}-{os.getpid()}.")
+        (tmp / "meta.json").write_text("{}")
+    left = {k for k, n in names.items() if (tmp_path / n).exists()}
+    assert left == {"live", "other_host", "legacy_new", "other_key"}
+    assert (key / "meta.json").exists()

@@ -174,3 +174,14 @@ def test_settings_types_are_ones_the_loader_understands() -> None:
             origin = typing.get_origin(inner)
             ok = inner in allowed or (origin in (list, tuple) and all(a in allowed or a is Ellipsis for a in typing.get_args(inner)))
             assert ok, (name, key, tp)
+
+
+def test_resume_policy_comes_from_the_fields() -> None:
+    from xsae_cli.core.settings import resume_changes
+    from xsae_cli.sae.settings import SaeRunSettings
+
+    saved = dataclasses.asdict(SaeRunSettings())
+    refused, grown = resume_changes(saved, SaeRunSettings(k=4, corpus="other.txt", tokens=4_000_000, eval_tokens=10, betas=(0.9, 0.999)))
+    assert refused == ["--k 32 -> 4", "--corpus builtin -> other.txt"]
+    assert grown == {"tokens": [2_000_000, 4_000_000]}
+    assert resume_changes({"k": 32}, SaeRunSettings()) == ([], {})  # an older checkpoint's missing fields are not compared

@@ -35,3 +35,13 @@ def test_train_then_resume_equals_uninterrupted(tmp_path, letters_atf) -> None:
 
     with pytest.raises(XsaeError, match="already holds a trained model"):
         train(_settings(letters_atf, 4), tmp_path / "ref")
+
+
+def test_resume_with_another_lr_is_refused(tmp_path, letters_atf) -> None:
+    train(_settings(letters_atf, 2), tmp_path / "run")
+    (tmp_path / "run" / "config.json").unlink()  # as if the run had stopped after step 2
+    with pytest.raises(XsaeError) as exc:
+        train(_settings(letters_atf, 4).replace(lr=5e-3, log_every=1), tmp_path / "run")
+    line = exc.value.one_line()
+    assert "--lr 0.001 -> 0.005" in line and "log-every" not in line and "steps" in line and "--force" in line
+    assert train(_settings(letters_atf, 4).replace(lr=5e-3), tmp_path / "run", force=True)["steps"] == 4

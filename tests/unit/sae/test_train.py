@@ -108,3 +108,40 @@ def test_tensorboard_tracker_writes_events(tmp_path: Path) -> None:
 def test_unknown_tracker_is_refused_when_the_settings_are_built(tmp_path: Path) -> None:
     with pytest.raises(XsaeError, match="log_with = 'mlflw' is not one of tensorboard, wandb"):
         _settings(tokens=512, log_with="mlflw")  # before a trainer (or a model) exists
+
+
+def test_resume_with_other_settings_is_refused_listing_them(tmp_path: Path) -> None:
+    """k, lr, optimizer change the result: refused in one line; more tokens and logging may change."""
+    import json
+
+    x = _data()
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {}}))
+    Trainer(_settings(tokens=2048), {"h": 16}, tmp_path).fit(_batches(x, 256))
+    with pytest.raises(XsaeError) as exc:
+        Trainer(_settings(tokens=2048, k=8, lr=1e-3, log_every=2), {"h": 16}, tmp_path).try_resume()
+    line = exc.value.one_line()
+    assert "--k 4 -> 8" in line and "--lr None -> 0.001" in line and "log-every" not in line and "--force" in line
+    assert "\n" not in line
+    resumed = Trainer(_settings(tokens=4096, log_every=2, checkpoint_every=4), {"h": 16}, tmp_path)
+    assert resumed.try_resume() and resumed.tokens == 2048
+    assert json.loads((tmp_path / "run.json").read_text())["resumes"] == [{"step": 8, "tokens": 2048, "grown": {"tokens": [2048, 4096]}}]
+    with pytest.raises(XsaeError, match="--tokens 2048 -> 1024"):  # a budget may only grow
+        Trainer(_settings(tokens=1024), {"h": 16}, tmp_path).try_resume()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_not_2(tmp_path: Path) -> None:
+    from xsae_cli.core.errors import Interrupted
+
+    x = _data()
+
+    def interrupted(skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        for i, batch in enumerate(_batches(x, 256)(skip)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    trainer = Trainer(_settings(), {"h": 16}, tmp_path)
+    with pytest.raises(Interrupted) as exc:
+        trainer.fit(interrupted)
+    assert exc.value.exit_code == 130 and "at step 5" in exc.value.one_line()
+    assert trainer.checkpoints.steps() == [5]

@@ -116,3 +116,19 @@ def test_a_checkpoint_rebuilds_its_own_scheme() -> None:
     stale = {**meta, "scheme": "circuits-v1-0123456789", "coord_scheme": {**CoordScheme().record(64), "id": "circuits-v1-0123456789", "view_revision": 1}}
     with pytest.raises(XsaeError, match="revision v1 of the circuits view"):
         checkpoint_scheme(stale, "ckpt")
+
+
+def test_resume_with_another_width_or_lr_is_refused(tiny_models, tmp_path: Path) -> None:
+    """`sane train --d-model 64` on an existing run used to resume and ignore the flag."""
+    from xsae_cli.sane.train import preflight
+
+    first = train(tiny_models[:2], tmp_path / "run", settings(epochs=1, steps_per_epoch=1), CFG)
+    with pytest.raises(XsaeError) as exc:
+        train(tiny_models[:2], tmp_path / "run", settings(epochs=2, steps_per_epoch=1, d_model=64, lr=2e-3, save_every=2), CFG)
+    line = exc.value.one_line()
+    assert "--d-model 128 -> 64" in line and "--lr 0.001 -> 0.002" in line and "save-every" not in line and "--force" in line
+    meta = read_checkpoint_config(first.last_checkpoint)
+    with pytest.raises(XsaeError, match="--d-model 128 -> 64"):  # the command's check, before tokenising
+        preflight(tmp_path / "run", meta["chunk_size"], meta["scheme"], False, settings(d_model=64))
+    more = train(tiny_models[:2], tmp_path / "run", settings(epochs=2, steps_per_epoch=1, save_every=2), CFG)  # more epochs: allowed
+    assert more.resumed_from == 1 and more.epochs_done == 2
