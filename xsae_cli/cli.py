@@ -41,9 +41,11 @@ class XsaeApp(typer.Typer):
             command = typer.main.get_command(self)
             argv = list(kwargs.pop("args", None) or (args[0] if args else sys.argv[1:]))
             if "--help" in argv or "-h" in argv:
+                from xsae_cli.commands.helptext import honest_help
                 from xsae_cli.commands.options import resolve_lazy_help
 
                 resolve_lazy_help(command, argv)
+                honest_help(command, argv)
             try:
                 rc = command.main(args=argv, prog_name="xsae", standalone_mode=False)
             except typer.Exit as exc:

@@ -56,6 +56,13 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     assert list(npz["names"]) == TINY and npz["embeddings"].shape == (5, 512)
     assert np.allclose(npz["embeddings"][0], data["embeddings"]["tiny-gpt2"], atol=1e-5)
 
+    # the original Universal SANE's layout: a bare {name: [floats]} map, written and read back
+    plain = tmp_path / "plain"
+    ep = run_xsae("--json", "sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_3"), "--models", ",".join(TINY), "--format", "plain", "--out", str(plain), env=ONE_THREAD)
+    assert ep.returncode == 0, ep.stderr[-2000:]
+    bare = json.loads((plain / "model_embeddings.json").read_text())
+    assert list(bare) == TINY and np.allclose(bare["tiny-gpt2"], data["embeddings"]["tiny-gpt2"], atol=1e-6)
+
     nb = run_xsae("--json", "sane", "neighbors", "tiny-gpt2", "--embeddings", str(out / "model_embeddings.json"))
     assert nb.returncode == 0, nb.stderr[-2000:]
     near = json.loads(nb.stdout)["neighbors"]

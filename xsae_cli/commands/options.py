@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, List, Optional
 
 import typer
-from rich.markup import escape
 
 from xsae_cli.core.config import flag_name, sections
 from xsae_cli.core.errors import XsaeError
@@ -69,7 +68,7 @@ def _default_text(value: Any) -> str:
 
 def _help(sec: Section, f: dataclasses.Field) -> str:
     m = meta_of(f)
-    text = escape(m.help)
+    text = m.help  # plain text; commands/helptext.py escapes it when help is shown
     if callable(m.choices):
         text += f" {{choices:{sec.name}.{f.name}}}"
     return text
@@ -94,7 +93,7 @@ def resolve_lazy_help(command: Any, argv: Sequence[str]) -> None:
             def fill(m: re.Match[str]) -> str:
                 name, key = m.group(1).rsplit(".", 1)
                 f = next(f for f in secs[name].fields() if f.name == key)
-                return "(" + escape(rule_text(meta_of(f))) + ")"
+                return "(" + rule_text(meta_of(f)) + ")"
 
             param.help = _LAZY.sub(fill, help_text)
 

@@ -184,7 +184,7 @@ def embed(
     names = _model_names(models, zoo)
     s = settings
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, view=view, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows, layer_keywords=cfg.sane.layer_keywords)
+        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, view=view, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows, layer_keywords=cfg.sane.layer_keywords, layout=s.format)
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:

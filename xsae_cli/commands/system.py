@@ -23,13 +23,14 @@ def doctor(
     from xsae_cli.core.config import xsae_cache, xsae_home
     from xsae_cli.zoo import demo
 
-    report = {
-        "versions": hardware.package_versions(),
-        "hardware": hardware.device_summary(),
-        "xsae_home": str(xsae_home()),
-        "xsae_cache": str(xsae_cache()),
-        "demo_models": demo.demo_status(),
-    }
+    with out.status("reading package versions and probing devices (imports torch)"):
+        report = {
+            "versions": hardware.package_versions(),
+            "hardware": hardware.device_summary(),
+            "xsae_home": str(xsae_home()),
+            "xsae_cache": str(xsae_cache()),
+            "demo_models": demo.demo_status(),
+        }
     if distributed:
         device = hardware.resolve_device(ctx.obj.config.hardware.device)
         report["distributed"] = launch.distributed_check(cpu=device.type == "cpu")

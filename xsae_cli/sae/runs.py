@@ -237,6 +237,7 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any], held_ctx: Any, device: Any) -> dict[str, Any]:
     """Held-out reconstruction metrics per hook and, for LMs, CE loss recovered and KL."""
+    from xsae_cli.core.console import status
     from xsae_cli.data.activations import ActivationStore
     from xsae_cli.sae.evaluate import downstream_metrics
     from xsae_cli.sae.metrics import RunningStats
@@ -248,7 +249,7 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
     stats = {h: RunningStats(sae.cfg.d_in, sae.cfg.d_sae) for h, sae in saes.items()}
     # Dense codes are [rows, d_sae]: keep a batch near 128M floats, so 262k-latent SAEs evaluate in ~1 GB.
     rows = max(64, min(4096, 2**27 // max(sae.cfg.d_sae for sae in saes.values())))
-    for batch in store.batches(rows, s.eval_tokens):
+    for batch in store.batches(rows, s.eval_tokens, show_progress=True):
         for h, x in batch.items():
             sae = saes[h]
             x = x.to(next(sae.parameters()).device, torch.float32)
@@ -259,7 +260,8 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
     for h, sae in saes.items():
         r = stats[h].compute()
         r["special_tokens_dropped"] = int(getattr(store.stats, "dropped_special", 0))
-        down = downstream_metrics(model, h, sae, held_ctx.input_ids[:n], held_ctx.special_mask[:n], held_ctx.attention_mask[:n] if held_ctx.attention_mask is not None else None, site=s.site)
+        with status(f"CE loss recovered and KL for {h} on {n} held-out contexts"):
+            down = downstream_metrics(model, h, sae, held_ctx.input_ids[:n], held_ctx.special_mask[:n], held_ctx.attention_mask[:n] if held_ctx.attention_mask is not None else None, site=s.site)
         r["downstream"] = down
         results["hooks"][h] = r
     return results

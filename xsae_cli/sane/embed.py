@@ -79,8 +79,13 @@ def embed_models(
     progress: Any = None,
     max_windows: int | None = None,
     layer_keywords: Any = None,
+    layout: str = "xsae",
 ) -> dict[str, Any]:
     """Embed ``names`` with ``checkpoint``; write JSON + NPZ into ``output_dir`` when given.
+
+    ``layout="plain"`` writes the JSON as the original Universal SANE does, a bare ``{name: [floats]}``
+    map, which its tools read; the NPZ is written as usual, and the provenance is only in the returned
+    result (`--json`).
 
     The models are tokenised with the checkpoint's own coordinate scheme (:func:`checkpoint_scheme`;
     ``view``, when given, must be the checkpoint's; ``layer_keywords``: the current [sane] setting,
@@ -147,7 +152,7 @@ def embed_models(
     }
     if json_path is not None and npz_path is not None:
         # JSON and NPZ are one result: both are replaced together or (a full disk, a crash) neither is
-        text = (dumps(result) + "\n").encode("utf-8")
+        text = (dumps(vectors if layout == "plain" else result) + "\n").encode("utf-8")
         matrix = np.array([vectors[n] for n in vectors], dtype=np.float32)
         with atomic_paths(json_path, npz_path, need=len(text) + matrix.nbytes + 4096) as (tmp_json, tmp_npz):
             tmp_json.write_bytes(text)

@@ -71,6 +71,7 @@ class EmbedSettings(Settings):
     window_size: int | None = setting(None, "Chunks per window (default: the checkpoint's).", ge=1, le=1 << 20)
     batch_size: int = setting(8, "Windows per forward pass.", ge=1)
     max_windows: int | None = setting(None, "Cap windows per model (evenly spaced; the JSON records the fraction of chunks seen). Default: cover the whole model.", ge=1)
+    format: str = setting("xsae", "model_embeddings.json layout: xsae (vectors with provenance) or plain (the original Universal SANE's {model name: [floats]} map).", choices=("xsae", "plain"))
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,14 @@ class Projection:
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
-    """Read ``model_embeddings.json``; every malformed part is named with the file."""
+    """Read ``model_embeddings.json`` (xsae's, or the original tools' plain name -> vector map);
+    every malformed part is named with the file."""
     path = Path(path)
     data = read_json(path, "embeddings file")
     if not isinstance(data, dict):
         raise XsaeError(f"{path}: expected a JSON object with an 'embeddings' field, got {type(data).__name__}", "point --input at the model_embeddings.json that `xsae sane embed` writes")
+    if "embeddings" not in data and data and all(isinstance(v, list) for v in data.values()):
+        data = {"embeddings": data}  # the original Universal SANE's plain {model name: [floats]} map
     emb = require(data, "embeddings", path, kind=dict)
     models = data.get("models") or {}
     if not isinstance(models, dict):

@@ -213,8 +213,12 @@ def load_model(resolved: ResolvedModel, **options: Any) -> tuple[Any, Any]:
     """A runnable transformers model (and tokenizer) for activation work, through its source.
 
     ``options``: ``device``, ``dtype``, ``trust_remote_code``, ``with_tokenizer``, ``device_map``
-    (see :func:`hf_folder.load_hf_folder`, what every source with a loadable folder runs)."""
-    return resolved.handler.load_model(resolved, **options)
+    (see :func:`hf_folder.load_hf_folder`, what every source with a loadable folder runs).
+    Loading takes seconds to minutes: a status line says so."""
+    from xsae_cli.core.console import status
+
+    with status(f"loading model {resolved.name}"):
+        return resolved.handler.load_model(resolved, **options)
 
 
 # ---------------------------------------------------------------------------------- shared helpers

@@ -103,12 +103,16 @@ def convert_gguf(path: Path, target: Path) -> Path:
     ``save_pretrained`` refuses a model loaded from GGUF, so the model is rebuilt from its
     config and state dict first. The tokenizer (and its chat template) comes along.
     """
+    from xsae_cli.core.console import status
+
+    with status(f"converting {path.name} from GGUF to safetensors (once; cached in {target})"):
+        return _convert(path, target)
+
+
+def _convert(path: Path, target: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from xsae_cli.core.console import info
-
-    info(f"converting {path.name} from GGUF to safetensors (once; cached in {target})")
     folder, name = str(path.parent), path.name
     quiet_transformers()
     try:
