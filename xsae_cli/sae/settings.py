@@ -50,7 +50,7 @@ ARCH, TRAIN, LOSS, DATA, EVAL = "SAE architecture", "SAE training", "SAE losses"
 class SaeTrainSettings(Settings):
     """How SAEs train: architecture, width, optimizer and schedule (the SAE's own config comes from these)."""
 
-    arch: str = setting("topk", "SAE architecture: relu, topk, batchtopk, jumprelu or another registered one.", choices=architectures, panel=ARCH)
+    arch: str = setting("topk", "SAE architecture: relu, topk, batchtopk, jumprelu, gated or another registered one (xsae sae archs).", choices=architectures, panel=ARCH)
     k: int = setting(32, "Active latents per token (topk, batchtopk: on average).", ge=1, panel=ARCH)
     expansion: int = setting(8, "d_sae = expansion x d_in.", ge=1, panel=ARCH)
     d_sae: int | None = setting(None, "Number of latents (overrides --expansion).", ge=1, panel=ARCH)
@@ -68,7 +68,7 @@ class SaeTrainSettings(Settings):
     init_b_dec: str = setting("geometric_median", "Where b_dec starts: geometric_median, mean or zeros of a first batch.", choices=B_DEC_INITS, panel=TRAIN)
     dead_tokens_threshold: int = setting(1_000_000, "Tokens without firing after which a latent counts as dead (feeds AuxK).", ge=1, panel=TRAIN)
     log_with: str | None = setting(None, "Also log to tensorboard or wandb (through accelerate's trackers).", choices=TRACKERS, panel=TRAIN)
-    l1_coefficient: float = setting(5.0, "relu: weight of the decoder-norm-weighted L1 penalty.", ge=0, panel=LOSS)
+    l1_coefficient: float = setting(5.0, "relu, gated: weight of the L1 penalty (relu: weighted by decoder norms; gated: on the gate).", ge=0, panel=LOSS)
     l0_coefficient: float = setting(1e-3, "jumprelu: weight of the L0 penalty.", ge=0, panel=LOSS)
     jumprelu_bandwidth: float = setting(1e-3, "jumprelu: width of the straight-through estimator's kernel.", gt=0, panel=LOSS)
     jumprelu_init_threshold: float = setting(1e-3, "jumprelu: initial threshold.", ge=0, panel=LOSS)
