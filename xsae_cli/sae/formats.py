@@ -19,6 +19,8 @@ jumprelu   ``jumprelu``          ``threshold [d_sae]``
 batchtopk  ``jumprelu``          as SAELens saves a trained BatchTopK: its inference rule *is*
                                  a JumpReLU with the learned global threshold
 gated      ``gated``             ``b_enc`` written as SAELens's ``b_gate``; ``r_mag``, ``b_mag``
+matryoshka ``jumprelu``          ``matryoshka_batchtopk``: as batchtopk; SAELens's training
+_batchtopk                       checkpoints (``matryoshka_batchtopk``, flat widths) are read
 ========== ===================== ============================================================
 
 Whatever SAELens's schema cannot hold (xsae's arch when it differs, k of a BatchTopK, training

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from xsae_cli.core.errors import XsaeError
 from xsae_cli.sae.formats import load_sae, save_sae
 from xsae_cli.sae.models import SaeConfig, create_sae
 
@@ -100,4 +101,135 @@ def test_we_load_a_saelens_gated_sae(tmp_path: Path) -> None:
     x = x_batch()
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), theirs.encode(x), **TOL)
+        torch.testing.assert_close(sae(x), theirs(x), **TOL)
+
+
+# -- Matryoshka BatchTopK ------------------------------------------------------------------------
+
+MTK = "matryoshka_batchtopk"
+WIDTHS = [8, 24]
+
+
+def matryoshka(widths: list[int] | None = None, **kw) -> torch.nn.Module:
+    cfg = SaeConfig(arch=MTK, d_in=D_IN, d_sae=D_SAE, k=K, metadata=dict(META), options={"matryoshka_widths": list(widths or WIDTHS)}, **kw)
+    return create_sae(cfg, seed=3)
+
+
+def test_matryoshka_loss_and_gradients_match_a_dense_reference() -> None:
+    """Each prefix [0, w) reconstructs on its own: the loss is the sum of the prefixes' squared errors."""
+    from xsae_cli.sae.kernels import global_topk
+
+    sae = matryoshka(bf16_encoder=False)
+    randomize(sae, ("W_enc", "b_enc", "W_dec", "b_dec"))
+    x = x_batch(128)
+    out = sae.training_forward(x)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    ours = torch.autograd.grad(out.loss, params)
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    mask = torch.zeros(pre.numel())
+    mask[global_topk(pre.detach(), K * x.shape[0])] = 1.0
+    codes = torch.relu(pre) * mask.reshape(pre.shape)
+    levels = [*WIDTHS, D_SAE]
+    errors = [((codes[:, :w] @ sae.W_dec[:w] + sae.b_dec - x) ** 2).sum(-1).mean() for w in levels]
+    ref = torch.autograd.grad(sum(errors), params)
+    torch.testing.assert_close(out.loss, sum(errors), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.terms["mse_8"], errors[0].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.terms["mse"], errors[-1].detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _planted(n: int, seed: int) -> torch.Tensor:
+    dictionary = torch.nn.functional.normalize(torch.randn(32, D_IN, generator=torch.Generator().manual_seed(123)), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(32, generator=g)[:3] for _ in range(n)])
+    mag = torch.rand(n, 3, generator=g) * 2 + 0.5
+    return torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=mag, mode="sum")
+
+
+def _prefix_fvu(sae: torch.nn.Module, x: torch.Tensor, width: int) -> float:
+    with torch.no_grad():
+        codes = sae.encode(x)
+        codes[:, width:] = 0
+        err = sae.decode(codes) - x
+        return float(err.pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_matryoshka_prefix_reconstructs_where_a_batchtopk_prefix_does_not() -> None:
+    """Known answer: the first 8 latents of a Matryoshka SAE are trained to reconstruct alone; a
+    BatchTopK's first 8 are not. Same data, seed, steps and optimizer."""
+    torch.manual_seed(0)
+    train, held = _planted(256 * 200, seed=1), _planted(2048, seed=2)
+    fvus = {}
+    for arch in ("batchtopk", MTK):
+        options = {"matryoshka_widths": [8]} if arch == MTK else {}
+        sae = create_sae(SaeConfig(arch=arch, d_in=D_IN, d_sae=64, k=3, options=options), seed=0)
+        sae.init_b_dec(train[:256])
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for i in range(200):
+            sae.training_forward(train[i * 256 : (i + 1) * 256]).loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            sae.set_decoder_norm_to_unit_norm()
+        fvus[arch] = (_prefix_fvu(sae, held, 8), _prefix_fvu(sae, held, 64))
+    assert fvus[MTK][0] < 0.6 * fvus["batchtopk"][0], fvus
+    assert fvus[MTK][1] < 0.2, fvus  # and the whole SAE still reconstructs
+
+
+@pytest.mark.parametrize(
+    ("widths", "needle"),
+    [([24, 8], "not strictly increasing"), ([8, 8], "not strictly increasing"), ([8, 64], "exceed d_sae=48"), ([], "needs matryoshka_widths")],
+)
+def test_bad_matryoshka_widths_are_one_line_errors(widths: list[int], needle: str) -> None:
+    with pytest.raises(XsaeError, match=needle) as err:
+        matryoshka(widths) if widths else SaeConfig(arch=MTK, d_in=D_IN, d_sae=D_SAE, k=K)
+    assert "\n" not in err.value.one_line()
+
+
+def test_matryoshka_widths_as_a_setting() -> None:
+    from xsae_cli.core.settings import InvalidSetting
+    from xsae_cli.sae.settings import SaeTrainSettings
+    from xsae_cli.sae.train import sae_config_for
+
+    cfg = sae_config_for(SaeTrainSettings(arch=MTK, k=4, d_sae=64, matryoshka_widths=[8, 32]), 16, {})
+    assert cfg.options == {"matryoshka_widths": [8, 32]}
+    with pytest.raises(InvalidSetting, match="not strictly increasing"):
+        SaeTrainSettings(arch=MTK, matryoshka_widths=[32, 8])
+    with pytest.raises(InvalidSetting, match="exceed d_sae=16"):
+        SaeTrainSettings(arch=MTK, d_sae=16, matryoshka_widths=[8, 32])
+    with pytest.raises(XsaeError, match="exceed d_sae=32"):  # d_sae from the expansion: refused once d_in is known
+        sae_config_for(SaeTrainSettings(arch=MTK, k=4, expansion=2, matryoshka_widths=[8, 64]), 16, {})
+    with pytest.raises(XsaeError, match="matryoshka_widths is set but a topk SAE"):
+        sae_config_for(SaeTrainSettings(arch="topk", matryoshka_widths=[8]), 16, {})
+
+
+def test_saelens_loads_our_matryoshka_export_as_a_jumprelu(tmp_path: Path) -> None:
+    sae = matryoshka()
+    randomize(sae, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"))
+    sae.eval()
+    path = save_sae(sae, tmp_path / "m")
+    theirs = sae_lens.SAE.load_from_disk(str(path))
+    assert type(theirs).__name__ == "JumpReLUSAE"  # as SAELens saves a trained Matryoshka BatchTopK
+    x = x_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x), **TOL)
+        torch.testing.assert_close(theirs(x), sae(x), **TOL)
+    back = load_sae(path)
+    assert back.cfg.arch == MTK and back.cfg.options == {"matryoshka_widths": WIDTHS}
+
+
+def test_we_load_a_saelens_matryoshka_training_checkpoint(tmp_path: Path) -> None:
+    cfg = sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, matryoshka_widths=[8, 24, D_SAE])
+    trained = sae_lens.MatryoshkaBatchTopKTrainingSAE(cfg)
+    randomize(trained, ("W_enc", "b_enc", "W_dec", "b_dec"), seed=7)
+    trained.topk_threshold.fill_(0.15)
+    trained.save_model(tmp_path / "train")  # architecture: matryoshka_batchtopk, widths and k in cfg.json
+    trained.save_inference_model(tmp_path / "inference")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "inference"))
+    sae = load_sae(tmp_path / "train")
+    assert (sae.cfg.arch, sae.cfg.k, sae.cfg.options) == (MTK, K, {"matryoshka_widths": [8, 24, D_SAE]})
+    x = x_batch()
+    with torch.no_grad():
         torch.testing.assert_close(sae(x), theirs(x), **TOL)

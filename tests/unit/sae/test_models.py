@@ -25,7 +25,9 @@ D_IN, D_SAE, K = 12, 48, 4
 
 
 def make(arch: str, dtype: str = "float32", device: str | torch.device | None = None, **kw) -> models.SparseAutoencoder:
-    k = K if arch in ("topk", "batchtopk") else None
+    k = K if models.get_arch(arch).uses_k else None
+    if arch == "matryoshka_batchtopk":
+        kw.setdefault("options", {"matryoshka_widths": [12, 24]})
     return create_sae(SaeConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=k, dtype=dtype, **kw), device=device, seed=0)
 
 
@@ -516,7 +518,7 @@ def _sparse_dictionary_data(n, d_in, n_feat, active, seed):
         ("batchtopk", {"k": 4}, 0.12),
         ("relu", {"l1_coefficient": 0.02}, 0.12),
         ("jumprelu", {"l0_coefficient": 1e-3, "jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.05}, 0.15),
-        ("gated", {"l1_coefficient": 0.02}, 0.12),
+        ("gated", {"options": {"gated_l1_coefficient": 0.02}}, 0.12),
     ],
 )
 def test_training_recovers_a_sparse_dictionary(arch, extra, limit, one_thread):

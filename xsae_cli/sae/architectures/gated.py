@@ -7,7 +7,9 @@ on ReLU(pi_gate) only, it no longer shrinks the magnitudes of active latents (th
 SAE). The Heaviside has no gradient, so the gate is trained by the L1 term and by the paper's
 auxiliary loss: ``ReLU(pi_gate)`` decoded through a *frozen* copy of the decoder must reconstruct
 the input too (eq. 9 of the paper; the stop-gradient keeps the auxiliary task from bending the
-decoder that the real codes use).
+decoder that the real codes use). The L1 weight is its own option, ``gated_l1_coefficient`` (default
+1.0, SAELens's; ReLU's 5.0 closes every gate: L0 0 on the trainer's planted-dictionary data), best
+with ``normalize_activations = expected_average_only_in`` as in SAELens.
 
 Files: SAELens's ``architecture: gated`` (``W_enc, W_dec, b_dec, b_gate, b_mag, r_mag``, no
 ``b_enc``). xsae keeps the gate bias in ``b_enc`` (every SAE has one, so splicing, PEFT and the
@@ -58,7 +60,7 @@ class GatedSae(SparseAutoencoder):
         l1 = gate_act.sum(-1).mean()
         via_gate = gate_act @ self._w_dec().detach() + self.b_dec.detach()  # the paper's frozen decoder
         aux = mse_loss(via_gate, x_n)
-        loss = mse + self.cfg.l1_coefficient * l1 + aux
+        loss = mse + self.cfg.setting("gated_l1_coefficient") * l1 + aux
         with torch.no_grad():
             l0 = (codes > 0).sum(-1, dtype=torch.float32).mean()
         return x_hat, loss, {"mse": mse, "l1": l1, "aux": aux, "l0": l0}, fired_dense(codes.detach())
@@ -78,6 +80,6 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
 
 
 register_sae_class(
-    "gated", GatedSae, coefficients=("l1_coefficient",), saelens_export=_to_saelens, saelens_import=_from_saelens,
+    "gated", GatedSae, coefficients=("gated_l1_coefficient",), options={"gated_l1_coefficient": 1.0}, saelens_export=_to_saelens, saelens_import=_from_saelens,
     tensors={"r_mag": ExtraTensor("parameter"), "b_mag": ExtraTensor("parameter")},
 )
