@@ -14,7 +14,7 @@ runners taking turns step by step so that a shared machine slows them alike; Ada
   for Matryoshka also the FVU of its first prefix alone (codes beyond d_sae/8 zeroed), the
   property it is trained for, beside the same prefix of the plain BatchTopK.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sae_family.py`` (~3 minutes on 2 loaded cores);
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sae_family.py`` (minutes: six runners take turns on one thread);
 ``--d-in 576 --d-sae 4608 --batch 4096`` for the sae_throughput ``small`` shape. Figures in
 benchmarks/RESULTS.md (issue 20).
 """
