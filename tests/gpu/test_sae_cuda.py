@@ -97,7 +97,7 @@ def test_training_step_matches_the_cpu_reference(arch: str, path: str, device: t
         mask = masks[0].cpu()
         assert torch.equal(out.fired.cpu(), (mask & (pre64 > 0)).sum(0))
     else:
-        ref_out = ref.training_forward(x64)
+        ref_out = ref.training_forward(x64, dead_mask=dead)  # AuxK where the architecture has it (matryoshka_batchtopk)
         ref_loss = ref_out.loss
         if path == "fp32":  # on the bf16 paths an entry at the kink may fire on one side only
             assert torch.equal(out.fired.cpu() > 0, ref_out.fired > 0)
@@ -174,7 +174,8 @@ def test_trainer_step_on_the_device_keeps_decoder_rows_unit_norm(device: torch.d
     from xsae_cli.sae.train import SaeTrainer
 
     for arch in models.ARCHITECTURES:
-        settings = TrainSettings(arch=arch, k=4, expansion=4, batch_size=64, tokens=128, optimizer="adam", l1_coefficient=0.01, dead_tokens_threshold=32)
+        widths = (12, 24) if arch == "matryoshka_batchtopk" else None
+        settings = TrainSettings(arch=arch, k=4, expansion=4, batch_size=64, tokens=128, optimizer="adam", l1_coefficient=0.01, dead_tokens_threshold=32, matryoshka_widths=widths)
         trainer = SaeTrainer(settings, {"h": D_IN}, tmp_path / arch, device=device)
         batch = {"h": data(64)}
         trainer.train_step(batch)

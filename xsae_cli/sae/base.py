@@ -89,6 +89,8 @@ class SaeConfig:
             known = ", ".join(spec.options) or "none"
             raise XsaeError(f"unknown option(s) {', '.join(unknown)} for a {self.arch} SAE", f"its options: {known}")
         self.options = {**spec.options, **self.options}
+        if spec.validate is not None:
+            spec.validate(self)
         for name in spec.coefficients:
             value = self.setting(name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:

@@ -18,6 +18,9 @@ topk       ``topk``              ``k`` in cfg; sparsify ``activation="topk"`` as
 jumprelu   ``jumprelu``          ``threshold [d_sae]``
 batchtopk  ``jumprelu``          as SAELens saves a trained BatchTopK: its inference rule *is*
                                  a JumpReLU with the learned global threshold
+gated      ``gated``             ``b_enc`` written as SAELens's ``b_gate``; ``r_mag``, ``b_mag``
+matryoshka ``jumprelu``          ``matryoshka_batchtopk``: as batchtopk; SAELens's training
+_batchtopk                       checkpoints (``matryoshka_batchtopk``, flat widths) are read
 ========== ===================== ============================================================
 
 Whatever SAELens's schema cannot hold (xsae's arch when it differs, k of a BatchTopK, training
@@ -323,6 +326,8 @@ def _to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, torch
     }
     if spec.saelens_cfg is not None:
         cfg_json.update(spec.saelens_cfg(cfg))
+    if spec.saelens_export is not None:
+        tensors = spec.saelens_export(cfg, tensors)
     cfg_json["metadata"] = metadata
     # added_metadata: keys written only because SAELens expects them; dropped again on load so
     # that a round trip gives back the same metadata.
@@ -474,6 +479,10 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
     )
     if norm == "none":
         fields["norm_scaling_factor"] = None
+    options = dict(fields.get("options") or {})
+    options.update({name: raw[name] for name in spec.options if name not in options and name in raw})  # SAELens keeps them flat
+    if options:
+        fields["options"] = options
     if spec.uses_k and fields.get("k") is None:
         if k is None:
             raise XsaeError(f"{cfg_path} describes a {spec.name} SAE without k", "add \"k\": <active latents> to cfg.json")

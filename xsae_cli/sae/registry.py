@@ -74,6 +74,8 @@ class ArchSpec:
     bf16_selection: bool = False
     saelens_cfg: Callable[[SaeConfig], dict[str, Any]] | None = None
     saelens_import: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    saelens_export: Callable[[SaeConfig, dict[str, Any]], dict[str, Any]] | None = None
+    validate: Callable[[SaeConfig], None] | None = None
 
     @property
     def title(self) -> str:
@@ -105,6 +107,8 @@ def register_sae_class(
     bf16_selection: bool = False,
     saelens_cfg: Callable[[SaeConfig], dict[str, Any]] | None = None,
     saelens_import: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+    saelens_export: Callable[[SaeConfig, dict[str, Any]], dict[str, Any]] | None = None,
+    validate: Callable[[SaeConfig], None] | None = None,
 ) -> ArchSpec:
     """Register an SAE architecture; returns its spec. Registering the same name twice is refused
     unless it is the same class again (a module imported twice).
@@ -124,7 +128,11 @@ def register_sae_class(
     - ``bf16_selection``: training may select latents with a bf16 matmul by default (the values
       are recomputed exactly afterwards); architectures that train on the values themselves leave it off.
     - ``saelens_cfg``: extra keys for SAELens's ``cfg.json`` (e.g. ``k``); ``saelens_import``:
-      ``(raw cfg, tensors) -> tensors``, to convert a SAELens file of this architecture on load.
+      ``(raw cfg, tensors) -> tensors``, to convert a SAELens file of this architecture on load;
+      ``saelens_export``: ``(cfg, tensors) -> tensors``, its inverse on save (SAELens's gated SAE
+      calls its gate bias ``b_gate`` and has no ``b_enc``).
+    - ``validate``: ``cfg -> None``, raising :class:`XsaeError` for a value only this architecture
+      refuses (Matryoshka widths that do not increase); called by ``SaeConfig.validate``.
     """
     from xsae_cli.sae.base import SaeConfig, SparseAutoencoder
 
@@ -159,7 +167,7 @@ def register_sae_class(
     spec = ArchSpec(
         name=name, cls=cls, uses_k=uses_k, saelens=saelens, saelens_read=read, sparsify=sparsify, tensors=tensors,
         coefficients=tuple(coefficients), options=options, unit_norm_decoder=unit_norm_decoder, bf16_selection=bf16_selection,
-        saelens_cfg=saelens_cfg, saelens_import=saelens_import,
+        saelens_cfg=saelens_cfg, saelens_import=saelens_import, saelens_export=saelens_export, validate=validate,
     )
     _REGISTRY[name] = spec
     return spec

@@ -133,6 +133,7 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
 
 def _train_run(spec: RunSpec) -> dict[str, Any]:
     from xsae_cli.data.activations import ActivationStore, ShardedActivations
+    from xsae_cli.sae.train import sae_config_for
 
     out = Path(spec.out)
     if (out / "metrics.json").exists() and not spec.force:
@@ -169,6 +170,8 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
             device="cpu", drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=spec.seed, model_name=spec.model,
         )
         d_in = store.d_in
+        for width in d_in.values():  # each hook's SAE config (k, architecture options) checked before the harvest
+            sae_config_for(settings, width, {})
         atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
     else:
         device, identity = resolve_device(spec.device), _identity(spec)

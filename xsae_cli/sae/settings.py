@@ -8,6 +8,7 @@ activations of ``xsae sae train`` come from and how they are evaluated. Import-l
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,7 @@ ARCH, TRAIN, LOSS, DATA, EVAL = "SAE architecture", "SAE training", "SAE losses"
 class SaeTrainSettings(Settings):
     """How SAEs train: architecture, width, optimizer and schedule (the SAE's own config comes from these)."""
 
-    arch: str = setting("topk", "SAE architecture: relu, topk, batchtopk, jumprelu or another registered one.", choices=architectures, panel=ARCH)
+    arch: str = setting("topk", "SAE architecture: relu, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk or another registered one (xsae sae archs).", choices=architectures, panel=ARCH)
     k: int = setting(32, "Active latents per token (topk, batchtopk: on average).", ge=1, panel=ARCH)
     expansion: int = setting(8, "d_sae = expansion x d_in.", ge=1, panel=ARCH)
     d_sae: int | None = setting(None, "Number of latents (overrides --expansion).", ge=1, panel=ARCH)
@@ -75,12 +76,24 @@ class SaeTrainSettings(Settings):
     aux_k: int | None = setting(None, "topk/batchtopk: dead latents in the AuxK loss (default d_in // 2).", ge=1, panel=LOSS)
     aux_k_coefficient: float = setting(1 / 32, "topk/batchtopk: weight of the AuxK loss.", ge=0, panel=LOSS)
     batchtopk_threshold_lr: float = setting(0.01, "batchtopk: EMA rate of the inference threshold.", gt=0, le=1, panel=LOSS)
+    gated_l1_coefficient: float | None = setting(None, "gated: weight of the L1 penalty on the gate (default 1.0, SAELens's).", ge=0, panel=LOSS)
+    matryoshka_widths: tuple[int, ...] | None = setting(None, "matryoshka_batchtopk: nested prefix widths, strictly increasing, at most d_sae (d_sae is added as the last level).", ge=1, panel=ARCH, example="512,2048,8192")
     bf16_encoder: bool | None = setting(None, "Run the training encoder matmul in bf16 (default: auto, where it is fast and costs no FVU; inference is always exact).", panel=TRAIN)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.warmup_fraction + self.decay_fraction > 1:
             raise InvalidSetting("decay_fraction", self.decay_fraction, f"plus warmup_fraction {self.warmup_fraction} must be at most 1", "0.2")
+        if self.gated_l1_coefficient is not None:
+            self.arch_options()  # set for an architecture without it (reads the registry: only when set)
+        widths = self.matryoshka_widths
+        if widths is not None:
+            bad = next(("are not strictly increasing" for a, b in itertools.pairwise(widths) if b <= a), None)
+            if bad is None and self.d_sae is not None and widths and widths[-1] > self.d_sae:
+                bad = f"exceed d_sae={self.d_sae}"
+            if bad:
+                raise InvalidSetting("matryoshka_widths", ",".join(map(str, widths)), bad, "512,2048,8192")
+            self.arch_options()  # set for an architecture that has no such option (reads the registry: only when set)
 
     def sae_overrides(self) -> dict[str, Any]:
         """The SaeConfig fields these settings decide (the rest come from the data: d_in, metadata)."""
@@ -95,7 +108,20 @@ class SaeTrainSettings(Settings):
             "normalize_activations": self.normalize_activations,
             "batchtopk_threshold_lr": self.batchtopk_threshold_lr,
             "bf16_encoder": self.bf16_encoder,
+            **self.arch_options(),
         }
+
+    def arch_options(self) -> dict[str, Any]:
+        """The fields that are options of this architecture's registration (e.g. matryoshka_widths), when set."""
+        from xsae_cli.sae.registry import get_arch, specs
+
+        own = get_arch(self.arch).options
+        for spec in specs().values():  # another architecture's option, set: a mistake, not a no-op
+            for name in set(spec.options) - set(own):
+                if getattr(self, name, None) is not None:
+                    raise XsaeError(f"{name} is set but a {self.arch} SAE has no such option (it is {spec.name}'s)", f"drop {name}, or use arch = {spec.name}")
+        values = {name: getattr(self, name) for name in own if getattr(self, name, None) is not None}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}  # as cfg.json holds them
 
 
 @dataclass(frozen=True)

@@ -230,10 +230,10 @@ def test_sparsify_shape_disagreement_names_both_shapes(tmp_path: Path) -> None:
 def test_unknown_architecture_lists_the_valid_ones(tmp_path: Path) -> None:
     folder = save_sae(make_sae("relu"), tmp_path / "s")
     cfg = json.loads((folder / "cfg.json").read_text())
-    cfg["architecture"] = "gated"
+    cfg["architecture"] = "matching_pursuit"
     del cfg["xsae"]
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(XsaeError, match="unknown SAE architecture 'gated'") as err:
+    with pytest.raises(XsaeError, match="unknown SAE architecture 'matching_pursuit'") as err:
         load_sae(folder)
     for name in ("standard", "topk", "jumprelu"):
         assert name in err.value.one_line()

@@ -25,7 +25,9 @@ D_IN, D_SAE, K = 12, 48, 4
 
 
 def make(arch: str, dtype: str = "float32", device: str | torch.device | None = None, **kw) -> models.SparseAutoencoder:
-    k = K if arch in ("topk", "batchtopk") else None
+    k = K if models.get_arch(arch).uses_k else None
+    if arch == "matryoshka_batchtopk":
+        kw.setdefault("options", {"matryoshka_widths": [12, 24]})
     return create_sae(SaeConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=k, dtype=dtype, **kw), device=device, seed=0)
 
 
@@ -57,7 +59,7 @@ def backend(request, monkeypatch):
 
 def test_config_validation_names_the_fix():
     with pytest.raises(XsaeError, match="unknown SAE architecture"):
-        SaeConfig(arch="gated", d_in=4, d_sae=8)
+        SaeConfig(arch="matching_pursuit", d_in=4, d_sae=8)
     with pytest.raises(XsaeError, match="needs k"):
         SaeConfig(arch="topk", d_in=4, d_sae=8)
     with pytest.raises(XsaeError, match="larger than d_sae"):
@@ -463,6 +465,8 @@ def test_inference_is_exact_whatever_the_training_path(arch):
         torch.testing.assert_close(fast.encode(x), exact.encode(x), rtol=0, atol=0)
         torch.testing.assert_close(fast(x), exact(x), rtol=0, atol=0)
         pre = (x - exact.b_dec) @ exact.W_enc + exact.b_enc
+        if arch == "gated":  # its values come from the magnitude path
+            pre = (x - exact.b_dec) @ exact.W_enc * exact.r_mag.exp() + exact.b_mag
         codes = exact.encode(x)
         on = codes > 0
         torch.testing.assert_close(codes[on], pre[on], rtol=1e-6, atol=1e-6)  # the fp32 values themselves
@@ -514,6 +518,7 @@ def _sparse_dictionary_data(n, d_in, n_feat, active, seed):
         ("batchtopk", {"k": 4}, 0.12),
         ("relu", {"l1_coefficient": 0.02}, 0.12),
         ("jumprelu", {"l0_coefficient": 1e-3, "jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.05}, 0.15),
+        ("gated", {"options": {"gated_l1_coefficient": 0.02}}, 0.12),
     ],
 )
 def test_training_recovers_a_sparse_dictionary(arch, extra, limit, one_thread):
