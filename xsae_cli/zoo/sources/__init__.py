@@ -217,7 +217,7 @@ def load_model(resolved: ResolvedModel, **options: Any) -> tuple[Any, Any]:
     Loading takes seconds to minutes: a status line says so."""
     from xsae_cli.core.console import status
 
-    with status(f"loading model {resolved.name}"):
+    with status(f"loading model {resolved.source}"):
         return resolved.handler.load_model(resolved, **options)
 
 
