@@ -250,7 +250,7 @@ def feature_summary(capture: Any, sae: Any, model: Any, vocab: Any, ids: np.ndar
     n = min(spec.settings.summary_samples, ids.shape[0])
     ids_t, attn_t = torch.from_numpy(ids[:n]).long(), torch.from_numpy(attn[:n]).long()
     summary = summarize_latents(
-        lambda x, a: capture(x.to(device), a.to(device)), sae, ids_t, attn_t, attn_t == 0, lambda t: _show(vocab, [t]),
+        lambda x, a: capture(x.to(device), None if a is None else a.to(device)), sae, ids_t, attn_t, attn_t == 0, lambda t: _show(vocab, [t]),
         hook=hook_name(spec.settings.layer), top_n=spec.settings.top_n, batch_contexts=spec.settings.batch_samples,
         unembed=model.head.weight.detach().float().cpu(), reconstruction=True,
     )

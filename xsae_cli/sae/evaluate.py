@@ -54,7 +54,8 @@ def downstream_metrics(
 
     ``site`` is where the SAE read its training activations: the splice replaces the same tensor.
     """
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head) or get_head() is None:
         return None
     device = next(model.parameters()).device
     totals = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0}

@@ -226,7 +226,7 @@ def export_sae(
     if fmt == "peft":
         from xsae_cli.sae.adapters import export_peft_from
 
-        export_peft_from(src, dst, force=force, hook=hook)
+        export_peft_from(Path(src), Path(dst), force=force, hook=hook)
         return Path(dst)
     saes = load_sae_dir(src)
     dst = Path(dst)
@@ -357,6 +357,7 @@ def _to_sparsify(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Any]
     norms = W_dec.float().norm(dim=-1)
     unit_decoder = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-4))
     d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
+    assert cfg.k is not None, "sparsify's layouts are for architectures that keep k latents"
     cfg_json: dict[str, Any] = {
         "activation": spec.sparsify,
         "expansion_factor": max(1, d_sae // d_in),

@@ -49,7 +49,7 @@ def check_widths(widths: Any, d_sae: int | None) -> None:
     fix = "e.g. --matryoshka-widths 512,2048 (strictly increasing, each at most d_sae; d_sae is added as the last level)"
     if not widths:
         raise XsaeError(f"a {NAME} SAE needs matryoshka_widths (the nested prefix sizes)", fix)
-    if isinstance(widths, (str, bytes)) or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in widths):
+    if isinstance(widths, (str, bytes)) or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and int(w) >= 1 for w in widths):
         raise XsaeError(f"matryoshka_widths must be positive integers (got {widths!r})", fix)
     text = ",".join(str(int(w)) for w in widths)
     if any(b <= a for a, b in itertools.pairwise(widths)):
