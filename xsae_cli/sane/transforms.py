@@ -39,6 +39,8 @@ from xsae_cli.zoo.anatomy import (
     HEADS_Q,
     MLP,
     QKV,
+    QKV_CAT,
+    QKV_GROUPED,
     QKV_HEADS,
     RESID,
     Anatomy,
@@ -153,7 +155,30 @@ def permutation_axes(role: TensorRole, t: Any, p: Any) -> list[tuple[int, Any]]:
         elif space == QKV_HEADS:  # [head, (q | k | v), head_dim]
             q, _kv = p.heads(role.block)
             out.append((axis, None if q is None else _blocks(q, 3 * p.arch.head_dim)))
+        elif space in (QKV_CAT, QKV_GROUPED):
+            q, kv = p.heads(role.block)
+            a = p.arch
+            out.append((axis, None if q is None else fused_rows(space, q, kv, a.n_heads, a.n_kv_heads, a.head_dim)))
     return out
+
+
+def fused_rows(space: str, q: Any, kv: Any, nh: int, nkv: int, hd: int) -> Any:
+    """Row order of a fused q/k/v map under query-head order ``q`` and key/value order ``kv``:
+    ``qkv_cat`` is ``[q heads | k heads | v heads]``, ``qkv_heads`` ``[head, (q|k|v), hd]`` (as
+    many key/value heads as query heads), ``qkv_grouped`` ``[group, (its q heads | k | v), hd]``."""
+    import torch
+
+    if space == QKV_CAT:
+        return torch.cat([_blocks(q, hd), nh * hd + _blocks(kv, hd), (nh + nkv) * hd + _blocks(kv, hd)])
+    if space == QKV_HEADS:
+        return _blocks(q, 3 * hd)
+    group = nh // nkv
+    per = (group + 2) * hd  # one group's rows
+    rows = []
+    for j, g in enumerate(kv.tolist()):
+        inner = q[j * group : (j + 1) * group] - g * group  # query heads inside the group, local
+        rows.append(g * per + torch.cat([_blocks(inner, hd), group * hd + torch.arange(2 * hd)]))
+    return torch.cat(rows)
 
 
 def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2.0) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 from xsae_cli.sane.transforms import Arch
 from xsae_cli.sane.views import View, register_view
 from xsae_cli.sane.views.canonical import CanonicalPlan, arch_of, plan_from
-from xsae_cli.zoo.anatomy import QKV, QKV_HEADS, READERS, RESID, WRITERS
+from xsae_cli.zoo.anatomy import QKV, QKV_CAT, QKV_GROUPED, QKV_HEADS, READERS, RESID, WRITERS
 
 N_ANCHORS = 64
 SAMPLE_ROWS = 4096  # embedding rows (evenly spaced, at least 2 x d_model) whose second moment finds the outlier directions
@@ -154,8 +154,13 @@ def _layout(arch: Arch, name: str, t: Any) -> tuple[list[tuple[str, int, int]], 
         if r.axis_of(QKV) is not None:
             n = width // 3
             return [("q", 0, n), ("k", n, 2 * n), ("v", 2 * n, 3 * n)], contract
+        if r.axis_of(QKV_CAT) is not None:
+            qw, kw = arch.q_width, arch.kv_width
+            return [("q", 0, qw), ("k", qw, qw + kw), ("v", qw + kw, qw + 2 * kw)], contract
         if r.axis_of(QKV_HEADS) is not None:
             return [("qkv_neox", 0, width)], contract
+        if r.axis_of(QKV_GROUPED) is not None:
+            return [("qkv_grouped", 0, width)], contract
         return None
     return [(r.role, 0, width)], contract
 
@@ -232,6 +237,12 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
                 x = p.reshape(a.shape[0], arch.n_heads, 3, arch.head_dim)
                 for i, r in enumerate("qkv"):
                     proj[(layer, r)] = x[:, :, i].reshape(a.shape[0], -1)
+            elif role == "qkv_grouped":  # rows laid out [kv group, (its q heads | k | v), head_dim]
+                g = arch.group
+                x = p.reshape(a.shape[0], arch.n_kv_heads, g + 2, arch.head_dim)
+                proj[(layer, "q")] = x[:, :, :g].reshape(a.shape[0], -1)
+                proj[(layer, "k")] = x[:, :, g].reshape(a.shape[0], -1)
+                proj[(layer, "v")] = x[:, :, g + 1].reshape(a.shape[0], -1)
             else:
                 proj[(layer, role)] = p[:, lo:hi]
     out: dict[str, Any] = {"embed.gram": a @ a.t()}
