@@ -98,12 +98,12 @@ def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme) -> str:
     return f"{sha256[:16]}-c{chunk_size}-{scheme.scheme_id}-v{CACHE_VERSION}"
 
 
-def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
+def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None, strict: bool = False) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
     """``(index, stream, info)`` of what is tokenised under the scheme's view (:mod:`views`); a model
     the view cannot read falls back along its chain (circuits -> canonical -> weights) with a warning."""
     from xsae_cli.sane.views import produce
 
-    return produce(scheme.view, resolved, warn)
+    return produce(scheme.view, resolved, warn, strict=strict)
 
 
 def tokenize_to_cache(
@@ -115,8 +115,10 @@ def tokenize_to_cache(
     warn: Callable[[str], None] | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
     durable: bool = False,
+    strict: bool = False,
 ) -> Path:
-    """Tokenise ``source`` into its cache folder (once); return the folder.
+    """Tokenise ``source`` into its cache folder (once); return the folder (``strict``: a model
+    the view cannot read is refused instead of falling back).
 
     ``on_tensor(chunks_done, bytes_read)`` is called after each tensor (for progress bars).
     The folder appears only when complete (built under a temporary name), so an interrupted or
@@ -128,7 +130,7 @@ def tokenize_to_cache(
     if (target / "manifest.json").exists() and not force:
         return target
     t0 = time.perf_counter()
-    index, weights, view = model_view(source.resolved, scheme, warn)
+    index, weights, view = model_view(source.resolved, scheme, warn, strict=strict)
     total = model_chunk_count(index, chunk_size)
     if total == 0:
         raise XsaeError(f"model '{source.name}' has no floating-point tensors to tokenise", "check that the files hold weights")

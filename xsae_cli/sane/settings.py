@@ -30,6 +30,7 @@ class SaneTrainSettings(Settings):
 
     view: str = setting("circuits", "What is tokenised from each model: a registered view (circuits: token-space circuits, free of weight-space symmetries; canonical: weights with symmetries sorted away; weights: as stored).", choices=view_names, panel=MODEL)
     chunk_size: int = setting(64, "Floats per chunk.", ge=2, le=4096, panel=MODEL)
+    strict: bool = setting(False, "Refuse (exit 2) a model the view cannot read (e.g. an anatomy that cannot be derived) instead of falling back to the next view.", panel=MODEL)
     layer_keywords: list[str] = setting(["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"], "Name segments followed by a block number (depth coordinates of tensors).", cli=False, panel=MODEL)
     latent_dim: int = setting(16, "Per-chunk latent size (must be < chunk size).", ge=1, panel=MODEL)
     d_model: int = setting(128, "Transformer width.", ge=8, le=8192, panel=MODEL)

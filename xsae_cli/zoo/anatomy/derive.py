@@ -593,7 +593,7 @@ def _build(config: dict[str, Any]) -> Any:
     try:
         conf = AutoConfig.for_model(mt, **{k: v for k, v in cfg.items() if not k.startswith("_")})
     except (ValueError, KeyError) as e:
-        raise AnatomyError(f"transformers cannot build model type '{mt}' ({str(e).splitlines()[0][:100]})") from e
+        raise AnatomyError(f"transformers cannot build model type '{mt}'") from e
     for auto in (AutoModelForCausalLM, AutoModel):
         try:
             with torch.device("meta"):
