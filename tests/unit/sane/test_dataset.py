@@ -10,7 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from xsae_cli.sane.dataset import PERMUTABLE_KINDS, TokenizedModel, WindowSampler, cache_key, config_digest, model_source, permute_columns, permute_rows, tokenize_to_cache
+from xsae_cli.sane.dataset import (
+    PERMUTABLE_KINDS,
+    TokenizedModel,
+    WindowSampler,
+    cache_key,
+    config_digest,
+    model_source,
+    permute_columns,
+    permute_rows,
+    tokenize_to_cache,
+)
 from xsae_cli.sane.tokenizer import CoordScheme
 
 
