@@ -204,8 +204,11 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
     import torch
 
     a = anchors.double()
-    a = a - a.mean(1, keepdim=True)
-    a = (a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)).float()  # what a norm hands the first block
+    # What a norm hands the first block, up to its gain: each row at unit RMS. Not centred: a
+    # LayerNorm's centring commutes only with rotations that fix the all-ones direction, RMS with
+    # every rotation, so an RMSNorm model rotated by any orthogonal matrix keeps its circuits
+    # (centring moved layer 0's QK and OV of an exactly rotated SmolLM2 to 0.05 correlation).
+    a = (a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)).float()
     proj: dict[tuple[int, str], Any] = {}
     head = None
     for name, t in items:
@@ -309,5 +312,6 @@ def circuits_view(resolved: Any, warn: Any = None) -> tuple[Any, str]:
     return circuit_view(resolved, iter_weights)
 
 
-# revision 2: the anchors' outlier directions are shrunk (outlier_filter)
-register_view(View("circuits", circuits_view, revision=2, fallback="canonical", help="token-space circuits, free of weight-space symmetries"))
+# revision 2: the anchors' outlier directions are shrunk (outlier_filter); 3: anchors not centred
+# (rotation invariance), derived anatomies' fused layouts
+register_view(View("circuits", circuits_view, revision=3, fallback="canonical", help="token-space circuits, free of weight-space symmetries"))

@@ -215,7 +215,11 @@ def _gpt2_norms(i: int) -> list[tuple[str, list[str]]]:
     return [(f"{pre}.ln_1", [f"{pre}.attn.c_attn"]), (f"{pre}.ln_2", [f"{pre}.mlp.c_fc"])]
 
 
-GPT2 = register_family("gpt2", FamilyRules(_gpt2, _gpt2_norms, conv1d=True, tied_default=True))
+def _gpt2_final(names: set[str]) -> tuple[str, list[str]] | None:
+    return ("transformer.ln_f", ["lm_head"]) if "lm_head.weight" in names else None
+
+
+GPT2 = register_family("gpt2", FamilyRules(_gpt2, _gpt2_norms, _gpt2_final, conv1d=True, tied_default=True))
 
 
 # --- GPT-NeoX: gpt_neox.layers.N.attention.query_key_value (per head [q|k|v]) ----------------------
