@@ -5,8 +5,10 @@ several tiny families (GPT-2, GPT-NeoX, Qwen2, Mistral, Gemma, BERT), several se
 same-architecture bases differ only in their values. Variants of every base (:data:`TRANSFORMS`):
 fine-tunes on the built-in corpus (short and long), Gaussian noise at 1e-3, 1e-2 and 0.3 of each
 tensor's std, 10% and 50% magnitude pruning, an int8 round trip, function-preserving permutations
-(MLP neurons, attention heads, residual-stream coordinates, all three) and norm rescaling (checked
-against the base's logits when the zoo is built), and combinations with fine-tunes.
+(MLP neurons, attention heads, residual-stream coordinates, all three), norm rescaling and an exact
+rotation of the residual stream after the norm gains are folded (tied heads untied; not for post-LN
+BERT), all checked against the base's logits when the zoo is built, and combinations with
+fine-tunes, built in their stated order (permutation or rotation first, then the fine-tune).
 
 Real bases are transformed and fine-tuned whole (the permutation check runs the whole model), but
 only ``real_layers`` evenly spaced blocks (no token embeddings) are written out and compared, and
@@ -47,7 +49,7 @@ from xsae_cli.sane.lineage.zoo import HARD, TRANSFORMS
 
 # Held-out types of each fold; a fold trains on every other type.
 FOLDS: tuple[tuple[str, ...], ...] = (
-    ("perm_mlp", "perm_heads", "perm_resid", "perm_full", "norm_rescale", "noise_0.3", "ft_long", "perm_full+ft_long"),
+    ("perm_mlp", "perm_heads", "perm_resid", "perm_full", "norm_rescale", "rotate_resid", "noise_0.3", "ft_long", "perm_full+ft_long", "rotate_resid+ft_long"),
     ("noise_1e-3", "noise_1e-2", "prune_10", "prune_50", "int8", "ft_short", "noise_1e-2+ft_short", "prune_30+ft_short"),
 )
 FAMILIES = LINEAGE_FAMILIES

@@ -263,3 +263,24 @@ def test_sklearn_metrics_agree_with_the_hand_written_ones() -> None:
     d, rel = np.array([0.0, 1.0, 1.0]), np.array([False, True, True])
     assert average_precision(d, rel) == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert np.isnan(auroc(np.array([]), np.array([1.0]))) and np.isnan(average_precision(d, np.zeros(3, dtype=bool)))
+
+
+@pytest.mark.slow
+def test_lineage_zoo_builds_rotations_then_finetunes_in_order(tmp_path: Path) -> None:
+    """rotate_resid keeps the logits of a tied base (through an untied copy, whose members carry
+    their own head and an untied config), and every variant type is built."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from xsae_cli.sane.lineage.zoo import TRANSFORMS, build_lineage_zoo
+    from xsae_cli.sane.settings import LineageSettings
+
+    s = LineageSettings(families=("tiny-gpt2",), seeds=2, real=(), tiny_ft=(1, 2, 1e-3), ft_batch=(2, 16))
+    rep = build_lineage_zoo(tmp_path, s)
+    assert {m.transform for m in rep.members} == {"base", *TRANSFORMS}
+    for b, checks in rep.function_check.items():
+        assert checks["rotate_resid"] < 1e-4 and checks["perm_full"] < 1e-4, (b, checks)
+    rot = tmp_path / "members" / "tiny-gpt2-s0~rotate_resid+ft_long"
+    assert json.loads((rot / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(rot / "model.safetensors")
