@@ -250,7 +250,9 @@ def evaluate(
         raise XsaeError(f"{out_dir / 'lineage.json'} already exists", "pass --force to replace it, or choose another --out")
     with out.progress() as bar:
         state: dict[str, Any] = {}
-        n_members = (len(fams) * seeds + len(reals)) * 16
+        from xsae_cli.sane.lineage.zoo import TRANSFORMS
+
+        n_members = (len(fams) * seeds + len(reals)) * (1 + len(TRANSFORMS))
 
         def on_member(name: str) -> None:
             if "build" not in state:

@@ -109,6 +109,9 @@ def _evaluate(
     s = settings
     if s.seeds < 2:
         raise XsaeError(f"--seeds {s.seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
+    stray = [f for f in s.holdout_families if f not in s.families]
+    if stray:
+        raise XsaeError(f"--holdout-families {', '.join(stray)} not among --families", "hold out families that the zoo builds")
     if not 1 <= s.folds <= len(FOLDS):
         raise XsaeError(f"--folds {s.folds} is out of range", f"use 1 to {len(FOLDS)}")
     workdir = Path(workdir)
@@ -149,10 +152,12 @@ def _evaluate(
 
     folds_out = []
     per_type: dict[str, dict[str, Any]] = {}
+    per_family: dict[str, dict[str, dict[str, Any]]] = {}  # held-out family -> type -> method -> scores
     for fi in range(s.folds):
         held = list(FOLDS[fi])
         trained_types = [t for t in TRANSFORMS if t not in held]
-        train_names = [m.name for m in members if m.transform == "base" or m.transform in trained_types]
+        held_fams = set(s.holdout_families)
+        train_names = [m.name for m in members if (m.transform == "base" or m.transform in trained_types) and m.family not in held_fams]
         eval_names = [m.name for m in members if m.transform == "base" or m.transform in held]
         t2 = time.perf_counter()
         history: list[dict[str, Any]] = []
@@ -188,6 +193,14 @@ def _evaluate(
 
         nearest = {k: nearest_check(eval_names, base_of, transform_of, d, FUNCTION_PRESERVING) for k, d in dists.items()}
         recon = masked_r2(model, [tms[n] for n in eval_names if transform_of[n] != "base"], ws, seed=s.seed)
+        family_of = {m.name: m.family for m in members}
+        for fam in s.holdout_families:  # its variants against its own family's bases, every method
+            names_f = [n for n in eval_names if family_of[n] == fam]
+            idx = np.array([eval_names.index(n) for n in names_f])
+            for k, d in dists.items():
+                sc = retrieval_scores(names_f, base_of, transform_of, np.asarray(d)[np.ix_(idx, idx)], held)
+                for t in held:
+                    per_family.setdefault(fam, {}).setdefault(t, {"fold": fi + 1, "hard": t in HARD})[k] = sc["per_type"][t]
         for t in held:
             per_type[t] = {"fold": fi + 1, "hard": t in HARD, **{k: scores[k]["per_type"][t] for k in METHODS}}
             if t in nearest["sane"]:
@@ -221,6 +234,8 @@ def _evaluate(
         "hard": list(HARD),
         "folds": folds_out,
         "per_type": {t: per_type[t] for t in held_types},
+        "holdout_families": list(s.holdout_families),
+        "per_held_out_family": per_family,
         "function_check_max_rel_logit_diff": max((d for c in built.function_check.values() for d in c.values()), default=None),
         "function_check": built.function_check,
         "coverage": {

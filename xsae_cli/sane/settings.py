@@ -85,7 +85,8 @@ class CalibrateSettings(Settings):
 class LineageSettings(Settings):
     """``xsae sane evaluate``: the lineage benchmark's zoo, folds and SANE training budget."""
 
-    families: tuple[str, ...] = setting(LINEAGE_FAMILIES, "Tiny families used as random-initialised bases.", panel="Lineage zoo")
+    families: tuple[str, ...] = setting(LINEAGE_FAMILIES, "Tiny families used as random-initialised bases (a test-zoo name, or hf:<transformers model_type> for any family transformers builds from a config).", panel="Lineage zoo")
+    holdout_families: tuple[str, ...] = setting((), "Families (of --families) whose members SANE never trains on; scored per held-out family.", panel="Lineage zoo")
     seeds: int = setting(3, "Random-initialised bases per family (2 or more: one base per family makes lineage trivial).", ge=2, panel="Lineage zoo")
     real: tuple[str, ...] = setting(LINEAGE_REAL, "Real demo models used as bases ('' for none).", panel="Lineage zoo")
     real_layers: int = setting(3, "Evenly spaced blocks of a real base that are written out and compared.", ge=1, panel="Lineage zoo")

@@ -284,3 +284,23 @@ def test_lineage_zoo_builds_rotations_then_finetunes_in_order(tmp_path: Path) ->
     rot = tmp_path / "members" / "tiny-gpt2-s0~rotate_resid+ft_long"
     assert json.loads((rot / "config.json").read_text())["tie_word_embeddings"] is False
     assert "lm_head.weight" in load_file(rot / "model.safetensors")
+
+
+def test_hf_families_build_tiny_models_that_no_code_names() -> None:
+    """hf:<model_type> builds the family's default config at tiny widths; its anatomy is derived."""
+    from xsae_cli.sane.lineage.zoo import family_builder
+    from xsae_cli.zoo.anatomy import Anatomy, family_rules
+
+    m = family_builder("hf:gptj")()
+    assert m.config.n_embd == 64 and m.config.n_layer == 4 and family_rules(m.config.model_type) is None
+    assert Anatomy.from_config(m.config.to_dict()).n_heads == 4
+    assert family_builder("nope") is None
+
+
+def test_holdout_families_must_be_built(tmp_path: Path) -> None:
+    from xsae_cli.core.errors import XsaeError
+    from xsae_cli.sane.evaluate import evaluate
+    from xsae_cli.sane.settings import LineageSettings
+
+    with pytest.raises(XsaeError, match="not among --families"):
+        evaluate(tmp_path, LineageSettings(families=("tiny-gpt2",), holdout_families=("hf:phi",), real=()))
