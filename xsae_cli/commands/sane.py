@@ -269,7 +269,7 @@ def evaluate(
     def render(r: dict[str, Any]) -> None:
         out.console.print(out.table(
             f"lineage retrieval of the base, held-out transform types ({r['n_bases']} bases, {r['n_variants']} variants): top-1 / MRR / AUROC",
-            ["transform", "fold", "SANE", "quantile stats", "random encoder", "base nearest (S / Q / R)"], format_table(r),
+            ["transform", "fold", "SANE", "quantile stats", "random encoder", "raw cosine", "base nearest (S / Q / R / C)"], format_table(r),
         ))
         for f in r["folds"]:
             p = f["pairs"]

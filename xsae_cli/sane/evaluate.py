@@ -21,8 +21,8 @@ trains on the bases plus the variants of its fold's training types; its second c
 a window is, with probability ``lineage_views``, the same window of another member of the window's
 lineage (a known transform used as an augmentation). After training, the per-kind pooling gains are
 fitted on the same training models' lineages (:mod:`calibrate`; ``fit_gains``). Each transform type
-is scored in the fold that holds it out. Two baselines are scored on the same members in the same
-run: per-tensor quantile statistics (tensors matched by name; no shared name -> infinitely far) and
+is scored in the fold that holds it out. Three baselines are scored on the same members in the same
+run: the raw weights' cosine (shared tensors as stored, sampled), per-tensor quantile statistics (tensors matched by name; no shared name -> infinitely far) and
 a randomly initialised encoder of the checkpoint's shape (gains of 1).
 
 Scores per transform type (queries: its variants; gallery: all bases): top-1 retrieval of the base,
@@ -84,6 +84,8 @@ def _evaluate(
         quantile_features,
         quantile_matrix,
         random_encoder,
+        raw_cosine_matrix,
+        raw_features,
     )
     from xsae_cli.sane.lineage.metrics import (
         METHODS,
@@ -143,6 +145,7 @@ def _evaluate(
         r = resolve(str(m.path))
         tms[m.name] = TokenizedModel(tokenize_to_cache(ModelSource(m.name, r, file_sha256(list(r.weight_files))), chunk_size, scheme, cache_dir=cache), m.name)
     qfeats = {m.name: quantile_features(iter_weights(resolve(str(m.path)))) for m in members}
+    rfeats = {m.name: raw_features(iter_weights(resolve(str(m.path)))) for m in members}
     tokenize_s = time.perf_counter() - t1
 
     def embed_all(model: Any, names: list[str]) -> tuple[np.ndarray, float]:
@@ -186,7 +189,7 @@ def _evaluate(
         sane_vecs, sane_embed_s = embed_all(model, eval_names)
         rand_vecs, _ = embed_all(random_model, eval_names)
         qmat = quantile_matrix([qfeats[n] for n in eval_names])
-        dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs)}
+        dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs), "raw_cosine_baseline": raw_cosine_matrix([rfeats[n] for n in eval_names])}
         real_bases = frozenset(m.name for m in members if m.transform == "base" and m.family in REAL)
         scores = {k: retrieval_scores(eval_names, base_of, transform_of, d, held, real_bases) for k, d in dists.items()}
         from xsae_cli.sane.transforms import FUNCTION_PRESERVING

@@ -304,3 +304,15 @@ def test_holdout_families_must_be_built(tmp_path: Path) -> None:
 
     with pytest.raises(XsaeError, match="not among --families"):
         evaluate(tmp_path, LineageSettings(families=("tiny-gpt2",), holdout_families=("hf:phi",), real=()))
+
+
+def test_raw_cosine_baseline_is_fooled_by_a_permutation_and_not_by_noise() -> None:
+    from xsae_cli.sane.lineage.baselines import raw_cosine_matrix, raw_features
+    from xsae_cli.sane.transforms import elementwise
+
+    m = _model("tiny-qwen2")
+    arch = Arch.from_config(m.config)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    variants = [state, elementwise(state, "noise_1e-2", 1), apply(state, arch, "perm_full", 2), _model("tiny-qwen2", seed=1).state_dict()]
+    d = raw_cosine_matrix([raw_features(v.items()) for v in variants])
+    assert d[0, 0] < 1e-9 and d[0, 1] < 1e-3 and d[0, 2] > 0.1 and d[0, 3] > 0.1, d[0]
