@@ -15,7 +15,7 @@ from xsae_cli.sane.settings import CalibrateSettings, EmbedSettings, LineageSett
 app = typer.Typer(help="Universal SANE: embed model weights, train the autoencoder, find lineage and neighbours.", no_args_is_help=True)
 
 
-def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool = False) -> list[tuple[Any, float, int]]:
+def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool = False, strict: bool = False) -> list[tuple[Any, float, int]]:
     """Tokenise (or find cached) each model with a progress bar: (TokenizedModel, seconds, bytes read; 0 = cached)."""
     import time
 
@@ -36,7 +36,7 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
             bar.update(task, completed=chunks)
 
         t0 = time.perf_counter()
-        folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb)
+        folder = tokenize_to_cache(src, cs, scheme, force=force, warn=out.warn, on_tensor=cb, strict=strict)
         tm = TokenizedModel(folder, src.name)
         bar.update(task, total=tm.n_chunks, completed=tm.n_chunks)
         # MB/s of the model's own files (a derived view reads them twice and writes far fewer chunks)
@@ -77,7 +77,7 @@ def _model_names(models: Optional[List[str]], zoo: Optional[str]) -> list[str]:
 
 
 @app.command("tokenize")
-@options("sane", into="settings", only=("view", "chunk_size"))
+@options("sane", into="settings", only=("view", "chunk_size", "strict"))
 def tokenize(
     ctx: typer.Context,
     names: List[str] = typer.Argument(..., help="Zoo names or model paths."),
@@ -87,7 +87,7 @@ def tokenize(
     """Cut models' weights (or their token-space circuits) into chunks with depth/position/kind coordinates, cached on disk."""
     cs = settings.chunk_size
     with out.progress() as bar:
-        done = _tokenise(bar, names, cs, _scheme(settings), force=force)
+        done = _tokenise(bar, names, cs, _scheme(settings), force=force, strict=settings.strict)
     rows = [
         {
             "name": tm.name,
@@ -136,7 +136,7 @@ def train(
     model_cfg = settings.model_config()
     with owned(out_dir), out.progress() as bar:  # held from the first check: a second writer is refused before tokenising
         preflight(out_dir, cs, scheme.scheme_id, force, settings)
-        tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme)]
+        tms = [tm for tm, _s, _b in _tokenise(bar, names, cs, scheme, strict=settings.strict)]
         state: dict[str, Any] = {}
 
         def on_step(step: int, total_steps: int, losses: dict[str, float]) -> None:
@@ -251,7 +251,9 @@ def evaluate(
         raise XsaeError(f"{out_dir / 'lineage.json'} already exists", "pass --force to replace it, or choose another --out")
     with out.progress() as bar:
         state: dict[str, Any] = {}
-        n_members = (len(fams) * seeds + len(reals)) * 16
+        from xsae_cli.sane.lineage.zoo import TRANSFORMS
+
+        n_members = (len(fams) * seeds + len(reals)) * (1 + len(TRANSFORMS))
 
         def on_member(name: str) -> None:
             if "build" not in state:
@@ -268,7 +270,7 @@ def evaluate(
     def render(r: dict[str, Any]) -> None:
         out.console.print(out.table(
             f"lineage retrieval of the base, held-out transform types ({r['n_bases']} bases, {r['n_variants']} variants): top-1 / MRR / AUROC",
-            ["transform", "fold", "SANE", "quantile stats", "random encoder", "base nearest (S / Q / R)"], format_table(r),
+            ["transform", "fold", "SANE", "quantile stats", "random encoder", "raw cosine", "base nearest (S / Q / R / C)"], format_table(r),
         ))
         for f in r["folds"]:
             p = f["pairs"]

@@ -9,6 +9,9 @@ tensor and its chunks in RAM, whatever the model's size. Reading memory-maps the
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import math
 import os
 import time
@@ -94,16 +97,30 @@ class _NpyAppender:
             raise RuntimeError(f"{self.path.name}: wrote {self.rows} rows, header says {self.shape[0]}")
 
 
-def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme) -> str:
-    return f"{sha256[:16]}-c{chunk_size}-{scheme.scheme_id}-v{CACHE_VERSION}"
+def config_digest(resolved: Any) -> str:
+    """Ten hex digits of the model's config (``config.json`` or what its checkpoint carries), or ""
+    without one. The config decides the chunks as much as the weights do: the derived views read the
+    anatomy (family, head split, tying) from it, so a changed config must not be served the old cache."""
+    config = getattr(resolved, "config", None)
+    if not config:
+        return ""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
+def cache_key(sha256: str, chunk_size: int, scheme: CoordScheme, config: str = "") -> str:
+    """The cache folder of a model: its weights' sha256, its config's digest, the chunk size and
+    the coordinate scheme (view, view revision, anatomy settings)."""
+    cfg = f"-k{config}" if config else ""
+    return f"{sha256[:16]}{cfg}-c{chunk_size}-{scheme.scheme_id}-v{CACHE_VERSION}"
+
+
+def model_view(resolved: Any, scheme: CoordScheme, warn: Callable[[str], None] | None = None, strict: bool = False) -> tuple[list[Any], Iterator[tuple[str, Any]], dict[str, Any]]:
     """``(index, stream, info)`` of what is tokenised under the scheme's view (:mod:`views`); a model
     the view cannot read falls back along its chain (circuits -> canonical -> weights) with a warning."""
     from xsae_cli.sane.views import produce
 
-    return produce(scheme.view, resolved, warn)
+    return produce(scheme.view, resolved, warn, strict=strict)
 
 
 def tokenize_to_cache(
@@ -115,8 +132,10 @@ def tokenize_to_cache(
     warn: Callable[[str], None] | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
     durable: bool = False,
+    strict: bool = False,
 ) -> Path:
-    """Tokenise ``source`` into its cache folder (once); return the folder.
+    """Tokenise ``source`` into its cache folder (once); return the folder (``strict``: a model
+    the view cannot read is refused instead of falling back).
 
     ``on_tensor(chunks_done, bytes_read)`` is called after each tensor (for progress bars).
     The folder appears only when complete (built under a temporary name), so an interrupted or
@@ -124,11 +143,11 @@ def tokenize_to_cache(
     double the time; the cache is derived data that ``--force`` rebuilds after a power loss).
     """
     root = Path(cache_dir) if cache_dir else sane_cache_dir()
-    target = root / cache_key(source.sha256, chunk_size, scheme)
+    target = root / cache_key(source.sha256, chunk_size, scheme, config_digest(source.resolved))
     if (target / "manifest.json").exists() and not force:
         return target
     t0 = time.perf_counter()
-    index, weights, view = model_view(source.resolved, scheme, warn)
+    index, weights, view = model_view(source.resolved, scheme, warn, strict=strict)
     total = model_chunk_count(index, chunk_size)
     if total == 0:
         raise XsaeError(f"model '{source.name}' has no floating-point tensors to tokenise", "check that the files hold weights")

@@ -5,8 +5,10 @@ several tiny families (GPT-2, GPT-NeoX, Qwen2, Mistral, Gemma, BERT), several se
 same-architecture bases differ only in their values. Variants of every base (:data:`TRANSFORMS`):
 fine-tunes on the built-in corpus (short and long), Gaussian noise at 1e-3, 1e-2 and 0.3 of each
 tensor's std, 10% and 50% magnitude pruning, an int8 round trip, function-preserving permutations
-(MLP neurons, attention heads, residual-stream coordinates, all three) and norm rescaling (checked
-against the base's logits when the zoo is built), and combinations with fine-tunes.
+(MLP neurons, attention heads, residual-stream coordinates, all three), norm rescaling and an exact
+rotation of the residual stream after the norm gains are folded (tied heads untied; not for post-LN
+BERT), all checked against the base's logits when the zoo is built, and combinations with
+fine-tunes, built in their stated order (permutation or rotation first, then the fine-tune).
 
 Real bases are transformed and fine-tuned whole (the permutation check runs the whole model), but
 only ``real_layers`` evenly spaced blocks (no token embeddings) are written out and compared, and
@@ -19,8 +21,8 @@ trains on the bases plus the variants of its fold's training types; its second c
 a window is, with probability ``lineage_views``, the same window of another member of the window's
 lineage (a known transform used as an augmentation). After training, the per-kind pooling gains are
 fitted on the same training models' lineages (:mod:`calibrate`; ``fit_gains``). Each transform type
-is scored in the fold that holds it out. Two baselines are scored on the same members in the same
-run: per-tensor quantile statistics (tensors matched by name; no shared name -> infinitely far) and
+is scored in the fold that holds it out. Three baselines are scored on the same members in the same
+run: the raw weights' cosine (shared tensors as stored, sampled), per-tensor quantile statistics (tensors matched by name; no shared name -> infinitely far) and
 a randomly initialised encoder of the checkpoint's shape (gains of 1).
 
 Scores per transform type (queries: its variants; gallery: all bases): top-1 retrieval of the base,
@@ -47,7 +49,7 @@ from xsae_cli.sane.lineage.zoo import HARD, TRANSFORMS
 
 # Held-out types of each fold; a fold trains on every other type.
 FOLDS: tuple[tuple[str, ...], ...] = (
-    ("perm_mlp", "perm_heads", "perm_resid", "perm_full", "norm_rescale", "noise_0.3", "ft_long", "perm_full+ft_long"),
+    ("perm_mlp", "perm_heads", "perm_resid", "perm_full", "norm_rescale", "rotate_resid", "noise_0.3", "ft_long", "perm_full+ft_long", "rotate_resid+ft_long"),
     ("noise_1e-3", "noise_1e-2", "prune_10", "prune_50", "int8", "ft_short", "noise_1e-2+ft_short", "prune_30+ft_short"),
 )
 FAMILIES = LINEAGE_FAMILIES
@@ -82,6 +84,8 @@ def _evaluate(
         quantile_features,
         quantile_matrix,
         random_encoder,
+        raw_cosine_matrix,
+        raw_features,
     )
     from xsae_cli.sane.lineage.metrics import (
         METHODS,
@@ -107,6 +111,9 @@ def _evaluate(
     s = settings
     if s.seeds < 2:
         raise XsaeError(f"--seeds {s.seeds} gives one base per family: lineage would be trivial", "use --seeds 2 or more")
+    stray = [f for f in s.holdout_families if f not in s.families]
+    if stray:
+        raise XsaeError(f"--holdout-families {', '.join(stray)} not among --families", "hold out families that the zoo builds")
     if not 1 <= s.folds <= len(FOLDS):
         raise XsaeError(f"--folds {s.folds} is out of range", f"use 1 to {len(FOLDS)}")
     workdir = Path(workdir)
@@ -138,6 +145,7 @@ def _evaluate(
         r = resolve(str(m.path))
         tms[m.name] = TokenizedModel(tokenize_to_cache(ModelSource(m.name, r, file_sha256(list(r.weight_files))), chunk_size, scheme, cache_dir=cache), m.name)
     qfeats = {m.name: quantile_features(iter_weights(resolve(str(m.path)))) for m in members}
+    rfeats = {m.name: raw_features(iter_weights(resolve(str(m.path)))) for m in members}
     tokenize_s = time.perf_counter() - t1
 
     def embed_all(model: Any, names: list[str]) -> tuple[np.ndarray, float]:
@@ -147,10 +155,12 @@ def _evaluate(
 
     folds_out = []
     per_type: dict[str, dict[str, Any]] = {}
+    per_family: dict[str, dict[str, dict[str, Any]]] = {}  # held-out family -> type -> method -> scores
     for fi in range(s.folds):
         held = list(FOLDS[fi])
         trained_types = [t for t in TRANSFORMS if t not in held]
-        train_names = [m.name for m in members if m.transform == "base" or m.transform in trained_types]
+        held_fams = set(s.holdout_families)
+        train_names = [m.name for m in members if (m.transform == "base" or m.transform in trained_types) and m.family not in held_fams]
         eval_names = [m.name for m in members if m.transform == "base" or m.transform in held]
         t2 = time.perf_counter()
         history: list[dict[str, Any]] = []
@@ -179,13 +189,21 @@ def _evaluate(
         sane_vecs, sane_embed_s = embed_all(model, eval_names)
         rand_vecs, _ = embed_all(random_model, eval_names)
         qmat = quantile_matrix([qfeats[n] for n in eval_names])
-        dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs)}
+        dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs), "raw_cosine_baseline": raw_cosine_matrix([rfeats[n] for n in eval_names])}
         real_bases = frozenset(m.name for m in members if m.transform == "base" and m.family in REAL)
         scores = {k: retrieval_scores(eval_names, base_of, transform_of, d, held, real_bases) for k, d in dists.items()}
         from xsae_cli.sane.transforms import FUNCTION_PRESERVING
 
         nearest = {k: nearest_check(eval_names, base_of, transform_of, d, FUNCTION_PRESERVING) for k, d in dists.items()}
         recon = masked_r2(model, [tms[n] for n in eval_names if transform_of[n] != "base"], ws, seed=s.seed)
+        family_of = {m.name: m.family for m in members}
+        for fam in s.holdout_families:  # its variants against its own family's bases, every method
+            names_f = [n for n in eval_names if family_of[n] == fam]
+            idx = np.array([eval_names.index(n) for n in names_f])
+            for k, d in dists.items():
+                sc = retrieval_scores(names_f, base_of, transform_of, np.asarray(d)[np.ix_(idx, idx)], held)
+                for t in held:
+                    per_family.setdefault(fam, {}).setdefault(t, {"fold": fi + 1, "hard": t in HARD})[k] = sc["per_type"][t]
         for t in held:
             per_type[t] = {"fold": fi + 1, "hard": t in HARD, **{k: scores[k]["per_type"][t] for k in METHODS}}
             if t in nearest["sane"]:
@@ -219,6 +237,8 @@ def _evaluate(
         "hard": list(HARD),
         "folds": folds_out,
         "per_type": {t: per_type[t] for t in held_types},
+        "holdout_families": list(s.holdout_families),
+        "per_held_out_family": per_family,
         "function_check_max_rel_logit_diff": max((d for c in built.function_check.values() for d in c.values()), default=None),
         "function_check": built.function_check,
         "coverage": {

@@ -18,6 +18,15 @@ Function-preserving (the network computes the same logits, up to float rounding)
   by ``s``, key rows by ``1/s`` (no rotary embedding in BERT, so q.k is unchanged), value rows by
   ``s`` and the output projection's columns by ``1/s``.
 
+- ``rotate_resid``: fold every pre-norm's gain into its readers (gain -> 1, bias -> bias / gain),
+  then rotate the residual stream by one random orthogonal ``Q``: every tensor's residual axis is
+  multiplied by ``Q^T`` (readers ``W Q^T``, writers ``Q W``, embeddings' rows, norm biases). A
+  norm without a gain commutes with ``Q``: RMSNorm with any orthogonal ``Q``, LayerNorm with one
+  that fixes the all-ones direction (``fix_ones``, the default, so the mean it subtracts is kept).
+  The head is untied where it was tied (the final norm's gain is folded into it), as in the
+  lineage-attack literature (HuRef's invariant terms are built to survive exactly this). Refused
+  for post-LN models and where a norm of the residual stream has no readers to absorb its gain.
+
 Not function-preserving: Gaussian noise (``noise_<rel>``, relative to each tensor's std),
 magnitude pruning (``prune_<percent>``), an int8 round trip (per-tensor absmax), and fine-tuning
 (:func:`finetune`, on the built-in corpus).
@@ -39,6 +48,8 @@ from xsae_cli.zoo.anatomy import (
     HEADS_Q,
     MLP,
     QKV,
+    QKV_CAT,
+    QKV_GROUPED,
     QKV_HEADS,
     RESID,
     Anatomy,
@@ -47,6 +58,7 @@ from xsae_cli.zoo.anatomy import (
 
 PERMUTATIONS = ("perm_mlp", "perm_heads", "perm_resid", "perm_full")
 FUNCTION_PRESERVING = (*PERMUTATIONS, "norm_rescale")
+ROTATIONS = ("rotate_resid",)  # function preserving for pre-norm models with an untied head (the rotation unties it)
 # What the transforms need to know about a model: its shape and its tensors' roles (zoo/anatomy).
 Arch = Anatomy
 
@@ -153,7 +165,30 @@ def permutation_axes(role: TensorRole, t: Any, p: Any) -> list[tuple[int, Any]]:
         elif space == QKV_HEADS:  # [head, (q | k | v), head_dim]
             q, _kv = p.heads(role.block)
             out.append((axis, None if q is None else _blocks(q, 3 * p.arch.head_dim)))
+        elif space in (QKV_CAT, QKV_GROUPED):
+            q, kv = p.heads(role.block)
+            a = p.arch
+            out.append((axis, None if q is None else fused_rows(space, q, kv, a.n_heads, a.n_kv_heads, a.head_dim)))
     return out
+
+
+def fused_rows(space: str, q: Any, kv: Any, nh: int, nkv: int, hd: int) -> Any:
+    """Row order of a fused q/k/v map under query-head order ``q`` and key/value order ``kv``:
+    ``qkv_cat`` is ``[q heads | k heads | v heads]``, ``qkv_heads`` ``[head, (q|k|v), hd]`` (as
+    many key/value heads as query heads), ``qkv_grouped`` ``[group, (its q heads | k | v), hd]``."""
+    import torch
+
+    if space == QKV_CAT:
+        return torch.cat([_blocks(q, hd), nh * hd + _blocks(kv, hd), (nh + nkv) * hd + _blocks(kv, hd)])
+    if space == QKV_HEADS:
+        return _blocks(q, 3 * hd)
+    group = nh // nkv
+    per = (group + 2) * hd  # one group's rows
+    rows = []
+    for j, g in enumerate(kv.tolist()):
+        inner = q[j * group : (j + 1) * group] - g * group  # query heads inside the group, local
+        rows.append(g * per + torch.cat([_blocks(inner, hd), group * hd + torch.arange(2 * hd)]))
+    return torch.cat(rows)
 
 
 def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2.0) -> dict[str, Any]:
@@ -174,7 +209,7 @@ def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2
                 out[key + ".bias"] = out[key + ".bias"] * f
             out[f"{att}.output.dense.weight"] = out[f"{att}.output.dense.weight"] / sv[None, :]
         return out
-    for norm, readers, conv1d, gemma in arch.norm_readers(out):
+    for norm, readers, _conv1d, gemma in arch.norm_readers(out):
         w = out[norm + ".weight"]
         s = factors(w.shape[0])
         out[norm + ".weight"] = (s * (1 + w) - 1) if gemma else w * s
@@ -182,7 +217,56 @@ def norm_rescale(state: dict[str, Any], arch: Arch, seed: int, spread: float = 2
             out[norm + ".bias"] = out[norm + ".bias"] * s
         for lin in readers:
             key = lin + ".weight"
-            out[key] = out[key] / (s[:, None] if conv1d else s[None, :])
+            out[key] = out[key] / (s[:, None] if arch.role(key).in_axis == 0 else s[None, :])  # Conv1D readers are [in, out]
+    return out
+
+
+def random_rotation(d: int, seed: int, fix_ones: bool = True) -> Any:
+    """A random ``d x d`` orthogonal matrix (Haar, float64); ``fix_ones``: ``Q 1 = 1``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if not fix_ones:
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))[None, :]
+    u = torch.full((d, 1), d ** -0.5, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.cat([u, torch.randn(d, d - 1, generator=g, dtype=torch.float64)], 1)).Q[:, 1:]  # the complement of 1
+    inner = random_rotation(d - 1, seed + 1, fix_ones=False)
+    return u @ u.t() + basis @ inner @ basis.t()
+
+
+def rotate_resid(state: dict[str, Any], arch: Arch, seed: int, fix_ones: bool = True) -> dict[str, Any]:
+    """Norm gains folded, then the residual stream rotated (see the module docstring)."""
+    import torch
+
+    if arch.post_ln:
+        raise XsaeError("a post-LN model's norms sit on the residual stream: no rotation of it preserves the function", "use a permutation")
+    out = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+    folded: set[str] = set()
+    for norm, readers, _conv1d, gemma in arch.roles.norm_readers(arch.n_layers, False, out):
+        w = out[norm + ".weight"].double()
+        gain = (1 + w) if gemma else w
+        out[norm + ".weight"] = (torch.zeros_like(w) if gemma else torch.ones_like(w)).to(state[norm + ".weight"].dtype)
+        if norm + ".bias" in out:
+            out[norm + ".bias"] = (out[norm + ".bias"].double() / gain).to(state[norm + ".bias"].dtype)
+        for lin in readers:
+            key = lin + ".weight"
+            in0 = arch.role(key).in_axis == 0  # GPT-2's Conv1D readers are [in, out]; its head is not
+            out[key] = (out[key].double() * (gain[:, None] if in0 else gain[None, :])).to(state[key].dtype)  # a tied head gets its own tensor
+        folded.add(norm + ".weight")
+    unfolded = [k for k in out if k.endswith(".weight") and arch.role(k).role == "norm" and k not in folded and torch.is_tensor(out[k]) and out[k].dim() == 1]
+    if unfolded:
+        raise XsaeError(f"norm {unfolded[0]} has no readers to absorb its gain, so the residual stream cannot be rotated", "use a permutation")
+    q = random_rotation(arch.d_model, seed, fix_ones).t()  # right-multiplied: x Q^T
+    for name, t in out.items():
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        role = arch.role(name)
+        axis = role.axis_of(RESID)
+        if axis is None or (role.role == "norm" and name.endswith(".weight")):  # folded gains are all ones
+            continue
+        x = t.double().movedim(axis, -1) @ q
+        out[name] = x.movedim(-1, axis).to(t.dtype).contiguous()
     return out
 
 
@@ -222,6 +306,8 @@ def apply(state: dict[str, Any], arch: Arch, kind: str, seed: int) -> dict[str, 
         return permute(state, arch, kind, seed)
     if kind == "norm_rescale":
         return norm_rescale(state, arch, seed)
+    if kind == "rotate_resid":
+        return rotate_resid(state, arch, seed)
     return elementwise(state, kind, seed)
 
 

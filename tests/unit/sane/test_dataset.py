@@ -10,7 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from xsae_cli.sane.dataset import PERMUTABLE_KINDS, TokenizedModel, WindowSampler, cache_key, model_source, permute_columns, permute_rows, tokenize_to_cache
+from xsae_cli.sane.dataset import (
+    PERMUTABLE_KINDS,
+    TokenizedModel,
+    WindowSampler,
+    cache_key,
+    config_digest,
+    model_source,
+    permute_columns,
+    permute_rows,
+    tokenize_to_cache,
+)
 from xsae_cli.sane.tokenizer import CoordScheme
 
 
@@ -22,7 +32,7 @@ def test_cache_holds_every_tensor_and_reconstructs_it(demo_zoo, tiny_models) -> 
     assert tm.name == "tiny-gpt2"
     man = tm.manifest
     assert man["n_chunks"] == tm.n_chunks == sum(t["n_chunks"] for t in man["tensors"])
-    assert tm.folder.name == cache_key(man["sha256"], 64, CoordScheme(view="weights"))
+    assert tm.folder.name == cache_key(man["sha256"], 64, CoordScheme(view="weights"), config_digest(resolve_entry("tiny-gpt2")))
     assert isinstance(tm.arrays["values"], np.memmap)
     tensors = {t["name"]: t for t in man["tensors"]}
     assert man["view"] == {"view": "weights", "applied": False}
@@ -194,3 +204,21 @@ def test_a_bare_file_falls_back_to_its_weights_with_reasons(tmp_path) -> None:
     assert any("no circuits view" in w and "no config.json" in w and "trying its canonical form" in w for w in warned), warned
     assert any("no canonical view" in w and "tokenised as stored" in w for w in warned), warned
     assert tm.manifest["view"]["reason"] == "no config.json"
+
+
+def test_cache_key_covers_the_config(tmp_path) -> None:
+    """Same weights, another config.json: another cache folder, tokenised under the new anatomy."""
+    import json
+
+    from tests.e2e.test_sane_derived import _save
+
+
+    folder = _save(tmp_path / "m", seed=3)
+    first = tokenize_to_cache(model_source(str(folder)), 64, CoordScheme(view="circuits"), cache_dir=tmp_path / "cache")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "not-a-family"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    second = tokenize_to_cache(model_source(str(folder)), 64, CoordScheme(view="circuits"), cache_dir=tmp_path / "cache")
+    assert first != second and first.name.split("-k")[0] == second.name.split("-k")[0]
+    views = [json.loads((f / "manifest.json").read_text())["view"]["view"] for f in (first, second)]
+    assert views == ["circuits", "weights"]

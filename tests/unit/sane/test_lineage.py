@@ -263,3 +263,56 @@ def test_sklearn_metrics_agree_with_the_hand_written_ones() -> None:
     d, rel = np.array([0.0, 1.0, 1.0]), np.array([False, True, True])
     assert average_precision(d, rel) == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert np.isnan(auroc(np.array([]), np.array([1.0]))) and np.isnan(average_precision(d, np.zeros(3, dtype=bool)))
+
+
+@pytest.mark.slow
+def test_lineage_zoo_builds_rotations_then_finetunes_in_order(tmp_path: Path) -> None:
+    """rotate_resid keeps the logits of a tied base (through an untied copy, whose members carry
+    their own head and an untied config), and every variant type is built."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from xsae_cli.sane.lineage.zoo import TRANSFORMS, build_lineage_zoo
+    from xsae_cli.sane.settings import LineageSettings
+
+    s = LineageSettings(families=("tiny-gpt2",), seeds=2, real=(), tiny_ft=(1, 2, 1e-3), ft_batch=(2, 16))
+    rep = build_lineage_zoo(tmp_path, s)
+    assert {m.transform for m in rep.members} == {"base", *TRANSFORMS}
+    for b, checks in rep.function_check.items():
+        assert checks["rotate_resid"] < 1e-4 and checks["perm_full"] < 1e-4, (b, checks)
+    rot = tmp_path / "members" / "tiny-gpt2-s0~rotate_resid+ft_long"
+    assert json.loads((rot / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(rot / "model.safetensors")
+
+
+def test_hf_families_build_tiny_models_that_no_code_names() -> None:
+    """hf:<model_type> builds the family's default config at tiny widths; its anatomy is derived."""
+    from xsae_cli.sane.lineage.zoo import family_builder
+    from xsae_cli.zoo.anatomy import Anatomy, family_rules
+
+    m = family_builder("hf:gptj")()
+    assert m.config.n_embd == 64 and m.config.n_layer == 4 and family_rules(m.config.model_type) is None
+    assert Anatomy.from_config(m.config.to_dict()).n_heads == 4
+    assert family_builder("nope") is None
+
+
+def test_holdout_families_must_be_built(tmp_path: Path) -> None:
+    from xsae_cli.core.errors import XsaeError
+    from xsae_cli.sane.evaluate import evaluate
+    from xsae_cli.sane.settings import LineageSettings
+
+    with pytest.raises(XsaeError, match="not among --families"):
+        evaluate(tmp_path, LineageSettings(families=("tiny-gpt2",), holdout_families=("hf:phi",), real=()))
+
+
+def test_raw_cosine_baseline_is_fooled_by_a_permutation_and_not_by_noise() -> None:
+    from xsae_cli.sane.lineage.baselines import raw_cosine_matrix, raw_features
+    from xsae_cli.sane.transforms import elementwise
+
+    m = _model("tiny-qwen2")
+    arch = Arch.from_config(m.config)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    variants = [state, elementwise(state, "noise_1e-2", 1), apply(state, arch, "perm_full", 2), _model("tiny-qwen2", seed=1).state_dict()]
+    d = raw_cosine_matrix([raw_features(v.items()) for v in variants])
+    assert d[0, 0] < 1e-9 and d[0, 1] < 1e-3 and d[0, 2] > 0.1 and d[0, 3] > 0.1, d[0]

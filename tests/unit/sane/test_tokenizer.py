@@ -164,5 +164,5 @@ def test_scheme_ids_name_their_view() -> None:
     assert len(set(ids.values())) == 3 and all(view_of_scheme(i) == v for v, i in ids.items())
     assert ids["weights"].startswith("weights-v1-") and ids["canonical"].startswith("canonical-v1-")
     # the circuit view's output changed (outlier filter): a new id, so its old caches are not reused
-    assert ids["circuits"].startswith("circuits-v2-")
+    assert ids["circuits"].startswith("circuits-v3-")
     assert view_of_scheme("depth-v1-c36b39050f") == "weights"  # checkpoints from before views

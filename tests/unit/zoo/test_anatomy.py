@@ -185,7 +185,12 @@ def test_a_replacement_role_source_is_all_the_consumers_need() -> None:
 
 
 def test_unknown_family_is_named_in_one_line() -> None:
+    """Without derivation a family no rule names is refused; with it (the default) it is derived,
+    and a model type transformers cannot build is refused naming the type."""
     from xsae_cli.core.errors import XsaeError
 
     with pytest.raises(XsaeError, match="no tensor roles are known for model type 'phi'"):
-        Anatomy.from_config(_build("phi").config)
+        Anatomy.from_config(_build("phi").config, derive=False)
+    assert Anatomy.from_config(_build("phi").config).roles is not None
+    with pytest.raises(XsaeError, match="cannot build model type 'no-such-family'"):
+        Anatomy.from_config({"model_type": "no-such-family", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1})

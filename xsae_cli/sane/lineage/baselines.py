@@ -58,6 +58,39 @@ def quantile_matrix(feats: list[dict[str, np.ndarray]]) -> np.ndarray:
     return out
 
 
+RAW_SAMPLE = 1 << 16  # floats kept per tensor (evenly spaced) by the raw cosine baseline
+
+
+def raw_features(state_iter: Any, sample: int = RAW_SAMPLE) -> dict[str, np.ndarray]:
+    """Each float tensor flattened (at most ``sample`` evenly spaced entries): the raw-weights baseline."""
+    feats = {}
+    for name, t in state_iter:
+        if not t.is_floating_point() or t.numel() < 2:
+            continue
+        x = t.reshape(-1)
+        if x.numel() > sample:
+            import torch
+
+            x = x[torch.arange(sample, dtype=torch.int64) * (x.numel() - 1) // (sample - 1)]
+        feats[name] = x.float().numpy().astype(np.float32)
+    return feats
+
+
+def raw_cosine_matrix(feats: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """1 - cosine of the concatenated weights two models share (same name and shape), as stored:
+    what a function-preserving permutation or rotation defeats; no shared tensor -> infinitely far."""
+    n = len(feats)
+    out = np.full((n, n), np.inf)
+    for i in range(n):
+        for j in range(i, n):
+            shared = [k for k in feats[i] if k in feats[j] and feats[i][k].shape == feats[j][k].shape]
+            if not shared:
+                continue
+            a = np.concatenate([feats[i][k] for k in shared]).astype(np.float64)
+            b = np.concatenate([feats[j][k] for k in shared]).astype(np.float64)
+            out[i, j] = out[j, i] = 1.0 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+    return out
+
 
 def random_encoder(model_cfg: dict[str, Any], seed: int = RANDOM_ENCODER_SEED) -> Any:
     """A SANE autoencoder of the checkpoint's shape, randomly initialised from ``seed`` (the torch

@@ -41,13 +41,19 @@ TRANSFORMS: dict[str, tuple[str, ...]] = {
     "noise_1e-2+ft_short": ("noise_1e-2", "ft_short"),
     "prune_30+ft_short": ("prune_30", "ft_short"),
     "perm_full+ft_long": ("perm_full", "ft_long"),
+    "rotate_resid": ("rotate_resid",),
+    "rotate_resid+ft_long": ("rotate_resid", "ft_long"),
 }
-HARD = ("noise_0.3", "ft_long", "perm_full+ft_long")
-# Computed in an equivalent order: AdamW (elementwise), global-norm clipping and the loss are all
-# equivariant under function-preserving permutations and dropout is off, so fine-tuning a permuted
-# model on the same batches gives the permuted fine-tune (up to float rounding; tested). This
-# reuses ft_long's run instead of a second long fine-tune.
-COMPUTE_AS: dict[str, tuple[str, ...]] = {"perm_full+ft_long": ("ft_long", "perm_full")}
+HARD = ("noise_0.3", "ft_long", "perm_full+ft_long", "rotate_resid+ft_long")
+# Every combination is built in its stated order (the permutation or rotation first, then the
+# fine-tune from the transformed weights). A permutation commutes with AdamW, so its fine-tune is
+# the permuted fine-tune; a rotation does not (Adam's per-coordinate steps see rotated
+# coordinates), which is what makes "rotation then fine-tune" the hard case.
+
+
+def applies(tname: str, arch: Any) -> bool:
+    """Whether a transform type exists for a base: no rotation of a post-LN model's residual stream."""
+    return not (arch.post_ln and "rotate_resid" in TRANSFORMS[tname])
 
 
 @dataclass
@@ -80,6 +86,52 @@ def _tiny_builders() -> dict[str, Callable[[], Any]]:
     out = {k: v[0] for k, v in TINY.items()}
     out["tiny-bert"] = _tiny_bert
     return out
+
+
+HF_PREFIX = "hf:"  # a family given by its transformers model_type: hf:<model_type>
+TINY_SHAPE: dict[str, tuple[tuple[str, ...], int]] = {  # what -> (config spellings, tiny value)
+    "vocab": (("vocab_size",), 512),
+    "hidden": (("hidden_size", "n_embd", "d_model", "dim"), 64),
+    "blocks": (("num_hidden_layers", "n_layer", "n_layers", "num_layers"), 4),
+    "heads": (("num_attention_heads", "n_head", "n_heads", "num_heads"), 4),
+    "inner": (("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"), 192),
+    "positions": (("max_position_embeddings", "n_positions"), 128),
+    "rotary": (("rotary_dim",), 8),
+}
+
+
+def hf_builder(model_type: str) -> Callable[[], Any]:
+    """A tiny random-initialised causal LM of any family transformers builds from a config: the
+    family's default config with its own spellings of the widths set small (no family is named in
+    the code, so the benchmark can hold out families nothing here was written for)."""
+
+    def build() -> Any:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from xsae_cli.zoo.sources import quiet_transformers
+
+        quiet_transformers()
+        try:
+            defaults = AutoConfig.for_model(model_type).to_dict()
+        except ValueError as e:
+            raise XsaeError(f"transformers has no model type '{model_type}'", "use hf:<a transformers model_type>") from e
+        kw: dict[str, Any] = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "tie_word_embeddings": defaults.get("tie_word_embeddings", True)}
+        for keys, value in TINY_SHAPE.values():
+            key = next((k for k in keys if k in defaults), None)
+            if key is not None:
+                kw[key] = value
+        if "num_key_value_heads" in defaults and defaults.get("num_key_value_heads") is not None:
+            kw["num_key_value_heads"] = 2  # grouped-query attention where the family has it
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw))
+
+    return build
+
+
+def family_builder(name: str) -> Callable[[], Any] | None:
+    """The builder of a lineage family: a test-zoo family, or ``hf:<model_type>``."""
+    if name.startswith(HF_PREFIX):
+        return hf_builder(name[len(HF_PREFIX) :])
+    return _tiny_builders().get(name)
 
 
 def _tokenizer_dir(workdir: Path) -> Path:
@@ -174,18 +226,45 @@ class _Ids:
         return self.cache[key]
 
 
+def _untied(model: Any, cfg: dict[str, Any], prefix: str, real: bool, real_layers: int, arch: Any) -> tuple[Any, Callable[..., None]]:
+    """An untied copy of a tied model (its head a copy of the embedding, the same function) and the
+    writer of its members (its own config and tensor list, the head included)."""
+    from xsae_cli.core.io import atomic_dir, save_safetensors
+
+    conf = model.config.__class__.from_dict({**model.config.to_dict(), "tie_word_embeddings": False})
+    untied = type(model)(conf)
+    state = model.state_dict()
+    out_emb = untied.get_output_embeddings()
+    head = next(n for n, m in untied.named_modules() if m is out_emb) + ".weight"
+    state = {**state, head: model.get_input_embeddings().weight.detach().clone()}
+    untied.load_state_dict(state)
+    untied.eval()
+    saved = _state_names(untied.state_dict(), prefix)
+    if real:
+        saved = _keep_layers(saved, real_layers, arch)
+    ucfg = {**cfg, "tie_word_embeddings": False}
+
+    def write(state: dict[str, Any], target: Path) -> None:
+        with atomic_dir(target, force=True) as tmp:
+            save_safetensors({n: state[prefix + n].contiguous().clone() for n in saved}, tmp / "model.safetensors", metadata={"format": "pt"})
+            atomic_write_json(tmp / "config.json", ucfg)
+
+    return untied, write
+
+
 def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None) -> BuildReport:
     """Bases and their variants as model folders under ``workdir`` (reused when already there)."""
     import torch
 
     from xsae_cli.core.io import atomic_dir, save_safetensors
-    from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, finetune
+    from xsae_cli.sane.transforms import FUNCTION_PRESERVING, ROTATIONS, Arch, apply, finetune
 
     t0 = time.perf_counter()
     builders = _tiny_builders()
-    unknown = [f for f in s.families if f not in builders]
+    unknown = [f for f in s.families if family_builder(f) is None]
     if unknown:
-        raise XsaeError(f"unknown lineage families: {', '.join(unknown)}", f"use some of {', '.join(builders)}")
+        raise XsaeError(f"unknown lineage families: {', '.join(unknown)}", f"use some of {', '.join(builders)}, or hf:<a transformers model_type>")
+    builders.update({f: b for f in s.families if f.startswith(HF_PREFIX) and (b := family_builder(f)) is not None})
     if s.seeds < 1:
         raise XsaeError(f"--seeds {s.seeds}: no bases", "use --seeds 2 or more")
     tok_dir = _tokenizer_dir(workdir)
@@ -196,7 +275,7 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
             name = f"{fam}-s{k}"
             folder = workdir / "bases" / name
             if not (folder / "config.json").exists():
-                torch.manual_seed(1000 + 17 * k + 101 * list(builders).index(fam))
+                torch.manual_seed(1000 + 17 * k + 101 * list(builders).index(fam))  # hf: families after the test zoo's
                 model = builders[fam]()
                 with atomic_dir(folder, force=True) as tmp:
                     model.save_pretrained(tmp, safe_serialization=True)
@@ -213,7 +292,8 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
         arch = Arch.from_config(cfg)
         prefix = "bert." if arch.model_type == "bert" else ""
         base_out = workdir / "members" / bname
-        todo = [t for t in TRANSFORMS if not (workdir / "members" / f"{bname}~{t}" / "model.safetensors").exists()]
+        kinds = [t for t in TRANSFORMS if applies(t, arch)]
+        todo = [t for t in kinds if not (workdir / "members" / f"{bname}~{t}" / "model.safetensors").exists()]
         if not (base_out / "model.safetensors").exists() or todo:
             torch.manual_seed(4242 + bi)  # the MLM head of a BERT base starts the same for all its fine-tunes
             model = _load_trainable(folder, arch.model_type)
@@ -239,11 +319,15 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
                 write(full, base_out)
             checks: dict[str, float] = {}
             memo: dict[tuple[str, ...], dict[str, Any]] = {}  # fine-tuned states, reused by later ops
+            base_model, base_write = model, write
             for ti, tname in enumerate(TRANSFORMS):
                 if tname not in todo:
                     continue
                 state = full
-                ops = COMPUTE_AS.get(tname, TRANSFORMS[tname])
+                ops = TRANSFORMS[tname]
+                model, write = base_model, base_write
+                if "rotate_resid" in ops and arch.tied:  # the rotation unties the head: an untied model holds it
+                    model, write = _untied(base_model, cfg, prefix, real, s.real_layers, arch)
                 for oi, op in enumerate(ops):
                     if ops[: oi + 1] in memo:
                         state = memo[ops[: oi + 1]]
@@ -256,7 +340,7 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
                         memo[ops[: oi + 1]] = state
                     else:
                         state = apply(state, arch, op, seed)
-                if tname in FUNCTION_PRESERVING:
+                if tname in FUNCTION_PRESERVING or tname in ROTATIONS:
                     model.load_state_dict(state)
                     with torch.no_grad():
                         diff = (model(input_ids=probe).logits - ref).abs().max() / ref.abs().max()
@@ -266,9 +350,9 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
                     progress(f"{bname}~{tname}")
             if checks:
                 report.function_check[bname] = checks
-            del model, full
+            del model, base_model, full
         report.members.append(Member(bname, base_out, bname, "base", fam))
-        for tname in TRANSFORMS:
+        for tname in kinds:
             report.members.append(Member(f"{bname}~{tname}", workdir / "members" / f"{bname}~{tname}", bname, tname, fam))
         if log:
             log(f"lineage zoo: {bname} and {len(TRANSFORMS)} variants ready")

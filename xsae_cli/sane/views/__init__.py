@@ -106,8 +106,9 @@ def view_help() -> str:
     return f"What is tokenised: {listed}. Default from [sane] view."
 
 
-def produce(name: str, resolved: Any, warn: Callable[[str], None] | None = None) -> ViewOutput:
-    """``(index, stream, info)`` of ``resolved`` under view ``name``, falling back along the chain."""
+def produce(name: str, resolved: Any, warn: Callable[[str], None] | None = None, strict: bool = False) -> ViewOutput:
+    """``(index, stream, info)`` of ``resolved`` under view ``name``, falling back along the chain
+    (``strict``: a model the view cannot read is an error naming why, instead of a fallback)."""
     view = get_view(name)
     reasons: list[str] = []
     while True:
@@ -119,6 +120,8 @@ def produce(name: str, resolved: Any, warn: Callable[[str], None] | None = None)
         if view.fallback is None:
             raise XsaeError(f"the {view.name} view cannot read {getattr(resolved, 'source', resolved)} ({why})", "choose another --view")
         target = get_view(view.fallback)
+        if strict:
+            raise XsaeError(f"no {view.name} view for {getattr(resolved, 'source', resolved)} ({why})", f"drop --strict to tokenise it with its {target.name} view")
         reasons.append(why)
         if warn is not None:
             warn(f"no {view.name} view for {getattr(resolved, 'source', resolved)} ({why}): {target.on_fallback or f'trying its {target.name} view'}")

@@ -38,7 +38,7 @@ from typing import Any
 from xsae_cli.sane.transforms import Arch
 from xsae_cli.sane.views import View, register_view
 from xsae_cli.sane.views.canonical import CanonicalPlan, arch_of, plan_from
-from xsae_cli.zoo.anatomy import QKV, QKV_HEADS, READERS, RESID, WRITERS
+from xsae_cli.zoo.anatomy import QKV, QKV_CAT, QKV_GROUPED, QKV_HEADS, READERS, RESID, WRITERS
 
 N_ANCHORS = 64
 SAMPLE_ROWS = 4096  # embedding rows (evenly spaced, at least 2 x d_model) whose second moment finds the outlier directions
@@ -154,8 +154,13 @@ def _layout(arch: Arch, name: str, t: Any) -> tuple[list[tuple[str, int, int]], 
         if r.axis_of(QKV) is not None:
             n = width // 3
             return [("q", 0, n), ("k", n, 2 * n), ("v", 2 * n, 3 * n)], contract
+        if r.axis_of(QKV_CAT) is not None:
+            qw, kw = arch.q_width, arch.kv_width
+            return [("q", 0, qw), ("k", qw, qw + kw), ("v", qw + kw, qw + 2 * kw)], contract
         if r.axis_of(QKV_HEADS) is not None:
             return [("qkv_neox", 0, width)], contract
+        if r.axis_of(QKV_GROUPED) is not None:
+            return [("qkv_grouped", 0, width)], contract
         return None
     return [(r.role, 0, width)], contract
 
@@ -199,8 +204,11 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
     import torch
 
     a = anchors.double()
-    a = a - a.mean(1, keepdim=True)
-    a = (a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)).float()  # what a norm hands the first block
+    # What a norm hands the first block, up to its gain: each row at unit RMS. Not centred: a
+    # LayerNorm's centring commutes only with rotations that fix the all-ones direction, RMS with
+    # every rotation, so an RMSNorm model rotated by any orthogonal matrix keeps its circuits
+    # (centring moved layer 0's QK and OV of an exactly rotated SmolLM2 to 0.05 correlation).
+    a = (a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-12)).float()
     proj: dict[tuple[int, str], Any] = {}
     head = None
     for name, t in items:
@@ -232,6 +240,12 @@ def circuit_tensors(arch: Arch, items: Any, plan: CanonicalPlan, anchors: Any) -
                 x = p.reshape(a.shape[0], arch.n_heads, 3, arch.head_dim)
                 for i, r in enumerate("qkv"):
                     proj[(layer, r)] = x[:, :, i].reshape(a.shape[0], -1)
+            elif role == "qkv_grouped":  # rows laid out [kv group, (its q heads | k | v), head_dim]
+                g = arch.group
+                x = p.reshape(a.shape[0], arch.n_kv_heads, g + 2, arch.head_dim)
+                proj[(layer, "q")] = x[:, :, :g].reshape(a.shape[0], -1)
+                proj[(layer, "k")] = x[:, :, g].reshape(a.shape[0], -1)
+                proj[(layer, "v")] = x[:, :, g + 1].reshape(a.shape[0], -1)
             else:
                 proj[(layer, role)] = p[:, lo:hi]
     out: dict[str, Any] = {"embed.gram": a @ a.t()}
@@ -298,5 +312,6 @@ def circuits_view(resolved: Any, warn: Any = None) -> tuple[Any, str]:
     return circuit_view(resolved, iter_weights)
 
 
-# revision 2: the anchors' outlier directions are shrunk (outlier_filter)
-register_view(View("circuits", circuits_view, revision=2, fallback="canonical", help="token-space circuits, free of weight-space symmetries"))
+# revision 2: the anchors' outlier directions are shrunk (outlier_filter); 3: anchors not centred
+# (rotation invariance), derived anatomies' fused layouts
+register_view(View("circuits", circuits_view, revision=3, fallback="canonical", help="token-space circuits, free of weight-space symmetries"))

@@ -5,7 +5,9 @@ layer pairing, the SANE views and the lineage transforms.
   tensor names, a loaded module or the config (and the tests hold the three equal);
 - :mod:`shape`: the config readers (residual width, head counts with GQA/MQA, head size, tying);
 - :mod:`roles`: per-family tensor roles (embedding, head, norms, q/k/v/o with their head axes,
-  MLP in/gate/out), the fast path a derived anatomy is tested against.
+  MLP in/gate/out), the fast path a derived anatomy is tested against;
+- :mod:`derive`: the same roles derived from a loaded module and one probe forward pass, for
+  every family no rule names (:meth:`Anatomy.from_config` builds the model from its config).
 
 :class:`Anatomy` joins a shape and its family's roles; everything that permutes, rescales or reads
 a model by role takes one (the lineage transforms still call it ``Arch``). A derived anatomy
@@ -33,6 +35,8 @@ from xsae_cli.zoo.anatomy.roles import (
     HEADS_Q,
     MLP,
     QKV,
+    QKV_CAT,
+    QKV_GROUPED,
     QKV_HEADS,
     READERS,
     RESID,
@@ -47,7 +51,7 @@ from xsae_cli.zoo.anatomy.roles import (
 from xsae_cli.zoo.anatomy.shape import CONFIG_KEYS, Shape, config_get, config_value
 
 __all__ = [
-    "BLOCK_KEYWORDS", "CONFIG_KEYS", "EMBEDDINGS", "HEADS_KV", "HEADS_Q", "MLP", "QKV", "QKV_HEADS", "READERS", "RESID", "WRITERS",
+    "BLOCK_KEYWORDS", "CONFIG_KEYS", "EMBEDDINGS", "HEADS_KV", "HEADS_Q", "MLP", "QKV", "QKV_CAT", "QKV_GROUPED", "QKV_HEADS", "READERS", "RESID", "WRITERS",
     "Anatomy", "Blocks", "FamilyRules", "RoleRules", "Shape", "TensorRole",
     "anatomy_of", "block_index", "block_pattern", "config_blocks", "config_get", "config_value", "count_blocks",
     "family_rules", "known_families", "module_blocks", "register_family",
@@ -68,14 +72,32 @@ class Anatomy(Shape):
         return rules
 
     @classmethod
-    def from_config(cls, config: Any, rules: RoleRules | None = None) -> Anatomy:
-        """The anatomy of a config (dict or transformers config) whose family has roles (or ``rules``)."""
+    def from_config(cls, config: Any, rules: RoleRules | None = None, derive: bool = True) -> Anatomy:
+        """The anatomy of a config (dict or transformers config): its family's written-out roles
+        (or ``rules``), else (``derive``) roles derived from the model the config builds."""
         mt = config_get(config, "model_type")
         rules = rules or family_rules(mt)
         if rules is None:
-            raise XsaeError(f"no tensor roles are known for model type '{mt}'", f"known: {', '.join(known_families())}")
+            if not derive:
+                raise XsaeError(f"no tensor roles are known for model type '{mt}'", f"known: {', '.join(known_families())}")
+            from xsae_cli.zoo.anatomy.derive import derived_from_config
+
+            derived, shape = derived_from_config(config)
+            return cls.from_derived(derived, shape)
         s = Shape.read(config, tied_default=rules.tied_default)
         return cls(s.model_type, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.tied, rules)
+
+    @classmethod
+    def from_derived(cls, rules: RoleRules, s: Shape) -> Anatomy:
+        return cls(s.model_type, s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.tied, rules)
+
+    @classmethod
+    def from_module(cls, model: Any) -> Anatomy:
+        """The derived anatomy of a loaded model (any ``nn.Module`` with an input embedding)."""
+        from xsae_cli.zoo.anatomy.derive import derive
+
+        rules, shape = derive(model)
+        return cls.from_derived(rules, shape)
 
     @property
     def post_ln(self) -> bool:

@@ -12,6 +12,9 @@ permutation of it. Spaces:
   (grouped and multi-query attention have fewer key-value heads);
 - ``qkv``: GPT-2's fused ``c_attn`` output, ``[q | k | v]``, each over the query heads;
 - ``qkv_heads``: GPT-NeoX's fused ``query_key_value`` output, ``[head, (q | k | v), head_dim]``;
+- ``qkv_cat``: a fused ``[q | k | v]`` with ``q`` over the query heads and ``k``, ``v`` over the
+  key/value heads (multi-query and grouped attention; equal to ``qkv`` when they are as many);
+- ``qkv_grouped``: a fused ``[kv group, (its query heads | k | v), head_dim]``;
 - ``mlp``: the MLP's hidden neurons of the tensor's block.
 
 The rules here are written per family from the names transformers gives the tensors (GPT-2,
@@ -31,6 +34,7 @@ from typing import Protocol
 from xsae_cli.zoo.anatomy.blocks import block_index
 
 RESID, HEADS_Q, HEADS_KV, QKV, QKV_HEADS, MLP = "resid", "heads_q", "heads_kv", "qkv", "qkv_heads", "mlp"
+QKV_CAT, QKV_GROUPED = "qkv_cat", "qkv_grouped"  # fused layouts of derived anatomies (GQA/MQA)
 ROLES = ("embedding", "pos_embedding", "type_embedding", "head", "norm", "q", "k", "v", "qkv", "o", "up", "gate", "down", "pooler", "head_transform", "other")
 EMBEDDINGS = ("embedding", "pos_embedding", "type_embedding")  # write the residual stream from a lookup
 READERS = ("q", "k", "v", "qkv", "up", "gate", "head")  # read the residual stream
@@ -211,7 +215,11 @@ def _gpt2_norms(i: int) -> list[tuple[str, list[str]]]:
     return [(f"{pre}.ln_1", [f"{pre}.attn.c_attn"]), (f"{pre}.ln_2", [f"{pre}.mlp.c_fc"])]
 
 
-GPT2 = register_family("gpt2", FamilyRules(_gpt2, _gpt2_norms, conv1d=True, tied_default=True))
+def _gpt2_final(names: set[str]) -> tuple[str, list[str]] | None:
+    return ("transformer.ln_f", ["lm_head"]) if "lm_head.weight" in names else None
+
+
+GPT2 = register_family("gpt2", FamilyRules(_gpt2, _gpt2_norms, _gpt2_final, conv1d=True, tied_default=True))
 
 
 # --- GPT-NeoX: gpt_neox.layers.N.attention.query_key_value (per head [q|k|v]) ----------------------
