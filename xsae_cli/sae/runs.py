@@ -101,6 +101,17 @@ def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
     return model, tokenizer, device, _identity(spec, resolved)
 
 
+def _cache_dtype(spec: RunSpec, model: Any) -> torch.dtype:
+    """The dtype a cached harvest is stored in (--cache-dtype; 'auto': the model's)."""
+    from xsae_cli.sae.budget import cache_dtype_for
+
+    if model is not None:
+        dtype = next(model.parameters()).dtype
+    else:  # ranks that read rank 0's cache: the same resolution, without the model
+        dtype = resolve_dtype(spec.model_dtype, resolve_device(spec.device))
+    return cache_dtype_for(spec.settings.cache_dtype, dtype)
+
+
 def _train_documents(spec: RunSpec) -> int:
     """How many training documents the corpus gives (after the held-out split), without a model."""
     from xsae_cli.data.corpus import load_texts, split_documents
@@ -136,9 +147,11 @@ def _contexts(spec: RunSpec, tokenizer: Any, seed: int, shard: tuple[int, int] |
     return train, held
 
 
-def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
+def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int, cache_dtype: str = "float32") -> str:
     s = spec.settings
     parts = [identity, ",".join(spec.hooks), s.site, s.corpus, s.text_field, str(s.context_size), str(s.pack), str(s.held_out_fraction), str(tokens), str(seed), str(s.drop_special), str(s.outlier_factor), spec.model_dtype]
+    if cache_dtype not in ("float32", "torch.float32"):  # float32 caches keep the keys they always had
+        parts.append(str(cache_dtype).replace("torch.", ""))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -205,8 +218,21 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
     harvest_stats: dict[str, Any] = {}
     source: ActivationSource
     if not streaming:
-        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed)
+        cache_dtype = _cache_dtype(spec, model)
+        if world > 1:  # rank 0 holds the model: its dtype names the cache every rank reads
+            name = [str(cache_dtype).replace("torch.", "")]
+            torch.distributed.broadcast_object_list(name, src=0)
+            cache_dtype = getattr(torch, name[0])
+        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed, str(cache_dtype))
         if not (cache_dir / "meta.json").exists() and rank == 0:
+            from xsae_cli.sae.budget import cache_bytes, check_free_space, human_bytes
+
+            rows = min(settings.tokens, train_ctx.n_content_tokens if settings.drop_special else train_ctx.n_tokens)
+            needed = cache_bytes(rows, d_in or {}, cache_dtype)
+            free = check_free_space(cache_dir, needed)
+            item = torch.empty((), dtype=cache_dtype).element_size()
+            info(f"the harvest cache needs {human_bytes(needed)} ({rows:,} tokens x {sum((d_in or {}).values())} x {item} bytes, {str(cache_dtype).replace('torch.', '')}); {human_bytes(free)} free")
+            store.dtype = cache_dtype
             h0 = time.perf_counter()
             store.save_shards(cache_dir, settings.tokens, force=True, corpus=settings.corpus)
             harvest_seconds = time.perf_counter() - h0
@@ -260,6 +286,14 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
     }
     metrics["training"]["world_size"] = world
     metrics["training"]["harvest_mode"] = "streaming" if streaming else "cached"
+    if not streaming:
+        from xsae_cli.sae.budget import cache_bytes
+
+        metrics["training"]["cache"] = {
+            "dtype": str(cache_dtype).replace("torch.", ""), "tokens": len(shards),
+            "bytes_formula": cache_bytes(len(shards), shards.d_in, cache_dtype),
+            "bytes_on_disk": sum(f.stat().st_size for f in cache_dir.glob("shard_*.safetensors")),
+        }
     if per_rank is not None:
         metrics["harvest_per_rank"] = per_rank
     metrics["model"] = spec.model

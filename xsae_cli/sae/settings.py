@@ -112,6 +112,7 @@ class SaeRunSettings(SaeTrainSettings):
     outlier_factor: float | None = setting(None, "Also drop tokens whose norm exceeds this x the median.", gt=1, panel=DATA)
     batch_contexts: int = setting(8, "Contexts per forward pass of the model.", ge=1, panel=DATA)
     cache: bool | None = setting(None, "Cache the harvest on disk (--no-cache: stream; default: stream under a launcher, cache alone).", panel=DATA)
+    cache_dtype: str = setting("auto", "Dtype of a cached harvest ('auto': the model's, bf16 for a bf16 model: half of float32's disk).", choices=("auto", "bfloat16", "float16", "float32"), panel=DATA)
     device_map: str | None = setting(None, "'auto': spread a model too large for one GPU over all visible GPUs (accelerate).", choices=("auto", "balanced", "balanced_low_0", "sequential"), panel=DATA)
     eval_tokens: int = setting(32768, "Held-out tokens for the reconstruction metrics.", ge=1, parse=parse_tokens, panel=EVAL)
     eval_contexts: int = setting(16, "Held-out contexts for CE loss recovered and KL.", ge=1, panel=EVAL)
