@@ -181,7 +181,12 @@ def train_run(spec: RunSpec) -> dict[str, Any]:
         from xsae_cli.sae.streaming import check_shards, shard_range
 
         n_docs = _train_documents(spec)
-        check_shards(n_docs, world)
+        try:
+            check_shards(n_docs, world)
+        except XsaeError:
+            if rank == 0:
+                raise
+            raise SystemExit(2) from None  # said once, by rank 0
         shard = shard_range(n_docs, rank, world)
     # In a cached launch only rank 0 runs the model (harvest, then evaluation); the other ranks read
     # its harvest, so a model that needs every GPU (--device-map auto) is loaded once, not once per rank.
