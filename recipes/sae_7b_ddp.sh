@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # "7B model, DDP": TopK SAE on the middle residual stream of a 7B model, plain data parallel.
-# Every GPU holds the whole SAE and its Adam state (d_sae = 16 x 4096 = 65,536 latents: ~3 GB with
-# Adam); rank 0 loads the model in bf16 (~15 GB) and harvests, the other ranks read its harvest.
-# Needs: $GPUS GPUs (default 8, >= 24 GB each), the model in the zoo or on the hub (online), and
-# XSAE_CACHE on a disk with room for the harvest (TOKENS x 4096 x 4 bytes: ~3.3 GB per 200k tokens).
+# Every GPU holds the whole SAE and its optimizer state (d_sae = 16 x 4096 = 65,536 latents) and its
+# own copy of the model in bf16: every rank streams its own shard of the corpus through the model
+# (to the hooked layer) and trains on it, so the forward scales with the GPUs and nothing is written
+# to disk (--cache: rank 0 harvests to XSAE_CACHE instead, TOKENS x 4096 x 2 bytes in bf16).
+# Budget (xsae_cli/sae/budget.py recipe_budget): GPU memory per rank 29.0 GB (model 14.5 GB + SAE 6.4 GB + working 8.1 GB), disk 0 B
+# Needs: $GPUS GPUs (default 8, >= 40 GB each), the model in the zoo or on the hub (online).
 # Every variable below can be overridden from the environment (the tests run this script on CPU).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

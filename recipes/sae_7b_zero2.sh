@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # "7B model, ZeRO-2": a wide TopK SAE (d_sae = 64 x 4096 = 262,144 latents: 8.6 GB of weights,
 # 17 GB of Adam state) on a 7B model, with Adam state and gradients split over the GPUs by
-# DeepSpeed ZeRO-2, so each GPU holds the weights plus 1/$GPUS of the rest.
-# Needs: $GPUS GPUs (default 8, >= 40 GB each), pip install 'xsae[deepspeed]', the model in the zoo
-# or on the hub, XSAE_CACHE with room for the harvest. Checkpoints resume on any number of GPUs.
+# DeepSpeed ZeRO-2, so each GPU holds the weights plus 1/$GPUS of the rest. Every rank streams its
+# own shard of the corpus through its own bf16 copy of the model: no harvest on disk.
+# Budget (xsae_cli/sae/budget.py recipe_budget): GPU memory per rank 53.7 GB (model 14.5 GB + SAE 11.8 GB + working 27.4 GB), disk 0 B
+# Needs: $GPUS GPUs (default 8, >= 80 GB each), pip install 'xsae[deepspeed]', the model in the zoo
+# or on the hub. Checkpoints resume on any number of GPUs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 GPUS=${GPUS:-8}

@@ -202,6 +202,8 @@ def train_saes(
 
     out = Path(out)
     trainer = SaeTrainer(settings, source.d_in, out, seed=seed, deepspeed_config=deepspeed_config, metadata=metadata, device=device)
+    if hasattr(source, "report"):  # a streaming source: its place in this rank's shard is checkpointed
+        trainer.stream_position = lambda: {"rank": trainer.rank, **source.position}  # type: ignore[attr-defined]
     trainer.fit(source.batches)
     saes = trainer.finalize()
     result = TrainedSaes(

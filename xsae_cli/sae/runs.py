@@ -3,7 +3,9 @@
 What ``xsae sae train`` calls. Activations are harvested once into safetensors shards under
 XSAE_CACHE (keyed by model weights, hooks, corpus and sizes), so further SAEs on the same layer
 (another architecture, another k) train from disk without running the model again, and a resumed
-run replays exactly the batches it would have seen.
+run replays exactly the batches it would have seen. Under a launcher (or with ``--no-cache``) every rank
+instead streams its own shard of the documents through its own copy of the model
+(:mod:`xsae_cli.sae.streaming`) and no activation file is written.
 
 Run folder::
 
@@ -32,7 +34,7 @@ from xsae_cli.core.console import info
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.hardware import memory_report, package_versions, resolve_device, resolve_dtype, seed_everything
 from xsae_cli.core.io import atomic_write_json, read_json
-from xsae_cli.sae.pipeline import ActivationSource, CachedActivations, LiveActivations, hook_dirname, train_saes
+from xsae_cli.sae.pipeline import ActivationSource, CachedActivations, hook_dirname, train_saes
 from xsae_cli.sae.settings import SaeRunSettings, parse_tokens
 
 __all__ = ["RunSpec", "evaluate_run", "features_run", "hook_dirname", "parse_tokens", "settings_from_run", "train_run"]
@@ -69,9 +71,9 @@ def _init_distributed(spec: RunSpec) -> tuple[int, int]:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    from accelerate import PartialState
-
     from datetime import timedelta
+
+    from accelerate import PartialState
 
     # Rank 0 harvests while the others wait at a barrier: allow hours, not the default 30 minutes.
     state = PartialState(cpu=resolve_device(spec.device).type == "cpu", timeout=timedelta(hours=12))
@@ -99,10 +101,40 @@ def _load(spec: RunSpec) -> tuple[Any, Any, Any, str]:
     return model, tokenizer, device, _identity(spec, resolved)
 
 
-def _contexts(spec: RunSpec, tokenizer: Any, seed: int) -> tuple[Any, Any]:
-    from xsae_cli.data.corpus import load_contexts
+def _cache_dtype(spec: RunSpec, model: Any) -> torch.dtype:
+    """The dtype a cached harvest is stored in (--cache-dtype; 'auto': the model's)."""
+    from xsae_cli.sae.budget import cache_dtype_for
+
+    if model is not None:
+        dtype = next(model.parameters()).dtype
+    else:  # ranks that read rank 0's cache: the same resolution, without the model
+        dtype = resolve_dtype(spec.model_dtype, resolve_device(spec.device))
+    return cache_dtype_for(spec.settings.cache_dtype, dtype)
+
+
+def _train_documents(spec: RunSpec) -> int:
+    """How many training documents the corpus gives (after the held-out split), without a model."""
+    from xsae_cli.data.corpus import load_texts, split_documents
 
     s = spec.settings
+    train, _ = split_documents(load_texts(s.corpus, text_field=s.text_field), s.held_out_fraction, spec.seed)
+    return len(train)
+
+
+def _contexts(spec: RunSpec, tokenizer: Any, seed: int, shard: tuple[int, int] | None = None) -> tuple[Any, Any]:
+    """(train, held-out) contexts; with ``shard``, the train contexts of those training documents only."""
+    from xsae_cli.data.corpus import load_contexts, load_texts, render_texts, split_documents, tokenize_contexts
+
+    s = spec.settings
+    if shard is not None:
+        texts = render_texts(load_texts(s.corpus, text_field=s.text_field), tokenizer)
+        train_docs, held_docs = split_documents(texts, s.held_out_fraction, seed)
+        train = tokenize_contexts(train_docs[shard[0] : shard[1]], tokenizer, s.context_size, pack=s.pack)
+        held = tokenize_contexts(held_docs, tokenizer, s.context_size, pack=s.pack) if held_docs else None
+        for c in (train, held):
+            if c is not None:
+                c.meta["corpus"] = s.corpus
+        return train, held
     train, held = load_contexts(
         s.corpus,
         tokenizer,
@@ -115,9 +147,11 @@ def _contexts(spec: RunSpec, tokenizer: Any, seed: int) -> tuple[Any, Any]:
     return train, held
 
 
-def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int) -> str:
+def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int, cache_dtype: str = "float32") -> str:
     s = spec.settings
     parts = [identity, ",".join(spec.hooks), s.site, s.corpus, s.text_field, str(s.context_size), str(s.pack), str(s.held_out_fraction), str(tokens), str(seed), str(s.drop_special), str(s.outlier_factor), spec.model_dtype]
+    if cache_dtype not in ("float32", "torch.float32"):  # float32 caches keep the keys they always had
+        parts.append(str(cache_dtype).replace("torch.", ""))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -156,23 +190,41 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
     seed_everything(spec.seed)
     t0 = time.perf_counter()
     rank, world = _init_distributed(spec)
-    if world > 1 and not settings.cache:
-        raise XsaeError("multi-process training reads a cached harvest", "drop --no-cache when using --launcher")
-    # In a launch only rank 0 runs the model (harvest, then evaluation); the other ranks read its
-    # harvest, so a model that needs every GPU (--device-map auto) is loaded once, not once per rank.
+    # Under a launcher every rank streams its own shard of the corpus (sae/streaming.py) unless a
+    # cache is asked for; alone, the harvest is cached unless --no-cache.
+    # A model spread over every GPU by --device-map is loaded once, on rank 0, so it harvests to a cache.
+    streaming = settings.cache is False or (settings.cache is None and world > 1 and settings.device_map is None)
+    if streaming and world > 1 and settings.device_map is not None:
+        raise XsaeError("--device-map spreads one copy of the model over all GPUs, so its launch cannot stream on every rank", "drop --no-cache, or drop --device-map")
+    shard: tuple[int, int] = (0, 0)
+    if streaming:  # a launch some rank of which would read nothing is refused before any model loads
+        from xsae_cli.sae.streaming import check_shards, shard_range
+
+        n_docs = _train_documents(spec)
+        try:
+            check_shards(n_docs, world)
+        except XsaeError:
+            if rank == 0:
+                raise
+            raise SystemExit(2) from None  # said once, by rank 0
+        shard = shard_range(n_docs, rank, world)
+    # In a cached launch only rank 0 runs the model (harvest, then evaluation); the other ranks read
+    # its harvest, so a model that needs every GPU (--device-map auto) is loaded once, not once per rank.
     model = tokenizer = held_ctx = store = None
+    train_ctx = None
     d_in: dict[str, int] | None = None
-    if rank == 0:
+    if rank == 0 or streaming:
         model, tokenizer, device, identity = _load(spec)
-        train_ctx, held_ctx = _contexts(spec, tokenizer, spec.seed)
+        train_ctx, held_ctx = _contexts(spec, tokenizer, spec.seed, shard if streaming else None)
         store = ActivationStore(
             model, tokenizer, spec.hooks, train_ctx, site=settings.site, batch_contexts=settings.batch_contexts,
-            device="cpu", drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=spec.seed, model_name=spec.model,
+            device=device if streaming else "cpu", drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=spec.seed, model_name=spec.model,
         )
         d_in = store.d_in
         for width in d_in.values():  # each hook's SAE config (k, architecture options) checked before the harvest
             sae_config_for(settings, width, {})
-        atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
+        if rank == 0:
+            atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
     else:
         device, identity = resolve_device(spec.device), _identity(spec)
     # Only now that the model has loaded (a bad model file is refused above): an old run is cleared
@@ -192,9 +244,22 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
     harvest_seconds = 0.0
     harvest_stats: dict[str, Any] = {}
     source: ActivationSource
-    if settings.cache:
-        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed)
+    if not streaming:
+        cache_dtype = _cache_dtype(spec, model)
+        if world > 1:  # rank 0 holds the model: its dtype names the cache every rank reads
+            name = [str(cache_dtype).replace("torch.", "")]
+            torch.distributed.broadcast_object_list(name, src=0)
+            cache_dtype = getattr(torch, name[0])
+        cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed, str(cache_dtype))
         if not (cache_dir / "meta.json").exists() and rank == 0:
+            from xsae_cli.sae.budget import cache_bytes, check_free_space, human_bytes
+
+            rows = min(settings.tokens, train_ctx.n_content_tokens if settings.drop_special else train_ctx.n_tokens)
+            needed = cache_bytes(rows, d_in or {}, cache_dtype)
+            free = check_free_space(cache_dir, needed)
+            item = torch.empty((), dtype=cache_dtype).element_size()
+            info(f"the harvest cache needs {human_bytes(needed)} ({rows:,} tokens x {sum((d_in or {}).values())} x {item} bytes, {str(cache_dtype).replace('torch.', '')}); {human_bytes(free)} free")
+            store.dtype = cache_dtype
             h0 = time.perf_counter()
             store.save_shards(cache_dir, settings.tokens, force=True, corpus=settings.corpus)
             harvest_seconds = time.perf_counter() - h0
@@ -208,7 +273,18 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
             info(f"the corpus gave {len(shards):,} token activations: training makes {settings.tokens / len(shards):.1f} passes over them (reshuffled each pass)")
         source = CachedActivations(shards, settings.batch_size, seed=spec.seed, rank=rank, world=world)
     else:
-        source = LiveActivations(list(spec.hooks), dict(d_in or {}), lambda: store.batches(settings.batch_size, settings.tokens))
+        from xsae_cli.sae.streaming import StreamingActivations
+
+        def store_for(seed: int, ctx: Any = train_ctx) -> Any:
+            return ActivationStore(
+                model, tokenizer, spec.hooks, ctx, site=settings.site, batch_contexts=settings.batch_contexts, device=device,
+                drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=seed, model_name=spec.model,
+                shuffle_buffer_tokens=buffer,
+            )
+
+        # Per-rank shuffle buffer, on the training device: 65,536 rows, or this rank's budget if smaller.
+        buffer = min(65536, max(settings.batch_size, -(-settings.tokens // world)))
+        source = StreamingActivations(list(spec.hooks), dict(d_in or {}), store_for, settings.batch_size, seed=spec.seed, rank=rank, world=world, documents=shard, contexts=len(train_ctx))
 
     trained = train_saes(source, settings, out, seed=spec.seed, metadata=metadata, device=device, deepspeed_config=spec.deepspeed_config)
     saes = trained.saes
@@ -217,6 +293,12 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
         rank_memory = [None] * world
         torch.distributed.all_gather_object(rank_memory, memory_report(device))
         torch.distributed.barrier()
+    per_rank = None
+    if streaming:
+        from xsae_cli.sae.streaming import gather
+
+        per_rank = gather(source.report(), world)  # type: ignore[attr-defined]
+        harvest_seconds = max(r["seconds"] for r in per_rank)
     if trained.rank != 0:
         return {"rank": rank, "world_size": world, "steps": trained.steps, "tokens": trained.tokens}
 
@@ -230,6 +312,17 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
         "memory_per_rank": rank_memory,
     }
     metrics["training"]["world_size"] = world
+    metrics["training"]["harvest_mode"] = "streaming" if streaming else "cached"
+    if not streaming:
+        from xsae_cli.sae.budget import cache_bytes
+
+        metrics["training"]["cache"] = {
+            "dtype": str(cache_dtype).replace("torch.", ""), "tokens": len(shards),
+            "bytes_formula": cache_bytes(len(shards), shards.d_in, cache_dtype),
+            "bytes_on_disk": sum(f.stat().st_size for f in cache_dir.glob("shard_*.safetensors")),
+        }
+    if per_rank is not None:
+        metrics["harvest_per_rank"] = per_rank
     metrics["model"] = spec.model
     metrics["settings"] = _jsonable(asdict(settings))
     metrics["versions"] = package_versions()

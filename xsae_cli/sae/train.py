@@ -149,6 +149,8 @@ class SaeTrainer:
         self.initialised = False
         self.log_path = self.run_dir / "train_log.jsonl"
         self.tracker: Any = None
+        # A streaming source's position in this rank's shard (every rank's goes into the checkpoint).
+        self.stream_position: Any = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -163,7 +165,13 @@ class SaeTrainer:
                 state[hook] = {"sae": st.sae.state_dict(), "optimizer": st.optimizer.state_dict(), "firing": st.firing.state_dict()}
         return state
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, *, collective: bool = True) -> Path | None:
+        positions = None
+        if self.stream_position is not None:
+            positions = [self.stream_position()]
+            if self.world > 1 and collective:  # every rank calls this at the same steps
+                positions = [None] * self.world
+                torch.distributed.all_gather_object(positions, self.stream_position())
         if self.rank != 0 and self.zero_config is None:
             return None
         state = self.state_dict()
@@ -178,6 +186,8 @@ class SaeTrainer:
             "decoder_weight_norm": {h: st.sae.decoder_weight_norm for h, st in self.states.items()},
             "world_size": self.world,
         }
+        if positions is not None:
+            meta["stream_positions"] = positions
         return self.checkpoints.save(self.step, state, meta)
 
     def _ensure_engines(self) -> None:
@@ -345,7 +355,7 @@ class SaeTrainer:
                     if self.step == crash_at:  # fault injection for the crash-recovery tests
                         os.kill(os.getpid(), signal.SIGKILL)
         except KeyboardInterrupt:
-            self.save_checkpoint()
+            self.save_checkpoint(collective=False)
             raise Interrupted(f"at step {self.step}; checkpoint saved in {self.checkpoints.root}", "run the same command again to resume") from None
         finally:
             if log_fh:
