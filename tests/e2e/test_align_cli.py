@@ -37,8 +37,8 @@ def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path
     for direction in ("a->b", "b->a"):
         rows = res["directions"][direction]
         assert {(r["space"], r["mapper"]) for r in rows} == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "mlp")}
-        for r in rows:  # every row carries its mean predictor, shuffled null and ceiling from this run
-            for ref in ("test", "mean", "null", "ceiling"):
+        for r in rows:  # every row carries its mean predictor, shuffled null, 2nd-SAE reference and upper bound from this run
+            for ref in ("test", "mean", "null", "sae_ref", "upper"):
                 assert r[ref]["r2"] is not None and "f1" in r[ref], (direction, r["space"], r["mapper"], ref)
             assert abs(r["mean"]["r2"]) < 0.05 and r["mean"]["cosine"] == 0.0
     iv = res["interventions"]
@@ -51,7 +51,7 @@ def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path
     shown = run_xsae("align", "report", str(out))
     assert shown.returncode == 0, shown.stderr
     assert "layer pairs 1:2 (transformer.h.1 <-> encoder.layer.2)" in shown.stdout
-    assert "held-out mapping tiny-gpt2 -> minilm-l6" in shown.stdout and "mean/null/ceil" in shown.stdout and "tok/s" in shown.stdout
+    assert "held-out mapping tiny-gpt2 -> minilm-l6" in shown.stdout and "mean/null/sae/upper" in shown.stdout and "tok/s" in shown.stdout
     as_json = run_xsae("--json", "align", "report", str(out / "report.json"))
     assert json.loads(as_json.stdout) == report
     assert_user_error(run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--out", str(out), *SMALL), "already holds an alignment report", "--force")

@@ -29,8 +29,8 @@ def _f(value: Any, nd: int = 3) -> str:
 
 
 def _refs(row: dict[str, Any], key: str, nd: int = 3) -> str:
-    """'mean/null/ceiling' of one metric."""
-    return "/".join(_f((row.get(v) or {}).get(key), nd) for v in ("mean", "null", "ceiling"))
+    """'mean/null/2nd-SAE/upper' of one metric ('ceiling' is the 2nd-SAE reference of earlier reports)."""
+    return "/".join(_f((row.get(v) or row.get("ceiling" if v == "sae_ref" else "") or {}).get(key), nd) for v in ("mean", "null", "sae_ref", "upper"))
 
 
 def _pairing_table(stats: dict[str, Any]) -> Any:
@@ -78,8 +78,8 @@ def render_report(report: dict[str, Any]) -> None:
                     _f(t.get("f1")), _refs(row, "f1"),
                     _f(t.get("matched")), _refs(row, "matched"),
                 ])
-        cols = ["layers", "space", "mapper", "R2", "mean/null/ceil", "FVU", "cos", "mean/null/ceil", "latent r", "mean/null/ceil", "F1", "mean/null/ceil", "matched", "mean/null/ceil"]
-        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/ceiling (target through its 2nd SAE)", cols, rows))
+        cols = ["layers", "space", "mapper", "R2", "mean/null/sae/upper", "FVU", "cos", "mean/null/sae/upper", "latent r", "mean/null/sae/upper", "F1", "mean/null/sae/upper", "matched", "mean/null/sae/upper"]
+        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/2nd-SAE reference (target through its 2nd SAE, not a bound)/upper bound (mapper fit on the test pairs)", cols, rows))
     sim_rows = []
     for r in report["results"]:
         s = r["similarity"]
@@ -87,14 +87,14 @@ def render_report(report: dict[str, Any]) -> None:
 
         def four(d: dict[str, Any], key: str | None = None) -> str:
             get = (lambda v: (d.get(v) or {}).get(key)) if key else d.get
-            return "/".join(_f(get(v)) for v in ("test", "null", "ceiling_a", "ceiling_b"))
+            return "/".join(_f(get(v) if d.get(v) is not None else get(v.replace("sae_ref", "ceiling"))) for v in ("test", "null", "sae_ref_a", "sae_ref_b"))
 
         sv = s["svcca_acts"]
         sim_rows.append([
             f"{r['layer_a']}:{r['layer_b']}", four(s["cka_acts"]), four(s["cka_codes"]), four(sv),
             f"{_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)} rows/dim)", four(lm, "matched"),
         ])
-    out.console.print(out.table(f"similarity between the layers (test/null/ceiling {a}/ceiling {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
+    out.console.print(out.table(f"similarity between the layers (test/null/2nd-SAE reference {a}/2nd-SAE reference {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
     int_rows = []
     for r in report["results"]:
         for direction, iv in (r.get("interventions") or {}).items():
@@ -156,7 +156,7 @@ def transfer(
     sae: SaeTrainSettings = None,  # type: ignore[assignment]
     mlp: MlpMapperSettings = None,  # type: ignore[assignment]
 ) -> None:
-    """Pair, train SAEs, fit mappers both ways, score against nulls and ceilings, intervene; write report.json."""
+    """Pair, train SAEs, fit mappers both ways, score against nulls, second-SAE references and upper bounds, intervene; write report.json."""
     from xsae_cli.align.transfer import TransferSpec, run_transfer, warn_small
 
     cfg = ctx.obj.config
