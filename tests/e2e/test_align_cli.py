@@ -108,3 +108,33 @@ def test_transfer_real_models(demo_zoo: Path, tmp_path: Path) -> None:
         assert abs(ridge["null"]["r2"]) < 0.05
     assert res["interventions"]["b->a"]["kl"] > 0  # SmolLM2 has an LM head
     assert res["similarity"]["cka_acts"]["test"] > res["similarity"]["cka_acts"]["null"]
+
+
+CC_SMALL = ["--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2", "--steps", "200"]
+
+
+def test_crosscoder_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6,tiny-qwen2", "--layers", "1", "--out", str(tmp_path / "x")),
+                      "names 3 models, but the pairing aligns the positions of two tokenizers", "--models a,b")
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2", "--layers", "1", "--out", str(tmp_path / "x")), "needs two models", "--models a,b")
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--min-kept", "0.99", "--out", str(tmp_path / "y"), *CC_SMALL),
+                      "share too few positions", "below the floor of 99%")
+
+
+@pytest.mark.slow
+def test_crosscoder_tiny_gpt2_and_minilm(demo_zoo: Path, tmp_path: Path) -> None:
+    from xsae_cli.align.crosscoder import load
+
+    out = tmp_path / "cc"
+    proc = run_xsae("--json", "align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--out", str(out), *CC_SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    r = report["results"][0]
+    for ref in ("test", "null"):
+        assert set(r[ref]["r2_joint"]) == {"tiny-gpt2", "minilm-l6"} and "tiny-gpt2->minilm-l6" in r[ref]["r2_from_one"]
+    assert r["test"]["r2_joint"]["tiny-gpt2"] > r["null"]["r2_joint"]["tiny-gpt2"]  # real pairs beat shuffled ones
+    assert r["ridge"]["a->b"]["ridge_upper"] >= r["ridge"]["a->b"]["ridge"] - 1e-6
+    cc = load(out / "crosscoders" / "1_2")
+    assert cc.cfg.widths == [report["widths"]["tiny-gpt2"], report["widths"]["minilm-l6"]]
+    assert len(r["per_latent"]["relative_norm"][0]) == cc.cfg.d_sae
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--out", str(out), *CC_SMALL), "already holds a crosscoder report", "--force")

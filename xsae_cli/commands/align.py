@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
+from xsae_cli.align.settings import AlignSettings, CrosscoderSettings, MlpMapperSettings
 from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
 from xsae_cli.sae.settings import SaeTrainSettings
@@ -179,3 +180,49 @@ def report(
     from xsae_cli.align.transfer import load_report
 
     out.emit(load_report(run_dir), render_report)
+
+
+PAIR_ONLY = tuple(f"align.{n}" for n in ("layers", "corpus", "text_field", "limit", "context_size", "val_fraction", "test_fraction", "max_train_pairs", "max_test_pairs", "batch_contexts")) + tuple(
+    f"align.crosscoder.{f.name}" for f in dataclasses.fields(CrosscoderSettings))
+
+
+def render_crosscoder(report: dict[str, Any]) -> None:
+    a, b = report["models"]
+    p = report["pairing"]
+    out.console.print(f"[bold]{a}[/bold] and [bold]{b}[/bold]: paired {p['pairs']:,} positions ({p['kept_a']:.1%} / {p['kept_b']:.1%} of tokens kept; floor {report['floor_kept']:.0%})")
+    rows = []
+    for r in report["results"]:
+        t, n, rg = r["test"], r["null"], r["ridge"]
+        lat, ln = r["latents"], r["latents_null"]
+        rows.append([
+            f"{r['layer_a']}:{r['layer_b']}", r["config"]["objective"],
+            f"{_f(t['r2_joint'][a])} ({_f(n['r2_joint'][a])})", f"{_f(t['r2_joint'][b])} ({_f(n['r2_joint'][b])})",
+            f"{_f(t['r2_from_one'][f'{a}->{b}'])} ({_f(n['r2_from_one'][f'{a}->{b}'])})", f"{_f(rg['a->b']['ridge'])} / {_f(rg['a->b']['ridge_upper'])}",
+            f"{_f(t['r2_from_one'][f'{b}->{a}'])} ({_f(n['r2_from_one'][f'{b}->{a}'])})", f"{_f(rg['b->a']['ridge'])} / {_f(rg['b->a']['ridge_upper'])}",
+            f"{_f(lat['shared_fraction'])} ({_f(ln['shared_fraction'])})", f"{_f(lat['exclusive_fraction'][a])} / {_f(lat['exclusive_fraction'][b])}", _f(lat["alive"]),
+        ])
+    cols = ["layers", "objective", f"R2 {a} (null)", f"R2 {b} (null)", f"{a}->{b} (null)", "ridge / upper", f"{b}->{a} (null)", "ridge / upper", "shared (null)", f"exclusive {a} / {b}", "alive"]
+    out.console.print(out.table("held-out crosscoder figures: R2 from the joint code, cross-reconstruction from one model's code, shuffled-pair null in brackets", cols, rows))
+
+
+@app.command("crosscoder")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", "align.crosscoder", into=("settings", "cc"), only=PAIR_ONLY)
+def crosscoder(
+    ctx: typer.Context,
+    models: str = typer.Option(..., "--models", help="Two models, comma-separated: zoo names or model paths."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (crosscoder_report.json, crosscoders/<layer_a>_<layer_b>/)."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    cc: CrosscoderSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
+) -> None:
+    """One dictionary over two models' paired positions (crosscoder or universal SAE), scored next to its shuffled-pair null and the ridge map."""
+    from xsae_cli.align.crosscoder_run import CrosscoderSpec, parse_models, run_crosscoder
+
+    cfg = ctx.obj.config
+    hw = cfg.hardware
+    spec = CrosscoderSpec(models=parse_models(models), out=out_dir, settings=settings, cc=cc, device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code)
+    report = run_crosscoder(spec)
+    out.emit(report, render_crosscoder)
+    out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")

@@ -98,5 +98,5 @@ def test_save_load_round_trip_and_bad_input(tmp_path) -> None:  # type: ignore[n
         CrosscoderConfig(["a"], [D], d_sae=8)
     with pytest.raises(XsaeError, match="paired rows must agree"):
         train([xa[:10], xb[:9]], cfg, steps=1)
-    with pytest.raises(XsaeError, match="no readable crosscoder.json"):
+    with pytest.raises(XsaeError, match=r"no readable crosscoder\.json"):
         load(tmp_path)
