@@ -138,3 +138,8 @@ def test_crosscoder_tiny_gpt2_and_minilm(demo_zoo: Path, tmp_path: Path) -> None
     assert cc.cfg.widths == [report["widths"]["tiny-gpt2"], report["widths"]["minilm-l6"]]
     assert len(r["per_latent"]["relative_norm"][0]) == cc.cfg.d_sae
     assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--out", str(out), *CC_SMALL), "already holds a crosscoder report", "--force")
+
+
+def test_diff_refuses_different_tokenizers(demo_zoo: Path, tmp_path: Path) -> None:
+    assert_user_error(run_xsae("align", "diff", "--base", "tiny-gpt2", "--finetuned", "minilm-l6", "--layers", "1", "--out", str(tmp_path / "d")),
+                      "use different tokenizers", "xsae align crosscoder --models tiny-gpt2,minilm-l6")

@@ -42,6 +42,8 @@ class CrosscoderSpec:
     seed: int = 0
     force: bool = False
     trust_remote_code: bool = False
+    diff: bool = False  # `align diff`: rank latents by exclusivity, with their top test contexts
+    top_latents: int = 10
 
 
 def parse_models(text: str | list[str]) -> list[str]:
@@ -70,6 +72,44 @@ def ridge_refs(xa: dict[str, torch.Tensor], xb: dict[str, torch.Tensor]) -> dict
     return out
 
 
+def check_same_tokenizer(names: list[str], trust_remote_code: bool) -> None:
+    """``align diff`` pairs positions one to one: both models must tokenize alike (checked before any weights load)."""
+    from xsae_cli.align.sides import _tokenizer
+    from xsae_cli.zoo.registry import resolve_entry
+
+    toks = [_tokenizer(resolve_entry(n), n, trust_remote_code) for n in names]
+    if toks[0].get_vocab() != toks[1].get_vocab():
+        raise XsaeError(f"{names[0]} and {names[1]} use different tokenizers; align diff compares a model with a fine-tune of itself", f"use `xsae align crosscoder --models {names[0]},{names[1]}` for models with different tokenizers")
+
+
+@torch.no_grad()
+def rank_exclusive(model: Any, test: list[torch.Tensor], windows: Any, chosen: torch.Tensor, tokenizer: Any, top: int, contexts: int = 3, span: int = 8) -> dict[str, Any]:
+    """The latents most exclusive to each model (relative decoder norm), alive on test, with their top test contexts."""
+    from xsae_cli.align.crosscoder import latent_stats
+
+    st = latent_stats(model, test)
+    rel = torch.tensor(st["relative_norm"])
+    rate = torch.tensor(st["firing_rate"])
+    codes = model.encode([model.normalise(m, x) for m, x in enumerate(test)])
+    ids = windows.input_ids
+    out: dict[str, Any] = {}
+    for m, name in enumerate(model.cfg.models):
+        score = torch.where(rate > 0, rel[m], torch.full_like(rel[m], -1.0))
+        picked = [int(i) for i in score.argsort(descending=True)[:top] if score[i] >= 0]
+        rows = []
+        for lat in picked:
+            acts = codes[:, lat]
+            best = [int(i) for i in acts.argsort(descending=True)[:contexts] if acts[i] > 0]
+            ctx = []
+            for r in best:
+                w, pos = int(chosen[r, 0]), int(chosen[r, 1])
+                left = tokenizer.decode(ids[w, max(0, pos - span) : pos].tolist())
+                ctx.append({"text": left, "token": tokenizer.decode(ids[w, pos : pos + 1].tolist()), "activation": round(float(acts[r]), 4)})
+            rows.append({"latent": lat, "relative_norm": round(float(rel[m, lat]), 4), "firing_rate": round(float(rate[lat]), 5), "contexts": ctx})
+        out[name] = rows
+    return out
+
+
 def one_layer_pair(spec: CrosscoderSpec, names: list[str], xa: dict[str, torch.Tensor], xb: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
     from xsae_cli.align.crosscoder import CrosscoderConfig, evaluate, latent_stats, save, train
 
@@ -91,6 +131,7 @@ def one_layer_pair(spec: CrosscoderSpec, names: list[str], xa: dict[str, torch.T
         "latents": {k: stats[k] for k in summary}, "latents_null": {k: null_stats[k] for k in summary},
         "per_latent": {k: stats[k] for k in ("decoder_norm", "relative_norm", "firing_rate", "firing_rate_alone")},
         "folder": str(folder),
+        "_model": real.model,
     }
 
 
@@ -104,6 +145,8 @@ def run_crosscoder(spec: CrosscoderSpec) -> dict[str, Any]:
     from xsae_cli.core.io import atomic_write_json
 
     names = parse_models(spec.models)
+    if spec.diff:
+        check_same_tokenizer(names, spec.trust_remote_code)
     out = Path(spec.out)
     if (out / REPORT).exists() and not spec.force:
         raise XsaeError(f"{out} already holds a crosscoder report", "pass --force to run it again, or choose another --out")
@@ -134,6 +177,9 @@ def run_crosscoder(spec: CrosscoderSpec) -> dict[str, Any]:
         xa = {s: data.paired["a"][s][ha].float() for s in ("train", "val", "test")}
         xb = {s: data.paired["b"][s][hb].float() for s in ("train", "val", "test")}
         entry = one_layer_pair(spec, names, xa, xb, out / "crosscoders" / f"{la}_{lb}")
+        model = entry.pop("_model")
+        if spec.diff:
+            entry["exclusive_latents"] = rank_exclusive(model, [xa["test"], xb["test"]], pairing.corpus.splits["test"].a, pairing.chosen["test"], A.tokenizer, spec.top_latents)
         results.append({"layer_a": la, "layer_b": lb, "hook_a": ha, "hook_b": hb, **entry})
     report = {
         "format": REPORT_FORMAT, "version": 1, "models": names, "widths": {A.name: A.width, B.name: B.width},

@@ -226,3 +226,37 @@ def crosscoder(
     report = run_crosscoder(spec)
     out.emit(report, render_crosscoder)
     out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")
+
+
+def render_diff(report: dict[str, Any]) -> None:
+    render_crosscoder(report)
+    for r in report["results"]:
+        for name, rows in r.get("exclusive_latents", {}).items():
+            table = [[str(x["latent"]), _f(x["relative_norm"]), _f(x["firing_rate"], 4), " | ".join(f"{c['text']}[{c['token']}]" for c in x["contexts"])] for x in rows]
+            out.console.print(out.table(f"latents most exclusive to {name} (layers {r['layer_a']}:{r['layer_b']}; relative decoder norm, 1 = only {name})", ["latent", "rel. norm", "firing", "top test contexts [token]"], table))
+
+
+@app.command("diff")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", "align.crosscoder", into=("settings", "cc"), only=PAIR_ONLY)
+def diff(
+    ctx: typer.Context,
+    base: str = typer.Option(..., "--base", help="The base model: zoo name or model path."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tuned model (same tokenizer)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (crosscoder_report.json, crosscoders/<layer>_<layer>/)."),
+    top: int = typer.Option(10, "--top", min=1, help="Latents listed per side."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    cc: CrosscoderSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
+) -> None:
+    """Model diffing: a crosscoder on base vs fine-tuned activations, latents ranked by how exclusive they are to each side, with top contexts."""
+    from xsae_cli.align.crosscoder_run import CrosscoderSpec, run_crosscoder
+
+    cfg = ctx.obj.config
+    hw = cfg.hardware
+    spec = CrosscoderSpec(models=[base, finetuned], out=out_dir, settings=settings, cc=cc, device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force,
+                          trust_remote_code=cfg.zoo.trust_remote_code, diff=True, top_latents=top)
+    report = run_crosscoder(spec)
+    out.emit(report, render_diff)
+    out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")
