@@ -143,3 +143,45 @@ def test_crosscoder_tiny_gpt2_and_minilm(demo_zoo: Path, tmp_path: Path) -> None
 def test_diff_refuses_different_tokenizers(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(run_xsae("align", "diff", "--base", "tiny-gpt2", "--finetuned", "minilm-l6", "--layers", "1", "--out", str(tmp_path / "d")),
                       "use different tokenizers", "xsae align crosscoder --models tiny-gpt2,minilm-l6")
+
+
+def _planted_copy(src: Path, dst: Path, amplitude: float = 0.01):  # type: ignore[no-untyped-def]
+    """tiny-gpt2 with one block-0 MLP neuron replaced: it fires on the top fifth of tokens along a direction u and writes v."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src)
+    mlp = model.transformer.h[0].mlp
+    g = torch.Generator().manual_seed(3)
+    u, v = (w / w.norm() for w in torch.randn(2, mlp.c_fc.weight.shape[0], generator=g))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        proj = emb @ u
+        scale = 3.0 / float(proj.std())
+        mlp.c_fc.weight[:, 0] = u * scale
+        mlp.c_fc.bias[0] = -float(proj.quantile(0.8)) * scale
+        mlp.c_proj.weight[0, :] = v * float(emb.norm(dim=1).mean()) * amplitude
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return v
+
+
+@pytest.mark.slow
+def test_diff_recovers_a_planted_feature(demo_zoo: Path, tmp_path: Path) -> None:
+    import torch
+
+    from xsae_cli.align.crosscoder import load
+    from xsae_cli.zoo.registry import resolve_entry
+
+    src = resolve_entry("tiny-gpt2").model_dir
+    v = _planted_copy(src, tmp_path / "planted")
+    out = tmp_path / "diff"
+    proc = run_xsae("--json", "align", "diff", "--base", "tiny-gpt2", "--finetuned", str(tmp_path / "planted"), "--layers", "0", "--out", str(out),
+                    "--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2", "--steps", "1500", "--lr", "3e-3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)["results"][0]
+    ranked = r["exclusive_latents"][str(tmp_path / "planted")]
+    assert ranked[0]["relative_norm"] > 0.8 and ranked[1]["relative_norm"] < 0.6  # one latent stands out as the fine-tune's own
+    cc = load(out / "crosscoders" / "0_0")
+    assert float(torch.nn.functional.cosine_similarity(cc.W_dec[1][ranked[0]["latent"]].detach(), v, dim=0)) > 0.95  # and it is the planted direction
+    assert r["latents"]["shared_fraction"] > 0.9 and ranked[0]["contexts"]
