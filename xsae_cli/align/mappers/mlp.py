@@ -77,9 +77,12 @@ class Mlp(nn.Module):
         )
         self.nonneg = nonneg
         self.sparse_input = sparse_input
+        # A linear path beside the MLP: LayerNorm throws away the input's scale, so without it the MLP
+        # cannot represent even an exact rotation (R^2 0.33 at 2,000 pairs x 5 epochs on one).
+        self.skip = SparseInput(d_x, d_y) if sparse_input else nn.Linear(d_x, d_y)
 
     def forward(self, x: Any) -> torch.Tensor:
-        y = self.net(self.inp(x))
+        y = self.net(self.inp(x)) + self.skip(x)
         return F.relu(y) if self.nonneg else y
 
 
