@@ -65,7 +65,7 @@ def to_sparse_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Mlp(nn.Module):
-    """in -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> out."""
+    """in -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> out, plus a linear path in -> out."""
 
     def __init__(self, d_x: int, d_y: int, hidden: int, dropout: float, nonneg: bool, sparse_input: bool = False) -> None:
         super().__init__()
@@ -144,7 +144,7 @@ class MlpMapper:
 
     name = "mlp"
     linear = False
-    describes = "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept"
+    describes = "3-layer MLP (LayerNorm, GELU, dropout) plus a linear path; loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept"
 
     def __init__(self, settings: MlpMapperSettings | None = None, sparse: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
         self.settings = settings or MlpMapperSettings()
