@@ -1,9 +1,9 @@
-"""The real-model alignment table: SmolLM2-135M <-> MiniLM-L6, every mapper next to its null and ceiling.
+"""The real-model alignment table: SmolLM2-135M <-> MiniLM-L6, every mapper next to its null, 2nd-SAE reference and upper bound.
 
 Runs ``xsae align transfer``'s protocol (``run_transfer``) at the sizes below, or reads a report it
 already wrote (``--report DIR``), and prints the markdown table that goes into README / RESULTS.md:
 per layer pair, direction, space and mapper, held-out R^2 / centred cosine / latent correlation / F1
-with the mean predictor, the shuffled-pair null and the ceiling of the same run, plus the verdict on
+with the mean predictor, the shuffled-pair null, the 2nd-SAE reference and the upper bound (mapper fit on the test pairs) of the same run, plus the verdict on
 whether the MLP mapper (``mlp``; ``hypernet`` in 0.1) beats ridge on held-out data.
 
     .venv/bin/python benchmarks/align_real.py --out /tmp/align_real           # run, then print
@@ -35,7 +35,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"fit on {used['train']:,} train pairs, penalties / early stopping on {used['val']:,} val pairs, scored on {used['test']:,} test pairs (test documents only)."
         ),
         "",
-        "Each cell: test value (mean predictor / shuffled-pair null / ceiling = target model through its 2nd-seed SAE).",
+        "Each cell: test value (mean predictor / shuffled-pair null / 2nd-SAE reference = target model through its 2nd-seed SAE, not a bound / upper bound = the mapper fit on the test pairs).",
         "",
         "| layers | direction | space | mapper | R^2 | cos (centred) | latent r | active-set F1 | matched latents |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -45,7 +45,7 @@ def markdown(report: dict[str, Any]) -> str:
             for row in r["directions"][direction]:
                 cells = []
                 for key in ("r2", "cosine", "latent_r", "f1", "matched"):
-                    refs = "/".join(_f((row.get(v) or {}).get(key)) for v in ("mean", "null", "ceiling"))
+                    refs = "/".join(_f((row.get(v) or {}).get(key)) for v in ("mean", "null", "sae_ref", "upper"))
                     cells.append(f"**{_f(row['test'].get(key))}** ({refs})")
                 lines.append(f"| {r['layer_a']}:{r['layer_b']} | {names[direction]} | {row['space']} | {row['mapper']} | " + " | ".join(cells) + " |")
     lines += ["", "| layers | CKA acts (test/null/ceil A/ceil B) | CKA codes | SVCCA held-out | SVCCA in-sample (rows/dim) | direct latent matches |", "| --- | --- | --- | --- | --- | --- |"]
@@ -53,7 +53,7 @@ def markdown(report: dict[str, Any]) -> str:
         s, lm = r["similarity"], r["latent_matching"]
 
         def four(d: dict[str, Any], key: str | None = None) -> str:
-            return "/".join(_f((d.get(v) or {}).get(key) if key else d.get(v)) for v in ("test", "null", "ceiling_a", "ceiling_b"))
+            return "/".join(_f((d.get(v) or {}).get(key) if key else d.get(v)) for v in ("test", "null", "sae_ref_a", "sae_ref_b"))
 
         sv = s["svcca_acts"]
         lines.append(f"| {r['layer_a']}:{r['layer_b']} | {four(s['cka_acts'])} | {four(s['cka_codes'])} | {four(sv)} | {_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)}) | {four(lm, 'matched')} |")

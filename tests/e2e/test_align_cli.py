@@ -37,8 +37,8 @@ def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path
     for direction in ("a->b", "b->a"):
         rows = res["directions"][direction]
         assert {(r["space"], r["mapper"]) for r in rows} == {(s, m) for s in ("acts", "codes") for m in ("procrustes", "ridge", "mlp")}
-        for r in rows:  # every row carries its mean predictor, shuffled null and ceiling from this run
-            for ref in ("test", "mean", "null", "ceiling"):
+        for r in rows:  # every row carries its mean predictor, shuffled null, 2nd-SAE reference and upper bound from this run
+            for ref in ("test", "mean", "null", "sae_ref", "upper"):
                 assert r[ref]["r2"] is not None and "f1" in r[ref], (direction, r["space"], r["mapper"], ref)
             assert abs(r["mean"]["r2"]) < 0.05 and r["mean"]["cosine"] == 0.0
     iv = res["interventions"]
@@ -51,7 +51,7 @@ def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path
     shown = run_xsae("align", "report", str(out))
     assert shown.returncode == 0, shown.stderr
     assert "layer pairs 1:2 (transformer.h.1 <-> encoder.layer.2)" in shown.stdout
-    assert "held-out mapping tiny-gpt2 -> minilm-l6" in shown.stdout and "mean/null/ceil" in shown.stdout and "tok/s" in shown.stdout
+    assert "held-out mapping tiny-gpt2 -> minilm-l6" in shown.stdout and "mean/null/sae/upper" in shown.stdout and "tok/s" in shown.stdout
     as_json = run_xsae("--json", "align", "report", str(out / "report.json"))
     assert json.loads(as_json.stdout) == report
     assert_user_error(run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--out", str(out), *SMALL), "already holds an alignment report", "--force")
@@ -108,3 +108,80 @@ def test_transfer_real_models(demo_zoo: Path, tmp_path: Path) -> None:
         assert abs(ridge["null"]["r2"]) < 0.05
     assert res["interventions"]["b->a"]["kl"] > 0  # SmolLM2 has an LM head
     assert res["similarity"]["cka_acts"]["test"] > res["similarity"]["cka_acts"]["null"]
+
+
+CC_SMALL = ["--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2", "--steps", "200"]
+
+
+def test_crosscoder_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6,tiny-qwen2", "--layers", "1", "--out", str(tmp_path / "x")),
+                      "names 3 models, but the pairing aligns the positions of two tokenizers", "--models a,b")
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2", "--layers", "1", "--out", str(tmp_path / "x")), "needs two models", "--models a,b")
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--min-kept", "0.99", "--out", str(tmp_path / "y"), *CC_SMALL),
+                      "share too few positions", "below the floor of 99%")
+
+
+@pytest.mark.slow
+def test_crosscoder_tiny_gpt2_and_minilm(demo_zoo: Path, tmp_path: Path) -> None:
+    from xsae_cli.align.crosscoder import load
+
+    out = tmp_path / "cc"
+    proc = run_xsae("--json", "align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--out", str(out), *CC_SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    r = report["results"][0]
+    for ref in ("test", "null"):
+        assert set(r[ref]["r2_joint"]) == {"tiny-gpt2", "minilm-l6"} and "tiny-gpt2->minilm-l6" in r[ref]["r2_from_one"]
+    assert r["test"]["r2_joint"]["tiny-gpt2"] > r["null"]["r2_joint"]["tiny-gpt2"]  # real pairs beat shuffled ones
+    assert r["ridge"]["a->b"]["ridge_upper"] >= r["ridge"]["a->b"]["ridge"] - 1e-6
+    cc = load(out / "crosscoders" / "1_2")
+    assert cc.cfg.widths == [report["widths"]["tiny-gpt2"], report["widths"]["minilm-l6"]]
+    assert len(r["per_latent"]["relative_norm"][0]) == cc.cfg.d_sae
+    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--out", str(out), *CC_SMALL), "already holds a crosscoder report", "--force")
+
+
+def test_diff_refuses_different_tokenizers(demo_zoo: Path, tmp_path: Path) -> None:
+    assert_user_error(run_xsae("align", "diff", "--base", "tiny-gpt2", "--finetuned", "minilm-l6", "--layers", "1", "--out", str(tmp_path / "d")),
+                      "use different tokenizers", "xsae align crosscoder --models tiny-gpt2,minilm-l6")
+
+
+def _planted_copy(src: Path, dst: Path, amplitude: float = 0.01):  # type: ignore[no-untyped-def]
+    """tiny-gpt2 with one block-0 MLP neuron replaced: it fires on the top fifth of tokens along a direction u and writes v."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src)
+    mlp = model.transformer.h[0].mlp
+    g = torch.Generator().manual_seed(3)
+    u, v = (w / w.norm() for w in torch.randn(2, mlp.c_fc.weight.shape[0], generator=g))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        proj = emb @ u
+        scale = 3.0 / float(proj.std())
+        mlp.c_fc.weight[:, 0] = u * scale
+        mlp.c_fc.bias[0] = -float(proj.quantile(0.8)) * scale
+        mlp.c_proj.weight[0, :] = v * float(emb.norm(dim=1).mean()) * amplitude
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return v
+
+
+@pytest.mark.slow
+def test_diff_recovers_a_planted_feature(demo_zoo: Path, tmp_path: Path) -> None:
+    import torch
+
+    from xsae_cli.align.crosscoder import load
+    from xsae_cli.zoo.registry import resolve_entry
+
+    src = resolve_entry("tiny-gpt2").model_dir
+    v = _planted_copy(src, tmp_path / "planted")
+    out = tmp_path / "diff"
+    proc = run_xsae("--json", "align", "diff", "--base", "tiny-gpt2", "--finetuned", str(tmp_path / "planted"), "--layers", "0", "--out", str(out),
+                    "--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2", "--steps", "1500", "--lr", "3e-3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)["results"][0]
+    ranked = r["exclusive_latents"][str(tmp_path / "planted")]
+    assert ranked[0]["relative_norm"] > 0.8 and ranked[1]["relative_norm"] < 0.6  # one latent stands out as the fine-tune's own
+    cc = load(out / "crosscoders" / "0_0")
+    assert float(torch.nn.functional.cosine_similarity(cc.W_dec[1][ranked[0]["latent"]].detach(), v, dim=0)) > 0.95  # and it is the planted direction
+    assert r["latents"]["shared_fraction"] > 0.9 and ranked[0]["contexts"]

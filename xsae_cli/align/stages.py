@@ -140,7 +140,7 @@ def harvest(spec: TransferSpec, sides: tuple[Side, Side], pairing: Pairing) -> H
 
 @dataclass
 class SaeSet:
-    """Two SAEs per side and hook: seed 1 (the one mapped) and seed 2 (the ceiling's second look)."""
+    """Two SAEs per side and hook: seed 1 (the one mapped) and seed 2 (the second-SAE reference)."""
 
     saes: dict[str, dict[int, dict[str, Any]]] = field(default_factory=lambda: {"a": {}, "b": {}})
     info: dict[str, Any] = field(default_factory=dict)  # "<model>/seed<n>" -> training figures, "reused" or "loaded_from"
@@ -208,15 +208,25 @@ def train_side_saes(spec: TransferSpec, side: Side, rows: dict[str, torch.Tensor
     return trained.saes, {"tokens_per_second": trained.tokens_per_second, "seconds": trained.seconds, "tokens": trained.tokens}
 
 
+def sae_seed(base: int, side: str, which: int) -> int:
+    """The training seed of SAE ``which`` (1 or 2) of side ``side`` ("a" or "b"): four different seeds."""
+    return base + (0 if which == 1 else 1000) + (0 if side == "a" else 1)
+
+
 def train_all_saes(spec: TransferSpec, sides: tuple[Side, Side], data: Harvest, given: dict[str, dict[str, Any]], out: Path, device: Any) -> SaeSet:
-    """Seeds 1 and 2 for every side (seed 1 from ``given`` where the user brought SAEs)."""
+    """Seeds 1 and 2 for every side (seed 1 from ``given`` where the user brought SAEs).
+
+    Every SAE gets its own seed (:func:`sae_seed`), so a model paired with itself gets two
+    different SAEs and the code-space rows measure something (with one seed they were one SAE, and
+    every code row read exactly 1.000)."""
     s = spec.settings
     fingerprint = {"corpus": s.corpus, "limit": s.limit, "context_size": s.context_size, "val_fraction": s.val_fraction, "test_fraction": s.test_fraction, "seed": spec.seed}
     result = SaeSet()
     t0 = time.perf_counter()
     for side in sides:
         rows = {h: data.content[side.key][h] for h in side.hook_list}
-        for which, seed in ((1, spec.seed), (2, spec.seed + 1000)):
+        for which in (1, 2):
+            seed = sae_seed(spec.seed, side.key, which)
             label = f"{side.name}/seed{which}"
             if which == 1 and side.key in given:
                 result.saes[side.key][which] = given[side.key]

@@ -11,9 +11,12 @@ What ``xsae align transfer`` calls. Steps, and the one rule each step keeps:
    (:mod:`align.mappers`: Procrustes, ridge, MLP): fit on train, choose penalties / stop early on val, score on test.
 4. **Score** every mapping next to three references from the same run: the *mean predictor*
    (the training mean of the target), the *shuffled-pair null* (the same mapper fit on train and
-   val rows whose pairing was shuffled, scored on real test pairs), and the *ceiling* (the same
-   mapper fit from the target model to itself seen through its second-seed SAE: codes of SAE 2 ->
-   codes of SAE 1, or SAE 2's reconstruction -> activations). Plus CKA and SVCCA per layer pair.
+   val rows whose pairing was shuffled, scored on real test pairs), the *upper bound* (the same
+   mapper fit on the test pairs themselves: nothing of its class fit elsewhere scores higher on
+   them), and the *second-SAE reference* ``sae_ref`` (the same mapper from the target model to
+   itself seen through its second-seed SAE: codes of SAE 2 -> codes of SAE 1, or SAE 2's
+   reconstruction -> activations; called "ceiling" in earlier reports, though exact maps beat it).
+   Plus CKA and SVCCA per layer pair.
 5. **Intervene** (:mod:`interventions`): source latents' decoder directions mapped into the
    target's residual stream, with a random direction of the same norm as control.
 
@@ -169,7 +172,8 @@ NOTES = {
     "r2": "1 - SSE/SST over all dims; SST about the training mean of the target, so the mean predictor scores ~0",
     "cosine": "per-token cosine of prediction and target, both centred on the training mean (uncentred cosine is high for any two residual vectors)",
     "null": "the same mapper fit on train/val rows whose pairing was shuffled, scored on the real test pairs",
-    "ceiling": "the same mapper fit from the target model to itself through its second-seed SAE (SAE-2 codes -> SAE-1 codes; SAE-2 reconstruction -> activations)",
+    "upper": "upper bound: the same mapper fit on the test pairs and scored on them (in-sample optimum of its class on those rows; for the MLP up to its optimiser)",
+    "sae_ref": "second-SAE reference, not a bound: the same mapper fit from the target model to itself through its second-seed SAE (SAE-2 codes -> SAE-1 codes; SAE-2 reconstruction -> activations); 'ceiling' in earlier reports",
     "acts_codes": "activation mappers' latent scores encode the mapped activations with the target's SAE 1; code mappers' active set is the top-k of the prediction",
     "matched": "one-to-one latent pairs by Hungarian assignment on test correlations, counted above the threshold; rank 1 = the partner is that latent's best predictor",
     "top_pairs": "latent_matching.top_pairs: the best one-to-one pairs of SAE A and SAE B latents (Hungarian on test correlations) and their test correlation block, rows A's latents and columns B's in the same order (what xsae viz align draws)",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
+from xsae_cli.align.settings import AlignSettings, CrosscoderSettings, MlpMapperSettings
 from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
 from xsae_cli.sae.settings import SaeTrainSettings
@@ -29,8 +30,8 @@ def _f(value: Any, nd: int = 3) -> str:
 
 
 def _refs(row: dict[str, Any], key: str, nd: int = 3) -> str:
-    """'mean/null/ceiling' of one metric."""
-    return "/".join(_f((row.get(v) or {}).get(key), nd) for v in ("mean", "null", "ceiling"))
+    """'mean/null/2nd-SAE/upper' of one metric ('ceiling' is the 2nd-SAE reference of earlier reports)."""
+    return "/".join(_f((row.get(v) or row.get("ceiling" if v == "sae_ref" else "") or {}).get(key), nd) for v in ("mean", "null", "sae_ref", "upper"))
 
 
 def _pairing_table(stats: dict[str, Any]) -> Any:
@@ -78,8 +79,8 @@ def render_report(report: dict[str, Any]) -> None:
                     _f(t.get("f1")), _refs(row, "f1"),
                     _f(t.get("matched")), _refs(row, "matched"),
                 ])
-        cols = ["layers", "space", "mapper", "R2", "mean/null/ceil", "FVU", "cos", "mean/null/ceil", "latent r", "mean/null/ceil", "F1", "mean/null/ceil", "matched", "mean/null/ceil"]
-        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/ceiling (target through its 2nd SAE)", cols, rows))
+        cols = ["layers", "space", "mapper", "R2", "mean/null/sae/upper", "FVU", "cos", "mean/null/sae/upper", "latent r", "mean/null/sae/upper", "F1", "mean/null/sae/upper", "matched", "mean/null/sae/upper"]
+        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/2nd-SAE reference (target through its 2nd SAE, not a bound)/upper bound (mapper fit on the test pairs)", cols, rows))
     sim_rows = []
     for r in report["results"]:
         s = r["similarity"]
@@ -87,14 +88,14 @@ def render_report(report: dict[str, Any]) -> None:
 
         def four(d: dict[str, Any], key: str | None = None) -> str:
             get = (lambda v: (d.get(v) or {}).get(key)) if key else d.get
-            return "/".join(_f(get(v)) for v in ("test", "null", "ceiling_a", "ceiling_b"))
+            return "/".join(_f(get(v) if d.get(v) is not None else get(v.replace("sae_ref", "ceiling"))) for v in ("test", "null", "sae_ref_a", "sae_ref_b"))
 
         sv = s["svcca_acts"]
         sim_rows.append([
             f"{r['layer_a']}:{r['layer_b']}", four(s["cka_acts"]), four(s["cka_codes"]), four(sv),
             f"{_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)} rows/dim)", four(lm, "matched"),
         ])
-    out.console.print(out.table(f"similarity between the layers (test/null/ceiling {a}/ceiling {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
+    out.console.print(out.table(f"similarity between the layers (test/null/2nd-SAE reference {a}/2nd-SAE reference {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
     int_rows = []
     for r in report["results"]:
         for direction, iv in (r.get("interventions") or {}).items():
@@ -156,7 +157,7 @@ def transfer(
     sae: SaeTrainSettings = None,  # type: ignore[assignment]
     mlp: MlpMapperSettings = None,  # type: ignore[assignment]
 ) -> None:
-    """Pair, train SAEs, fit mappers both ways, score against nulls and ceilings, intervene; write report.json."""
+    """Pair, train SAEs, fit mappers both ways, score against nulls, second-SAE references and upper bounds, intervene; write report.json."""
     from xsae_cli.align.transfer import TransferSpec, run_transfer, warn_small
 
     cfg = ctx.obj.config
@@ -179,3 +180,83 @@ def report(
     from xsae_cli.align.transfer import load_report
 
     out.emit(load_report(run_dir), render_report)
+
+
+PAIR_ONLY = tuple(f"align.{n}" for n in ("layers", "corpus", "text_field", "limit", "context_size", "val_fraction", "test_fraction", "max_train_pairs", "max_test_pairs", "batch_contexts")) + tuple(
+    f"align.crosscoder.{f.name}" for f in dataclasses.fields(CrosscoderSettings))
+
+
+def render_crosscoder(report: dict[str, Any]) -> None:
+    a, b = report["models"]
+    p = report["pairing"]
+    out.console.print(f"[bold]{a}[/bold] and [bold]{b}[/bold]: paired {p['pairs']:,} positions ({p['kept_a']:.1%} / {p['kept_b']:.1%} of tokens kept; floor {report['floor_kept']:.0%})")
+    rows = []
+    for r in report["results"]:
+        t, n, rg = r["test"], r["null"], r["ridge"]
+        lat, ln = r["latents"], r["latents_null"]
+        rows.append([
+            f"{r['layer_a']}:{r['layer_b']}", r["config"]["objective"],
+            f"{_f(t['r2_joint'][a])} ({_f(n['r2_joint'][a])})", f"{_f(t['r2_joint'][b])} ({_f(n['r2_joint'][b])})",
+            f"{_f(t['r2_from_one'][f'{a}->{b}'])} ({_f(n['r2_from_one'][f'{a}->{b}'])})", f"{_f(rg['a->b']['ridge'])} / {_f(rg['a->b']['ridge_upper'])}",
+            f"{_f(t['r2_from_one'][f'{b}->{a}'])} ({_f(n['r2_from_one'][f'{b}->{a}'])})", f"{_f(rg['b->a']['ridge'])} / {_f(rg['b->a']['ridge_upper'])}",
+            f"{_f(lat['shared_fraction'])} ({_f(ln['shared_fraction'])})", f"{_f(lat['exclusive_fraction'][a])} / {_f(lat['exclusive_fraction'][b])}", _f(lat["alive"]),
+        ])
+    cols = ["layers", "objective", f"R2 {a} (null)", f"R2 {b} (null)", f"{a}->{b} (null)", "ridge / upper", f"{b}->{a} (null)", "ridge / upper", "shared (null)", f"exclusive {a} / {b}", "alive"]
+    out.console.print(out.table("held-out crosscoder figures: R2 from the joint code, cross-reconstruction from one model's code, shuffled-pair null in brackets", cols, rows))
+
+
+@app.command("crosscoder")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", "align.crosscoder", into=("settings", "cc"), only=PAIR_ONLY)
+def crosscoder(
+    ctx: typer.Context,
+    models: str = typer.Option(..., "--models", help="Two models, comma-separated: zoo names or model paths."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (crosscoder_report.json, crosscoders/<layer_a>_<layer_b>/)."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    cc: CrosscoderSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
+) -> None:
+    """One dictionary over two models' paired positions (crosscoder or universal SAE), scored next to its shuffled-pair null and the ridge map."""
+    from xsae_cli.align.crosscoder_run import CrosscoderSpec, parse_models, run_crosscoder
+
+    cfg = ctx.obj.config
+    hw = cfg.hardware
+    spec = CrosscoderSpec(models=parse_models(models), out=out_dir, settings=settings, cc=cc, device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code)
+    report = run_crosscoder(spec)
+    out.emit(report, render_crosscoder)
+    out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")
+
+
+def render_diff(report: dict[str, Any]) -> None:
+    render_crosscoder(report)
+    for r in report["results"]:
+        for name, rows in r.get("exclusive_latents", {}).items():
+            table = [[str(x["latent"]), _f(x["relative_norm"]), _f(x["firing_rate"], 4), " | ".join(f"{c['text']}[{c['token']}]" for c in x["contexts"])] for x in rows]
+            out.console.print(out.table(f"latents most exclusive to {name} (layers {r['layer_a']}:{r['layer_b']}; relative decoder norm, 1 = only {name})", ["latent", "rel. norm", "firing", "top test contexts [token]"], table))
+
+
+@app.command("diff")
+@options("zoo", into="_zoo", only=("trust_remote_code",))
+@options("align", "align.crosscoder", into=("settings", "cc"), only=PAIR_ONLY)
+def diff(
+    ctx: typer.Context,
+    base: str = typer.Option(..., "--base", help="The base model: zoo name or model path."),
+    finetuned: str = typer.Option(..., "--finetuned", help="The fine-tuned model (same tokenizer)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (crosscoder_report.json, crosscoders/<layer>_<layer>/)."),
+    top: int = typer.Option(10, "--top", min=1, help="Latents listed per side."),
+    force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report."),
+    settings: AlignSettings = None,  # type: ignore[assignment]
+    cc: CrosscoderSettings = None,  # type: ignore[assignment]
+    _zoo: Any = None,
+) -> None:
+    """Model diffing: a crosscoder on base vs fine-tuned activations, latents ranked by how exclusive they are to each side, with top contexts."""
+    from xsae_cli.align.crosscoder_run import CrosscoderSpec, run_crosscoder
+
+    cfg = ctx.obj.config
+    hw = cfg.hardware
+    spec = CrosscoderSpec(models=[base, finetuned], out=out_dir, settings=settings, cc=cc, device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force,
+                          trust_remote_code=cfg.zoo.trust_remote_code, diff=True, top_latents=top)
+    report = run_crosscoder(spec)
+    out.emit(report, render_diff)
+    out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")

@@ -124,7 +124,7 @@ def align(
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     v: VizSettings = None,  # type: ignore[assignment]
 ) -> None:
-    """Alignment pictures: matched latents' correlation heatmap, and each mapper next to its null and ceiling per layer pair and direction."""
+    """Alignment pictures: matched latents' correlation heatmap, and each mapper next to its null, 2nd-SAE reference and upper bound per layer pair and direction."""
     from xsae_cli.viz.align import plot_align
     from xsae_cli.viz.common import resolve_format
 

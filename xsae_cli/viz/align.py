@@ -4,10 +4,13 @@ Two figures, both read from the report alone (viz imports no align code, so a re
 cluster plots the same):
 
 * **bars**: one panel per layer pair and direction; for every mapper and space, the held-out score
-  of the mapper between its *shuffled-pair null* (what the same mapper scores with the pairing
-  destroyed) and its *ceiling* (the same mapper from the target model to itself through a
-  second-seed SAE). A mapper bar is only worth reading next to those two: a high R^2 with a high
-  null says nothing, and the ceiling says how much a perfect cross-model map could get.
+  of the mapper next to its *shuffled-pair null* (what the same mapper scores with the pairing
+  destroyed), its *second-SAE reference* (the same mapper from the target model to itself through a
+  second-seed SAE; called "ceiling" in earlier reports, but exact maps can beat it) and its *upper
+  bound* (the same mapper fit on the test pairs it is scored on). A mapper bar is only worth
+  reading next to those: a high R^2 with a high null says nothing, and the upper bound says how
+  much a map of that kind could get on these rows. Reports from before the upper bound existed
+  draw without it.
 * **heatmap**: per layer pair, the test correlations between the best one-to-one matched latents of
   model A's SAE and model B's (``latent_matching.top_pairs``). The diagonal is each pair; the rest
   shows whether a match is specific or one of many look-alikes. Reports written before that field
@@ -28,9 +31,11 @@ from xsae_cli.viz.common import finite, require
 ALIGN_FORMAT = "xsae-align-report"  # align/transfer.py's REPORT_FORMAT (not imported: viz reads files only)
 REPORT_NAME = "report.json"
 DIRECTIONS = ("a->b", "b->a")
-VARIANTS = ("null", "test", "ceiling")
-VARIANT_LABELS = {"null": "shuffled-pair null", "test": "mapper (held-out test)", "ceiling": "ceiling (target to itself)"}
-VARIANT_COLORS = {"null": "#9aa3ab", "test": style.PALETTE[0], "ceiling": style.PALETTE[1]}
+VARIANTS = ("null", "test", "sae_ref", "upper")
+VARIANT_LABELS = {"null": "shuffled-pair null", "test": "mapper (held-out test)", "sae_ref": "2nd-SAE reference (target to itself)", "upper": "upper bound (fit on test pairs)"}
+VARIANT_COLORS = {"null": "#9aa3ab", "test": style.PALETTE[0], "sae_ref": style.PALETTE[1], "upper": style.PALETTE[2]}
+OLD_NAMES = {"sae_ref": "ceiling"}  # the key earlier reports used
+OPTIONAL = ("upper",)  # absent in earlier reports: drawn where present
 # The score drawn and what its axis says: each is unitless, so the label says its scale instead.
 METRICS = {
     "r2": "held-out R² (fraction of variance; 0 = training-mean predictor)",
@@ -46,11 +51,11 @@ LOW_CLIP = -1.0  # scores below this (a null's R² can be very negative) are cli
 
 @dataclass
 class BarRow:
-    """One mapper in one space, in one direction: its score and its null, ceiling and mean predictor."""
+    """One mapper in one space, in one direction: its score and its null, references and mean predictor."""
 
     space: str
     mapper: str
-    values: dict[str, float | None]  # null / test / ceiling
+    values: dict[str, float | None]  # null / test / sae_ref / upper (None: not in the report)
     mean: float | None
 
     @property
@@ -152,7 +157,11 @@ def _bar_row(row: Any, p: Path, where: str, metric: str) -> BarRow:
     mapper = require(row, "mapper", p, where, str)
     values = {}
     for v in VARIANTS:
-        scores = require(row, v, p, where, dict)
+        key = OLD_NAMES[v] if v not in row and OLD_NAMES.get(v) in row else v
+        if v in OPTIONAL and key not in row:
+            values[v] = None
+            continue
+        scores = require(row, key, p, where, dict)
         values[v] = finite(require(scores, metric, p, f"{where}.{v}"))  # None (NaN in the report) draws no bar
     mean = _v if isinstance(_v := row.get("mean"), dict) else {}
     return BarRow(space, mapper, values, finite(mean.get(metric)))
@@ -183,15 +192,16 @@ def draw_bars(container: Any, rep: AlignReport) -> list[Any]:
     lo = min([0.0, *vals])
     bottom = max(LOW_CLIP, lo - 0.05) if lo < 0 else 0.0
     top = max([1.0 if rep.metric != "r2" else 0.0, *vals]) + 0.08
-    width = 0.27
+    shown = [v for v in VARIANTS if v not in OPTIONAL or any(r.values[v] is not None for lp in rep.layers for rows in lp.directions.values() for r in rows)]
+    width = 0.8 / len(shown)
     for i, lp in enumerate(rep.layers):
         for j, d in enumerate(DIRECTIONS):
             ax = axes[i][j]
             rows = lp.directions[d]
             xs = list(range(len(rows)))
-            for k, v in enumerate(VARIANTS):
+            for k, v in enumerate(shown):
                 heights = [r.values[v] for r in rows]
-                pos = [x + (k - 1) * width for x, h in zip(xs, heights) if h is not None]
+                pos = [x + (k - (len(shown) - 1) / 2) * width for x, h in zip(xs, heights) if h is not None]
                 hs = [max(h, bottom) for h in heights if h is not None]
                 ax.bar(pos, hs, width, color=VARIANT_COLORS[v], label=VARIANT_LABELS[v] if i == 0 and j == 0 else None, gid=f"bar-{v}")
                 for x, h in zip(pos, [h for h in heights if h is not None]):
@@ -199,7 +209,7 @@ def draw_bars(container: Any, rep: AlignReport) -> list[Any]:
                         ax.annotate(f"{h:.2f}", (x, bottom), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
             means = [(x, r.mean) for x, r in zip(xs, rows) if r.mean is not None]
             if means:
-                ax.hlines([m for _, m in means], [x - 1.5 * width for x, _ in means], [x + 1.5 * width for x, _ in means], colors="black", linewidths=1.2,
+                ax.hlines([m for _, m in means], [x - 0.4 for x, _ in means], [x + 0.4 for x, _ in means], colors="black", linewidths=1.2,
                           label="training-mean predictor" if i == 0 and j == 0 else None)
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks(xs, [r.label for r in rows], fontsize=8)
@@ -211,7 +221,7 @@ def draw_bars(container: Any, rep: AlignReport) -> list[Any]:
     handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     container.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     container.supylabel(METRICS[rep.metric], fontsize=11)
-    container.suptitle(f"Held-out mapper scores between {rep.a} and {rep.b}, next to null and ceiling")
+    container.suptitle(f"Held-out mapper scores between {rep.a} and {rep.b}, next to null, 2nd-SAE reference and upper bound")
     return [ax for row in axes for ax in row]
 
 

@@ -111,7 +111,7 @@ def _align_figures(info: RunInfo, dpi: int) -> list[Figure]:
         return []
     info.notes += rep.notes
     pairs = ", ".join(lp.label.removeprefix("layers ") for lp in rep.layers)
-    figs = [Figure("Mappers next to null and ceiling", "image/png", images["bars"], f"held-out R² of each mapper, {rep.a} ↔ {rep.b}, both directions, layer pairs {pairs}: grey = shuffled-pair null, blue = mapper, orange = ceiling", "align")]
+    figs = [Figure("Mappers next to null, 2nd-SAE reference and upper bound", "image/png", images["bars"], f"held-out R² of each mapper, {rep.a} ↔ {rep.b}, both directions, layer pairs {pairs}: grey = shuffled-pair null, blue = mapper, orange = target through its 2nd-seed SAE (a reference, not a bound), green = upper bound (the mapper fit on the test pairs)", "align")]
     if "heatmap" in images:
         figs.insert(0, Figure("Matched latents", "image/png", images["heatmap"], f"test correlations of the best one-to-one matched SAE latents of {rep.a} (rows) and {rep.b} (columns), per layer pair", "align"))
     return figs

@@ -45,7 +45,8 @@ def test_load_real_report() -> None:
     rows = rep.layers[0].directions["a->b"]
     assert [r.label for r in rows][:3] == ["procrustes\nacts", "ridge\nacts", "hypernet\nacts"] and len(rows) == 6
     ridge = rows[1]
-    assert ridge.values["null"] < 0.01 < ridge.values["test"] < ridge.values["ceiling"]  # the real run's ordering
+    assert ridge.values["null"] < 0.01 < ridge.values["test"] < ridge.values["sae_ref"]  # the real run's ordering (read from its old key 'ceiling')
+    assert ridge.values["upper"] is None  # a report from before the upper bound: drawn without it
     assert rep.has_heat and not rep.notes
     heat = rep.layers[0].heat
     assert heat is not None and len(heat.latents_a) == len(heat.latents_b) == len(heat.r) == 12
@@ -61,7 +62,7 @@ def test_bars_panels_and_counts() -> None:
         fig.canvas.draw()
     assert len(axes) == 3 * 2  # layer pairs x directions
     for ax in axes:
-        for v in AL.VARIANTS:
+        for v in ("null", "test", "sae_ref"):
             assert len(bars_of(ax, v)) == 6  # 3 mappers x 2 spaces
         assert "→" in ax.get_title() and "layers" in ax.get_title()
         assert len(ax.get_xticklabels()) == 6
@@ -70,10 +71,11 @@ def test_bars_panels_and_counts() -> None:
     # The bar heights are the report's numbers (ridge, acts, a->b at layer 5).
     ridge = rep.layers[0].directions["a->b"][1]
     assert bars_of(axes[0], "test")[1].get_height() == pytest.approx(ridge.values["test"])
-    assert bars_of(axes[0], "ceiling")[1].get_height() == pytest.approx(ridge.values["ceiling"])
+    assert bars_of(axes[0], "sae_ref")[1].get_height() == pytest.approx(ridge.values["sae_ref"])
+    assert not bars_of(axes[0], "upper")
     assert "R²" in fig.get_supylabel() and "fraction of variance" in fig.get_supylabel()
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["shuffled-pair null", "mapper (held-out test)", "ceiling (target to itself)", "training-mean predictor"]
+    assert labels == ["shuffled-pair null", "mapper (held-out test)", "2nd-SAE reference (target to itself)", "training-mean predictor"]
 
 
 def test_missing_values_draw_no_bar_and_very_low_scores_are_clipped(tmp_path: Path) -> None:
@@ -162,7 +164,7 @@ def _without(data: dict[str, Any], *keys: Any) -> dict[str, Any]:
         (("format",), "missing field 'format'"),
         (("results",), "missing field 'results'"),
         (("results", 1, "directions", "b->a"), "results[1].directions: missing field 'b->a'"),
-        (("results", 0, "directions", "a->b", 2, "ceiling"), "results[0].directions['a->b'][2]: missing field 'ceiling'"),
+        (("results", 0, "directions", "a->b", 2, "ceiling"), "results[0].directions['a->b'][2]: missing field 'sae_ref'"),
         (("results", 0, "directions", "a->b", 0, "test", "r2"), "results[0].directions['a->b'][0].test: missing field 'r2'"),
         (("results", 2, "latent_matching", "top_pairs", "r"), "results[2].latent_matching.top_pairs: missing field 'r'"),
     ],
@@ -224,3 +226,18 @@ def test_transfer_stores_the_matched_block_viz_draws() -> None:
     top = top_matched_pairs(corr, alive, n=2)
     assert top == {"latents_a": [3, 0], "latents_b": [0, 2], "r": [[0.9, 0.05], [0.05, 0.6]]}
     assert top_matched_pairs(corr, torch.zeros(4, dtype=torch.bool)) == {"latents_a": [], "latents_b": [], "r": []}
+
+
+def test_upper_bound_drawn_where_the_report_has_it(tmp_path: Path) -> None:
+    data = real()
+    data["results"] = data["results"][:1]
+    for rows in data["results"][0]["directions"].values():
+        for row in rows:
+            row["sae_ref"] = row.pop("ceiling")
+            row["upper"] = {**row["sae_ref"], "r2": 0.9}
+    rep = AL.load_align_report(write(tmp_path, data))
+    assert rep.layers[0].directions["a->b"][1].values["upper"] == 0.9
+    with AL.style.styled():
+        fig, axes = AL.bars_figure(rep)
+    assert len(bars_of(axes[0], "upper")) == 6 and bars_of(axes[0], "upper")[0].get_height() == pytest.approx(0.9)
+    assert "upper bound (fit on test pairs)" in [t.get_text() for t in fig.legends[0].get_texts()]

@@ -65,7 +65,7 @@ def to_sparse_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Mlp(nn.Module):
-    """in -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> out."""
+    """in -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> GELU -> Dropout -> Linear -> out, plus a linear path in -> out."""
 
     def __init__(self, d_x: int, d_y: int, hidden: int, dropout: float, nonneg: bool, sparse_input: bool = False) -> None:
         super().__init__()
@@ -77,9 +77,12 @@ class Mlp(nn.Module):
         )
         self.nonneg = nonneg
         self.sparse_input = sparse_input
+        # A linear path beside the MLP: LayerNorm throws away the input's scale, so without it the MLP
+        # cannot represent even an exact rotation (R^2 0.33 at 2,000 pairs x 5 epochs on one).
+        self.skip = SparseInput(d_x, d_y) if sparse_input else nn.Linear(d_x, d_y)
 
     def forward(self, x: Any) -> torch.Tensor:
-        y = self.net(self.inp(x))
+        y = self.net(self.inp(x)) + self.skip(x)
         return F.relu(y) if self.nonneg else y
 
 
@@ -141,7 +144,7 @@ class MlpMapper:
 
     name = "mlp"
     linear = False
-    describes = "3-layer MLP (LayerNorm, GELU, dropout); loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept"
+    describes = "3-layer MLP (LayerNorm, GELU, dropout) plus a linear path; loss = MSE + cosine + similarity-structure preservation + sparsity matching (codes only); best val-R^2 epoch kept"
 
     def __init__(self, settings: MlpMapperSettings | None = None, sparse: bool = False, on_epoch: Callable[[int], None] | None = None) -> None:
         self.settings = settings or MlpMapperSettings()
