@@ -56,11 +56,15 @@ def markdown(report: dict[str, Any]) -> str:
             return "/".join(_f((d.get(v) or {}).get(key) if key else d.get(v)) for v in ("test", "null", "sae_ref_a", "sae_ref_b"))
 
         sv = s["svcca_acts"]
-        lines.append(f"| {r['layer_a']}:{r['layer_b']} | {four(s['cka_acts'])} | {four(s['cka_codes'])} | {four(sv)} | {_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)}) | {four(lm, 'matched')} |")
+        lines.append(
+            f"| {r['layer_a']}:{r['layer_b']} | {four(s['cka_acts'])} | {four(s['cka_codes'])} | {four(sv)} | {_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)}) | {four(lm, 'matched')} |"
+        )
     lines += ["", "| layers | direction | target readout | KL mapped | KL random | top-10 token overlap mapped | random |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         for direction, iv in (r.get("interventions") or {}).items():
-            lines.append(f"| {r['layer_a']}:{r['layer_b']} | {names[direction]} | {'LM head' if iv['kl'] is not None else 'embedding lens'} | {_f(iv['kl'])} | {_f(iv['kl_random'])} | {_f(iv['overlap'])} | {_f(iv['overlap_random'])} |")
+            lines.append(
+                f"| {r['layer_a']}:{r['layer_b']} | {names[direction]} | {'LM head' if iv['kl'] is not None else 'embedding lens'} | {_f(iv['kl'])} | {_f(iv['kl_random'])} | {_f(iv['overlap'])} | {_f(iv['overlap_random'])} |"
+            )
     lines += ["", verdict(report)]
     return "\n".join(lines)
 
@@ -101,17 +105,24 @@ def main() -> None:
         from xsae_cli.sae.settings import SaeTrainSettings
 
         spec = TransferSpec(
-            a="smollm2-135m", b="minilm-l6", out=Path(args.out), force=True,
+            a="smollm2-135m",
+            b="minilm-l6",
+            out=Path(args.out),
+            force=True,
             settings=AlignSettings(layers=args.layers.split(","), limit=args.limit, max_train_pairs=args.train_pairs, max_test_pairs=args.test_pairs, intervene_contexts=4),
-            sae=SaeTrainSettings(k=32, expansion=4, tokens=args.sae_tokens, batch_size=2048), mlp=MlpMapperSettings(max_epochs=args.hypernet_epochs),
+            sae=SaeTrainSettings(k=32, expansion=4, tokens=args.sae_tokens, batch_size=2048),
+            mlp=MlpMapperSettings(max_epochs=args.hypernet_epochs),
         )
         t0 = time.perf_counter()
         report = run_transfer(spec)
         print(f"ran in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     print(markdown(report))
     t = report["timings"]
-    print("\nharvest: " + ", ".join(f"{m} {v['tokens_per_second']:,.0f} tok/s" for m, v in report["harvest"].items())
-          + f"; total {t['total']:.0f}s; peak RSS {report['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    print(
+        "\nharvest: "
+        + ", ".join(f"{m} {v['tokens_per_second']:,.0f} tok/s" for m, v in report["harvest"].items())
+        + f"; total {t['total']:.0f}s; peak RSS {report['memory']['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,16 @@ COEF = {"relu": {"l1_coefficient": 1.0}, "jumprelu": {"l0_coefficient": 1e-3}}
 
 def train_once(arch: str, bf16: bool, seed: int, train: torch.Tensor, held: torch.Tensor, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     settings = SaeTrainSettings(
-        arch=arch, k=args.k, expansion=args.expansion, batch_size=args.batch, tokens=train.shape[0], optimizer="adam", lr=args.lr,
-        checkpoint_every=10**6, bf16_encoder=bf16, **COEF.get(arch, {}),
+        arch=arch,
+        k=args.k,
+        expansion=args.expansion,
+        batch_size=args.batch,
+        tokens=train.shape[0],
+        optimizer="adam",
+        lr=args.lr,
+        checkpoint_every=10**6,
+        bf16_encoder=bf16,
+        **COEF.get(arch, {}),
     )
     trainer = SaeTrainer(settings, {"h": train.shape[1]}, tmp / f"{arch}-{int(bf16)}-{seed}", seed=seed)
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -74,8 +82,10 @@ def main() -> None:
     train, held, source = load_acts(args.d_in, d_sae, args.steps * args.batch, 8192)
     tmp = Path("/tmp/xsae-bf16-bench")
     rows = []
-    print(f"data: {source}; d_in {args.d_in}, d_sae {d_sae}, k {args.k}, {args.steps} steps of {args.batch}; "
-          f"bf16 matmuls native here: {bf16_encoder_is_fast('cpu')}; torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(
+        f"data: {source}; d_in {args.d_in}, d_sae {d_sae}, k {args.k}, {args.steps} steps of {args.batch}; "
+        f"bf16 matmuls native here: {bf16_encoder_is_fast('cpu')}; torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print("| arch | fp32 FVU (mean +- sd over seeds) | bf16 FVU | bf16 - fp32 (mean) | null: fp32 seed sd | L0 fp32 / bf16 | step fp32 / bf16 (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for arch in args.archs.split(","):
@@ -85,13 +95,22 @@ def main() -> None:
         diff = statistics.mean(b - f for b, f in zip(b16, f32))
         sd = statistics.stdev(f32) if len(f32) > 1 else 0.0
         row = {
-            "arch": arch, "fvu_fp32": f32, "fvu_bf16": b16, "diff_mean": diff, "null_sd": sd,
-            "l0_fp32": statistics.mean(r["l0"] for r in runs[False]), "l0_bf16": statistics.mean(r["l0"] for r in runs[True]),
-            "step_fp32": statistics.median(r["step_s"] for r in runs[False]), "step_bf16": statistics.median(r["step_s"] for r in runs[True]),
+            "arch": arch,
+            "fvu_fp32": f32,
+            "fvu_bf16": b16,
+            "diff_mean": diff,
+            "null_sd": sd,
+            "l0_fp32": statistics.mean(r["l0"] for r in runs[False]),
+            "l0_bf16": statistics.mean(r["l0"] for r in runs[True]),
+            "step_fp32": statistics.median(r["step_s"] for r in runs[False]),
+            "step_bf16": statistics.median(r["step_s"] for r in runs[True]),
         }
         rows.append(row)
-        print(f"| {arch} | {statistics.mean(f32):.4f} +- {sd:.4f} | {statistics.mean(b16):.4f} | {diff:+.4f} | {sd:.4f} | "
-              f"{row['l0_fp32']:.1f} / {row['l0_bf16']:.1f} | {row['step_fp32']:.3f} / {row['step_bf16']:.3f} |", flush=True)
+        print(
+            f"| {arch} | {statistics.mean(f32):.4f} +- {sd:.4f} | {statistics.mean(b16):.4f} | {diff:+.4f} | {sd:.4f} | "
+            f"{row['l0_fp32']:.1f} / {row['l0_bf16']:.1f} | {row['step_fp32']:.3f} / {row['step_bf16']:.3f} |",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps({"source": source, "args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 

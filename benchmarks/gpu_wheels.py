@@ -55,10 +55,22 @@ GROUPS: dict[str, list[str]] = {
     "deepspeed": ["deepspeed==0.19.8", "hjson==3.1.0", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5"],
     "sparsify": ["eai-sparsify==1.3.3", "natsort==8.4.0", "simple-parsing==0.1.9", "docstring-parser==0.18.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"],
     "saelens": [
-        "sae-lens==6.54.12", "transformer-lens==3.9.0", "better-abc==0.0.3", "typeguard==4.6.1", "wandb==0.31.0", "platformdirs==4.14.9", "sniffio==1.3.1",
-        "googleapis-common-protos==1.76.0", "opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2", "opentelemetry-proto==1.45.2",
-        "opentelemetry-semantic-conventions==0.66b2", "opentelemetry-exporter-otlp-proto-http==1.45.2",
-        "opentelemetry-exporter-otlp-proto-common==1.45.2", "opentelemetry-exporter-http-transport==0.66b2", "opentelemetry-exporter-otlp-common==0.66b2",
+        "sae-lens==6.54.12",
+        "transformer-lens==3.9.0",
+        "better-abc==0.0.3",
+        "typeguard==4.6.1",
+        "wandb==0.31.0",
+        "platformdirs==4.14.9",
+        "sniffio==1.3.1",
+        "googleapis-common-protos==1.76.0",
+        "opentelemetry-api==1.45.2",
+        "opentelemetry-sdk==1.45.2",
+        "opentelemetry-proto==1.45.2",
+        "opentelemetry-semantic-conventions==0.66b2",
+        "opentelemetry-exporter-otlp-proto-http==1.45.2",
+        "opentelemetry-exporter-otlp-proto-common==1.45.2",
+        "opentelemetry-exporter-http-transport==0.66b2",
+        "opentelemetry-exporter-otlp-common==0.66b2",
     ],
 }
 #: What the modules of each group are imported as: the import that proves the group works.
@@ -158,7 +170,9 @@ def fetch(dest: Path, groups: list[str], limit_mb: float) -> dict:
         dropped[group] = f"over the {limit_mb:g} MB limit"
         print(f"group {group} left out: the folder would exceed {limit_mb:g} MB", file=sys.stderr)
     manifest = {
-        "python": "3.12", "platforms": PLATFORMS, "limit_mb": limit_mb,
+        "python": "3.12",
+        "platforms": PLATFORMS,
+        "limit_mb": limit_mb,
         "groups": {g: sorted(f.name for f in fs) for g, fs in files.items()},
         "group_mb": {g: round(_size_mb(fs), 2) for g, fs in files.items()},
         "total_mb": round(_size_mb([f for fs in files.values() for f in fs]), 2),
@@ -187,8 +201,25 @@ def install(src: Path, target: Path) -> dict:
     present = sorted(_wheel_dist(w) for w in wheels if w not in todo)
     if todo:
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-                        "--disable-pip-version-check", "--upgrade", "--target", str(target), *map(str, todo)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+                str(target),
+                *map(str, todo),
+            ],
+            check=True,
+        )
     return {"installed": sorted(_wheel_dist(w) for w in todo), "already_there": present, "target": str(target)}
 
 
@@ -209,7 +240,7 @@ def probe() -> dict[str, str]:
 # simulate (here: the GPU image's packages plus the groups, nothing else)
 # ----------------------------------------------------------------------------------------------
 
-_BLOCKER = '''
+_BLOCKER = """
 import importlib.abc, importlib.metadata as md, re, sys
 allowed = set({allowed!r})
 owner = {{}}
@@ -223,7 +254,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {{top!r}} (not on the GPU machine: {{sorted(dists)}})", name=top)
         return None
 sys.meta_path.insert(0, Block())
-'''
+"""
 
 
 def _closure(names: set[str]) -> set[str]:

@@ -102,11 +102,17 @@ def special_norms(model, tok, contexts, layer: int, batch_contexts: int) -> dict
     content = ratio[~special]
     return {
         "median_norm": float(median),
-        "bos_min": float(bos_r.min()), "bos_median": float(bos_r.median()), "bos_max": float(bos_r.max()),
-        "eos_min": float(eos_r.min()), "eos_median": float(eos_r.median()), "eos_max": float(eos_r.max()),
+        "bos_min": float(bos_r.min()),
+        "bos_median": float(bos_r.median()),
+        "bos_max": float(bos_r.max()),
+        "eos_min": float(eos_r.min()),
+        "eos_median": float(eos_r.median()),
+        "eos_max": float(eos_r.max()),
         "content_max": float(content.max()),
-        "content_over_10x": int((content > 10).sum()), "n_content": int(content.numel()),
-        "n_bos": int(bos_r.numel()), "n_eos": int(eos_r.numel()),
+        "content_over_10x": int((content > 10).sum()),
+        "n_content": int(content.numel()),
+        "n_bos": int(bos_r.numel()),
+        "n_eos": int(eos_r.numel()),
     }
 
 
@@ -122,8 +128,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the chunks")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: process CPU time, robust to other jobs on a shared machine (use with --threads 1)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time, robust to other jobs on a shared machine (use with --threads 1)")
     args = ap.parse_args()
     global clock
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -146,8 +151,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = model.to(args.device).eval()
-    print(f"loaded {name} in {clock() - t0:.1f}s; {model.config.num_hidden_layers} layers, d={model.config.hidden_size}, "
-          f"{torch.get_num_threads()} torch threads, {args.clock} clock")
+    print(f"loaded {name} in {clock() - t0:.1f}s; {model.config.num_hidden_layers} layers, d={model.config.hidden_size}, {torch.get_num_threads()} torch threads, {args.clock} clock")
 
     contexts = tokenize_contexts(list(builtin_texts()), tok, args.context_size)
     print(f"built-in corpus: {len(contexts)} contexts of {args.context_size} tokens; timing {args.contexts} of them (drawn with seed 0)")
@@ -197,16 +201,20 @@ def main() -> None:
         s = stats[layer]
         r_bare, r_full, r_nostop = ratio(f"ours{layer}", f"bare{layer}"), ratio(f"ours{layer}", "full"), ratio(f"ours{layer}", f"nostop{layer}")
         rows.append((layer, rate(f"ours{layer}"), rate(f"bare{layer}"), r_bare, r_full, r_nostop))
-        print(f"layer {layer:2d}: ours {rate(f'ours{layer}'):,.0f} tok/s | bare forward to layer {layer} {rate(f'bare{layer}'):,.0f} tok/s "
-              f"| ours/bare {r_bare:.3f} | stop-early vs full CausalLM x{r_full:.2f} | vs same store without stop-early x{r_nostop:.2f} "
-              f"| dropped {s.dropped_special}/{s.tokens_seen} special positions")
+        print(
+            f"layer {layer:2d}: ours {rate(f'ours{layer}'):,.0f} tok/s | bare forward to layer {layer} {rate(f'bare{layer}'):,.0f} tok/s "
+            f"| ours/bare {r_bare:.3f} | stop-early vs full CausalLM x{r_full:.2f} | vs same store without stop-early x{r_nostop:.2f} "
+            f"| dropped {s.dropped_special}/{s.tokens_seen} special positions"
+        )
 
     print(f"\nspecial-token activation norms / median norm of ordinary tokens ({len(normed)} contexts):")
     for layer in args.layers:
         r = special_norms(model, tok, normed, layer, bc)
-        print(f"layer {layer:2d}: median norm {r['median_norm']:.1f}; BOS@0 x{r['bos_min']:.1f}..x{r['bos_max']:.1f} (median x{r['bos_median']:.1f}, n={r['n_bos']}); "
-              f"EOS separators x{r['eos_min']:.1f}..x{r['eos_max']:.1f} (median x{r['eos_median']:.1f}, n={r['n_eos']}); "
-              f"ordinary tokens max x{r['content_max']:.1f}, {r['content_over_10x']}/{r['n_content']} above x10")
+        print(
+            f"layer {layer:2d}: median norm {r['median_norm']:.1f}; BOS@0 x{r['bos_min']:.1f}..x{r['bos_max']:.1f} (median x{r['bos_median']:.1f}, n={r['n_bos']}); "
+            f"EOS separators x{r['eos_min']:.1f}..x{r['eos_max']:.1f} (median x{r['eos_median']:.1f}, n={r['n_eos']}); "
+            f"ordinary tokens max x{r['content_max']:.1f}, {r['content_over_10x']}/{r['n_content']} above x10"
+        )
 
     print("\n| layer | ours tok/s | bare tok/s | ours/bare (median of paired rounds) | stop-early vs full CausalLM forward | vs same store without stop-early |")
     print("|---|---|---|---|---|---|")

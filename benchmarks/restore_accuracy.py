@@ -47,8 +47,27 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="xsae-restore-acc-")) / args.preset
     t0 = time.perf_counter()
-    train = run("restore", "train", "--preset", args.preset, "--corpus", "builtin", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--checkpoint-every", str(max(args.steps, 1)), "--out", str(out), "--force")
+    train = run(
+        "restore",
+        "train",
+        "--preset",
+        args.preset,
+        "--corpus",
+        "builtin",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--lr",
+        str(args.lr),
+        "--checkpoint-every",
+        str(max(args.steps, 1)),
+        "--out",
+        str(out),
+        "--force",
+    )
     t_train = time.perf_counter() - t0
     ev = run("restore", "evaluate", str(out), "--windows", str(args.windows))
     t_total = time.perf_counter() - t0
@@ -57,7 +76,14 @@ def main() -> None:
         "benchmark": "restore_accuracy",
         "preset": args.preset,
         "params": train["params"],
-        "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "train_seconds": round(t_train, 1), "chars_seen": args.steps * args.batch_size * args.seq_len},
+        "budget": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.lr,
+            "train_seconds": round(t_train, 1),
+            "chars_seen": args.steps * args.batch_size * args.seq_len,
+        },
         "masked_chars": ev["masked_chars"],
         "restoration_model": m,
         "ngram_baseline": b,

@@ -135,13 +135,18 @@ def _instrumented(sae: models.SparseAutoencoder, timer: PhaseTimer) -> Iterator[
             return select(*a, **kw)
 
     saved = [(cls, name, cls.__dict__[name]) for cls in (models._GatherLinear, models._SparseDecode) for name in ("forward", "backward")]
-    labels = {(models._GatherLinear, "forward"): "values", (models._SparseDecode, "forward"): "sparse_decode",
-              (models._GatherLinear, "backward"): "encoder_backward", (models._SparseDecode, "backward"): "decode_backward"}
+    labels = {
+        (models._GatherLinear, "forward"): "values",
+        (models._SparseDecode, "forward"): "sparse_decode",
+        (models._GatherLinear, "backward"): "encoder_backward",
+        (models._SparseDecode, "backward"): "decode_backward",
+    }
 
     def wrap(fn: Any, label: str) -> Any:
         def timed(*a: Any, **kw: Any) -> Any:
             with timer.span(label):
                 return fn(*a, **kw)
+
         return staticmethod(timed)
 
     sae._pre, sae._select = timed_pre, timed_select  # type: ignore[method-assign]
@@ -210,8 +215,18 @@ def step_phases(d_in: int, d_sae: int, k: int, batch: int, device: torch.device,
     phases["forward_other"] = med["forward"] - sum(phases[n] for n in ("encoder_matmul", "topk", "values", "sparse_decode"))
     phases["backward_other"] = med["backward"] - phases["decode_backward"] - phases["encoder_backward"]
     total = sum(phases.values())
-    return {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "bf16_selection": sae.use_bf16_encoder, "backend": sae.sparse_backend,
-            "phases_ms": {n: phases[n] for n in PHASES}, "phases_sum_ms": total, "step_ms": plain * 1e3, "tokens_per_s": batch / plain}
+    return {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "batch": batch,
+        "bf16_selection": sae.use_bf16_encoder,
+        "backend": sae.sparse_backend,
+        "phases_ms": {n: phases[n] for n in PHASES},
+        "phases_sum_ms": total,
+        "step_ms": plain * 1e3,
+        "tokens_per_s": batch / plain,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +296,12 @@ def topk_variants(batch: int, d_sae: int, k: int, device: torch.device, reps: in
 
 
 def _phase_lines(r: dict[str, Any]) -> list[str]:
-    lines = [(f"xsae TopK step, d_in {r['d_in']}, d_sae {r['d_sae']}, k {r['k']}, batch {r['batch']} (bf16 selection: {r['bf16_selection']}, backend {r['backend']}): "
-              f"step {r['step_ms']:.2f} ms = {r['tokens_per_s']:,.0f} tokens/s; phases sum {r['phases_sum_ms']:.2f} ms")]
+    lines = [
+        (
+            f"xsae TopK step, d_in {r['d_in']}, d_sae {r['d_sae']}, k {r['k']}, batch {r['batch']} (bf16 selection: {r['bf16_selection']}, backend {r['backend']}): "
+            f"step {r['step_ms']:.2f} ms = {r['tokens_per_s']:,.0f} tokens/s; phases sum {r['phases_sum_ms']:.2f} ms"
+        )
+    ]
     for name in PHASES:
         ms = r["phases_ms"][name]
         lines.append(f"  {name:<17} {ms:8.3f} ms {100 * ms / max(r['phases_sum_ms'], 1e-9):5.1f} %")

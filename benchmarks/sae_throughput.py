@@ -388,7 +388,15 @@ def run_shape(name: str, runners_wanted: list[str], warmup: int, tokens: int | N
             drop(f"{r.name}:{r.optimizer}", exc)
             continue
         med = statistics.median(r.times)
-        row = {"impl": r.name, "optimizer": r.optimizer, "tokens_per_s": batch / med, "tokens_per_s_mean": batch * len(r.times) / sum(r.times), "fvu": fvu, "dead_pct": dead, "steps_timed": len(r.times)}
+        row = {
+            "impl": r.name,
+            "optimizer": r.optimizer,
+            "tokens_per_s": batch / med,
+            "tokens_per_s_mean": batch * len(r.times) / sum(r.times),
+            "fvu": fvu,
+            "dead_pct": dead,
+            "steps_timed": len(r.times),
+        }
         if cuda:
             row.update(resident_bytes=r.resident_bytes, step_peak_bytes=r.step_peak_bytes, peak_bytes=r.resident_bytes + r.step_peak_bytes)
         if roof:
@@ -417,7 +425,9 @@ def print_table(result: dict[str, Any]) -> None:
         extra = (f" {r['peak_bytes'] / 2**20:>8,.0f} |" if cuda else "") + (f" {100 * r['roofline_fraction']:>9.1f}% |" if roof else "")
         print(f"| {r['impl']:<10} | {r['optimizer']:<9} | {r['tokens_per_s']:>17,.0f} | {r['tokens_per_s_mean']:>15,.0f} | {r['fvu']:>12.4f} | {r['dead_pct']:>6.1f} | {ratio:>11} |{extra}")
     if roof:
-        print(f"encoder-matmul roofline: {roof['dtype']} [{result['batch']}, {result['d_in']}] x [{result['d_in']}, {result['d_sae']}] in {roof['seconds'] * 1e3:.3f} ms ({roof['tflops']:.1f} TFLOP/s) = {roof['tokens_per_s']:,.0f} tokens/s")
+        print(
+            f"encoder-matmul roofline: {roof['dtype']} [{result['batch']}, {result['d_in']}] x [{result['d_in']}, {result['d_sae']}] in {roof['seconds'] * 1e3:.3f} ms ({roof['tflops']:.1f} TFLOP/s) = {roof['tokens_per_s']:,.0f} tokens/s"
+        )
     if cuda:
         print(f"torch.cuda.max_memory_allocated: {result['max_memory_allocated_bytes'] / 2**30:.2f} GiB (activations on the GPU: {result['data_bytes'] / 2**30:.2f} GiB)")
     for name, why in result.get("failed", {}).items():

@@ -134,15 +134,23 @@ def smollm2_file() -> Path:
 def write_sparse_7b(path: Path, layers: int) -> None:
     """Llama-2-7B shapes in bf16; the data region is a hole (reads as zeros, costs no disk). A
     config.json beside it lets the canonical and circuit views read the architecture."""
-    V, H, I = 32000, 4096, 11008
+    V, H, F = 32000, 4096, 11008
     shapes = {"model.embed_tokens.weight": [V, H]}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": [H, H], p + "self_attn.k_proj.weight": [H, H], p + "self_attn.v_proj.weight": [H, H], p + "self_attn.o_proj.weight": [H, H],
-            p + "mlp.gate_proj.weight": [I, H], p + "mlp.up_proj.weight": [I, H], p + "mlp.down_proj.weight": [H, I],
-            p + "input_layernorm.weight": [H], p + "post_attention_layernorm.weight": [H],
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": [H, H],
+                p + "self_attn.k_proj.weight": [H, H],
+                p + "self_attn.v_proj.weight": [H, H],
+                p + "self_attn.o_proj.weight": [H, H],
+                p + "mlp.gate_proj.weight": [F, H],
+                p + "mlp.up_proj.weight": [F, H],
+                p + "mlp.down_proj.weight": [H, F],
+                p + "input_layernorm.weight": [H],
+                p + "post_attention_layernorm.weight": [H],
+            }
+        )
     shapes.update({"model.norm.weight": [H], "lm_head.weight": [V, H]})
     header, off = {}, 0
     for name, shape in shapes.items():
@@ -157,7 +165,16 @@ def write_sparse_7b(path: Path, layers: int) -> None:
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         fh.truncate(8 + len(raw) + off)
-    cfg = {"model_type": "llama", "hidden_size": H, "intermediate_size": I, "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": layers, "vocab_size": V, "tie_word_embeddings": False}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": H,
+        "intermediate_size": F,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_hidden_layers": layers,
+        "vocab_size": V,
+        "tie_word_embeddings": False,
+    }
     (path.parent / "config.json").write_text(json.dumps(cfg))
 
 

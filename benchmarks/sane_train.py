@@ -49,14 +49,19 @@ def main() -> None:
             _, windows = embed_tokenized(model, tms[n], args.window_size, 8, dev)
             secs = time.perf_counter() - t1
             embed[n] = {"seconds": secs, "windows": windows, "n_chunks": tms[n].n_chunks, "windows_per_s": windows / secs}
-    print(json.dumps({
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "tokenize_or_load_seconds": tokenize_s,
-        "train": {"steps": args.steps, "batch_size": args.batch_size, "window_size": args.window_size, **r.history[-1]},
-        "embed": embed,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": str(dev),
+                "threads": torch.get_num_threads(),
+                "tokenize_or_load_seconds": tokenize_s,
+                "train": {"steps": args.steps, "batch_size": args.batch_size, "window_size": args.window_size, **r.history[-1]},
+                "embed": embed,
+                "peak_rss_bytes": peak_rss_bytes(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

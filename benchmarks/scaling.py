@@ -52,16 +52,41 @@ def launch(n: int, launcher: str, port: int) -> list[str]:
 
 def sae_throughput(tokens: str, batch: int) -> list[dict[str, Any]]:
     rows = []
-    train = ["sae", "train", "--model", "smollm2-135m", "--hook", "model.layers.6", "--k", "32", "--expansion", "8",
-             "--batch-size", str(batch), "--tokens", tokens, "--checkpoint-every", "100000", "--force"]
+    train = [
+        "sae",
+        "train",
+        "--model",
+        "smollm2-135m",
+        "--hook",
+        "model.layers.6",
+        "--k",
+        "32",
+        "--expansion",
+        "8",
+        "--batch-size",
+        str(batch),
+        "--tokens",
+        tokens,
+        "--checkpoint-every",
+        "100000",
+        "--force",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         xsae("--device", "cpu", *train, "--out", f"{tmp}/warm")  # fills the harvest cache for both
         for n, threads in RUNS:
             out = f"{tmp}/sae{n}{threads}"
             xsae("--device", "cpu", *launch(n, "torchrun", 29571 + n), *train, "--out", out, threads=threads)
             t = json.loads(Path(out, "metrics.json").read_text())["training"]
-            rows.append({"what": f"sae train (SmolLM2 L6, TopK k32 x8), {threads or 'default'} thread(s)/process", "processes": n, "rate": t["tokens_per_second"], "unit": "tokens/s",
-                         "tokens": t["tokens"], "steps": t["steps"]})
+            rows.append(
+                {
+                    "what": f"sae train (SmolLM2 L6, TopK k32 x8), {threads or 'default'} thread(s)/process",
+                    "processes": n,
+                    "rate": t["tokens_per_second"],
+                    "unit": "tokens/s",
+                    "tokens": t["tokens"],
+                    "steps": t["steps"],
+                }
+            )
     return rows
 
 
@@ -75,15 +100,43 @@ def sane_throughput(steps: int) -> list[dict[str, Any]]:
             out = f"{tmp}/sane{n}{threads}"
             seconds, _ = xsae("--device", "cpu", *launch(n, "accelerate", 29581 + n), *base, "--out", out, threads=threads)
             history = json.loads(Path(out, "checkpoint_epoch_1", "config.json").read_text())["history"]
-            rows.append({"what": f"sane train (5 tiny models, window 256, batch 4 per rank), {threads or 'default'} thread(s)/process", "processes": n, "rate": history[-1]["windows_per_second"],
-                         "unit": "windows/s (training loop)", "seconds": round(seconds, 1)})
+            rows.append(
+                {
+                    "what": f"sane train (5 tiny models, window 256, batch 4 per rank), {threads or 'default'} thread(s)/process",
+                    "processes": n,
+                    "rate": history[-1]["windows_per_second"],
+                    "unit": "windows/s (training loop)",
+                    "seconds": round(seconds, 1),
+                }
+            )
     return rows
 
 
 def zero_memory(d_sae: int) -> list[dict[str, Any]]:
     rows = []
-    train = ["sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--k", "8", "--d-sae", str(d_sae), "--batch-size", "256",
-             "--context-size", "32", "--tokens", "4k", "--optimizer", "adam", "--checkpoint-every", "100000", "--force"]
+    train = [
+        "sae",
+        "train",
+        "--model",
+        "tiny-gpt2",
+        "--hook",
+        "transformer.h.2",
+        "--k",
+        "8",
+        "--d-sae",
+        str(d_sae),
+        "--batch-size",
+        "256",
+        "--context-size",
+        "32",
+        "--tokens",
+        "4k",
+        "--optimizer",
+        "adam",
+        "--checkpoint-every",
+        "100000",
+        "--force",
+    ]
     recipes = ROOT / "recipes" / "deepspeed"
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("DDP", []), ("ZeRO-2", ["--deepspeed-config", str(recipes / "zero2.json")]), ("ZeRO-3", ["--deepspeed-config", str(recipes / "zero3.json")])):

@@ -38,8 +38,32 @@ def run(mode: str, procs: int, tokens: str, work: Path, port: int, extra: list[s
     out = work / f"run-{mode}-{procs}"
     launch = ["--launcher", "accelerate", "--num-processes", str(procs), "--main-process-port", str(port)] if procs > 1 else []
     flag = {"cached": ["--cache"], "streaming": ["--no-cache"]}[mode]
-    args = [*XSAE, *launch, "--device", "cpu", "sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--k", "8",
-            "--expansion", "4", "--batch-size", "256", "--context-size", "32", "--tokens", tokens, *flag, *extra, "--out", str(out)]
+    args = [
+        *XSAE,
+        *launch,
+        "--device",
+        "cpu",
+        "sae",
+        "train",
+        "--model",
+        "tiny-gpt2",
+        "--hook",
+        "transformer.h.2",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--batch-size",
+        "256",
+        "--context-size",
+        "32",
+        "--tokens",
+        tokens,
+        *flag,
+        *extra,
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, XSAE_CACHE=str(cache), OMP_NUM_THREADS="1"), check=False, timeout=1800)
     wall = time.perf_counter() - t0
@@ -51,9 +75,15 @@ def run(mode: str, procs: int, tokens: str, work: Path, port: int, extra: list[s
     disk = sum(f.stat().st_size for f in (cache / "activations").rglob("*.safetensors")) if (cache / "activations").exists() else 0
     ranks = m.get("harvest_per_rank") or [{"rank": 0, "tokens_seen": t["harvest"].get("tokens_seen", 0), "seconds": t["harvest_seconds"]}]
     return {
-        "mode": mode, "procs": procs, "tokens": t["tokens"], "e2e_tokens_per_s": t["tokens"] / seconds, "wall_s": wall,
-        "harvest_rate": [r["tokens_seen"] / max(r["seconds"], 1e-9) for r in ranks], "fvu": m["hooks"]["transformer.h.2"]["fvu"],
-        "disk_bytes_per_token": disk / t["tokens"] if disk else 0.0, "cache": t.get("cache"),
+        "mode": mode,
+        "procs": procs,
+        "tokens": t["tokens"],
+        "e2e_tokens_per_s": t["tokens"] / seconds,
+        "wall_s": wall,
+        "harvest_rate": [r["tokens_seen"] / max(r["seconds"], 1e-9) for r in ranks],
+        "fvu": m["hooks"]["transformer.h.2"]["fvu"],
+        "disk_bytes_per_token": disk / t["tokens"] if disk else 0.0,
+        "cache": t.get("cache"),
     }
 
 
@@ -65,8 +95,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for i, (mode, procs, extra) in enumerate([("cached", 1, []), ("streaming", 1, []), ("cached", 2, []), ("streaming", 2, []),
-                                                  ("cached", 1, ["--cache-dtype", "bfloat16"])]):
+        for i, (mode, procs, extra) in enumerate([("cached", 1, []), ("streaming", 1, []), ("cached", 2, []), ("streaming", 2, []), ("cached", 1, ["--cache-dtype", "bfloat16"])]):
             r = run(mode, procs, a.tokens, work / str(i), 29700 + i, extra) if (work / str(i)).mkdir() is None else {}
             r["mode"] += " bf16" if extra else ""
             rows.append(r)

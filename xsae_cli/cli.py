@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -25,7 +25,7 @@ class AppState:
     """What the root callback resolves once and every command reads through ``ctx.obj``."""
 
     config: Config
-    config_path: Optional[str] = None
+    config_path: str | None = None
 
 
 class XsaeApp(typer.Typer):
@@ -97,7 +97,7 @@ def _version(value: bool) -> None:
 @options("hardware", into="flags", raw=True)
 def root(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (default: ./xsae.toml when present)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file (default: ./xsae.toml when present)."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),

@@ -16,8 +16,31 @@ def run_xsae(*args: str):
     # job holds a core (10x slower fits); results do not depend on it.
     return _run(*args, env={"OMP_NUM_THREADS": "1"})
 
-SMALL = ["--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2",
-         "--sae-tokens", "6k", "--hypernet-epochs", "2", "--hypernet-hidden", "32", "--intervene-latents", "1", "--intervene-contexts", "2"]
+
+SMALL = [
+    "--limit",
+    "8",
+    "--context-size",
+    "64",
+    "--train-pairs",
+    "3000",
+    "--test-pairs",
+    "1500",
+    "--k",
+    "8",
+    "--expansion",
+    "2",
+    "--sae-tokens",
+    "6k",
+    "--hypernet-epochs",
+    "2",
+    "--hypernet-hidden",
+    "32",
+    "--intervene-latents",
+    "1",
+    "--intervene-contexts",
+    "2",
+]
 
 
 def test_transfer_then_report_tiny_gpt2_to_minilm(demo_zoo: Path, tmp_path: Path) -> None:
@@ -68,13 +91,15 @@ def test_pair_shows_fractions(demo_zoo: Path) -> None:
 def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     assert_user_error(
         run_xsae("align", "transfer", "--a", "smollm2-135m", "--b", "minilm-l6", "--layers", "31", "--out", str(tmp_path / "x")),
-        "layer 31 is out of range for smollm2-135m (30 blocks)", "0..29",
+        "layer 31 is out of range for smollm2-135m (30 blocks)",
+        "0..29",
     )
     corpus = tmp_path / "short.txt"
     corpus.write_text("\n\n".join(f"Paragraph {i} is short." for i in range(6)))
     assert_user_error(
         run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--corpus", str(corpus), "--out", str(tmp_path / "y")),
-        "too few paired tokens", "need at least 768 train",
+        "too few paired tokens",
+        "need at least 768 train",
     )
     from xsae_cli.sae.formats import save_sae
     from xsae_cli.sae.models import SaeConfig, create_sae
@@ -82,11 +107,13 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
     save_sae(create_sae(SaeConfig(arch="topk", d_in=32, d_sae=64, k=4, metadata={"hook_name": "transformer.h.1"})), tmp_path / "sae" / "transformer.h.1")
     assert_user_error(
         run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--sae-a", str(tmp_path / "sae"), "--out", str(tmp_path / "z"), *SMALL),
-        "d_in=32", "width 64",
+        "d_in=32",
+        "width 64",
     )
     assert_user_error(
         run_xsae("align", "transfer", "--a", "tiny-gpt2", "--b", "minilm-l6", "--layers", "1", "--mappers", "ridge,hypernett", "--out", str(tmp_path / "m")),
-        "'hypernett' is not one of procrustes, ridge, mlp", "did you mean 'hypernet'",
+        "'hypernett' is not one of procrustes, ridge, mlp",
+        "did you mean 'hypernet'",
     )
     (tmp_path / "junk").mkdir()
     assert_user_error(run_xsae("align", "report", str(tmp_path / "junk")), "alignment report not found")
@@ -95,9 +122,37 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_transfer_real_models(demo_zoo: Path, tmp_path: Path) -> None:
     out = tmp_path / "real"
-    proc = run_xsae("--json", "align", "transfer", "--a", "smollm2-135m", "--b", "minilm-l6", "--layers", "5", "--out", str(out),
-                    "--limit", "40", "--train-pairs", "6000", "--test-pairs", "3000", "--sae-tokens", "30k", "--k", "16", "--expansion", "2",
-                    "--hypernet-epochs", "4", "--intervene-latents", "2", "--intervene-contexts", "2")
+    proc = run_xsae(
+        "--json",
+        "align",
+        "transfer",
+        "--a",
+        "smollm2-135m",
+        "--b",
+        "minilm-l6",
+        "--layers",
+        "5",
+        "--out",
+        str(out),
+        "--limit",
+        "40",
+        "--train-pairs",
+        "6000",
+        "--test-pairs",
+        "3000",
+        "--sae-tokens",
+        "30k",
+        "--k",
+        "16",
+        "--expansion",
+        "2",
+        "--hypernet-epochs",
+        "4",
+        "--intervene-latents",
+        "2",
+        "--intervene-contexts",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     res = report["results"][0]
@@ -114,11 +169,17 @@ CC_SMALL = ["--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--
 
 
 def test_crosscoder_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
-    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6,tiny-qwen2", "--layers", "1", "--out", str(tmp_path / "x")),
-                      "names 3 models, but the pairing aligns the positions of two tokenizers", "--models a,b")
+    assert_user_error(
+        run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6,tiny-qwen2", "--layers", "1", "--out", str(tmp_path / "x")),
+        "names 3 models, but the pairing aligns the positions of two tokenizers",
+        "--models a,b",
+    )
     assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2", "--layers", "1", "--out", str(tmp_path / "x")), "needs two models", "--models a,b")
-    assert_user_error(run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--min-kept", "0.99", "--out", str(tmp_path / "y"), *CC_SMALL),
-                      "share too few positions", "below the floor of 99%")
+    assert_user_error(
+        run_xsae("align", "crosscoder", "--models", "tiny-gpt2,minilm-l6", "--layers", "1", "--min-kept", "0.99", "--out", str(tmp_path / "y"), *CC_SMALL),
+        "share too few positions",
+        "below the floor of 99%",
+    )
 
 
 @pytest.mark.slow
@@ -141,8 +202,11 @@ def test_crosscoder_tiny_gpt2_and_minilm(demo_zoo: Path, tmp_path: Path) -> None
 
 
 def test_diff_refuses_different_tokenizers(demo_zoo: Path, tmp_path: Path) -> None:
-    assert_user_error(run_xsae("align", "diff", "--base", "tiny-gpt2", "--finetuned", "minilm-l6", "--layers", "1", "--out", str(tmp_path / "d")),
-                      "use different tokenizers", "xsae align crosscoder --models tiny-gpt2,minilm-l6")
+    assert_user_error(
+        run_xsae("align", "diff", "--base", "tiny-gpt2", "--finetuned", "minilm-l6", "--layers", "1", "--out", str(tmp_path / "d")),
+        "use different tokenizers",
+        "xsae align crosscoder --models tiny-gpt2,minilm-l6",
+    )
 
 
 def _planted_copy(src: Path, dst: Path, amplitude: float = 0.01):  # type: ignore[no-untyped-def]
@@ -176,8 +240,35 @@ def test_diff_recovers_a_planted_feature(demo_zoo: Path, tmp_path: Path) -> None
     src = resolve_entry("tiny-gpt2").model_dir
     v = _planted_copy(src, tmp_path / "planted")
     out = tmp_path / "diff"
-    proc = run_xsae("--json", "align", "diff", "--base", "tiny-gpt2", "--finetuned", str(tmp_path / "planted"), "--layers", "0", "--out", str(out),
-                    "--limit", "8", "--context-size", "64", "--train-pairs", "3000", "--test-pairs", "1500", "--k", "8", "--expansion", "2", "--steps", "1500", "--lr", "3e-3")
+    proc = run_xsae(
+        "--json",
+        "align",
+        "diff",
+        "--base",
+        "tiny-gpt2",
+        "--finetuned",
+        str(tmp_path / "planted"),
+        "--layers",
+        "0",
+        "--out",
+        str(out),
+        "--limit",
+        "8",
+        "--context-size",
+        "64",
+        "--train-pairs",
+        "3000",
+        "--test-pairs",
+        "1500",
+        "--k",
+        "8",
+        "--expansion",
+        "2",
+        "--steps",
+        "1500",
+        "--lr",
+        "3e-3",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)["results"][0]
     ranked = r["exclusive_latents"][str(tmp_path / "planted")]

@@ -255,7 +255,9 @@ FOLDER_KINDS = ["pickled-bin", "remote-code", "shapes-disagree", pytest.param("m
 def test_sae_train_refuses_a_bad_hf_folder_before_any_harvest(tmp_path: Path, tiny_gpt2_dir: Path, kind: str) -> None:
     folder, needles = _folder(tiny_gpt2_dir, tmp_path, kind)
     out, cache = tmp_path / "run", tmp_path / "cache"
-    proc = run_xsae("sae", "train", "--model", str(folder), "--hook", "transformer.h.0", "--out", str(out), "--tokens", "2k", "--k", "4", env={"XSAE_HOME": str(tmp_path / "home"), "XSAE_CACHE": str(cache)})
+    proc = run_xsae(
+        "sae", "train", "--model", str(folder), "--hook", "transformer.h.0", "--out", str(out), "--tokens", "2k", "--k", "4", env={"XSAE_HOME": str(tmp_path / "home"), "XSAE_CACHE": str(cache)}
+    )
     assert_user_error(proc, folder.name, *needles)
     assert "must never be printed" not in proc.stdout + proc.stderr
     assert not out.exists()  # no run folder

@@ -49,13 +49,13 @@ def test_sae_export_onto_a_full_disk(tmp_path: Path) -> None:
     no_precheck = f"{shlex.quote(sys.executable)} -c 'import sys; import xsae_cli.core.io as io; io.ensure_room = lambda *a: None; from xsae_cli.cli import app; sys.argv[0] = \"xsae\"; app()'"
     q = {k: shlex.quote(str(v)) for k, v in {"mnt": mnt, "small": small, "big": big, "logs": logs}.items()}
     script = f"""
-mount -t tmpfs -o size=2m tmpfs {q['mnt']}
-{xsae} sae export {q['small']} {q['mnt']}/out > {q['logs']}/first.out 2>&1; echo $? > {q['logs']}/first.rc
-(cd {q['mnt']}/out && sha256sum * > {q['logs']}/before.sha)
-{xsae} sae export {q['big']} {q['mnt']}/out --force > {q['logs']}/pre.out 2> {q['logs']}/pre.err; echo $? > {q['logs']}/pre.rc
-{no_precheck} sae export {q['big']} {q['mnt']}/out --force > {q['logs']}/write.out 2> {q['logs']}/write.err; echo $? > {q['logs']}/write.rc
-(cd {q['mnt']}/out && sha256sum * > {q['logs']}/after.sha)
-ls -A {q['mnt']} > {q['logs']}/ls
+mount -t tmpfs -o size=2m tmpfs {q["mnt"]}
+{xsae} sae export {q["small"]} {q["mnt"]}/out > {q["logs"]}/first.out 2>&1; echo $? > {q["logs"]}/first.rc
+(cd {q["mnt"]}/out && sha256sum * > {q["logs"]}/before.sha)
+{xsae} sae export {q["big"]} {q["mnt"]}/out --force > {q["logs"]}/pre.out 2> {q["logs"]}/pre.err; echo $? > {q["logs"]}/pre.rc
+{no_precheck} sae export {q["big"]} {q["mnt"]}/out --force > {q["logs"]}/write.out 2> {q["logs"]}/write.err; echo $? > {q["logs"]}/write.rc
+(cd {q["mnt"]}/out && sha256sum * > {q["logs"]}/after.sha)
+ls -A {q["mnt"]} > {q["logs"]}/ls
 """
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -20,8 +20,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 HOOK = "transformer.h.2"
-CPU_SIZE = {"DEVICE": "cpu", "GPUS": "2", "MODEL": "tiny-gpt2", "HOOK": HOOK, "K": "8", "EXPANSION": "4", "BATCH": "512",
-            "TOKENS": "12k", "CONTEXT": "32", "DTYPE": "float32", "EXTRA": "--checkpoint-every 5"}
+CPU_SIZE = {
+    "DEVICE": "cpu",
+    "GPUS": "2",
+    "MODEL": "tiny-gpt2",
+    "HOOK": HOOK,
+    "K": "8",
+    "EXPANSION": "4",
+    "BATCH": "512",
+    "TOKENS": "12k",
+    "CONTEXT": "32",
+    "DTYPE": "float32",
+    "EXTRA": "--checkpoint-every 5",
+}
 
 
 def run_recipe(script: Path, env: dict[str, str], cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess[str]:
@@ -128,7 +139,7 @@ def _slurm_shims(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "slurm-bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho 127.0.0.1\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     return bin_dir
@@ -137,9 +148,18 @@ def _slurm_shims(tmp_path: Path) -> Path:
 def test_slurm_sae_recipe_runs_zero1_under_torchrun(demo_zoo: Path, tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     shims = _slurm_shims(tmp_path)
-    env = {**CPU_SIZE, "OUT": str(tmp_path / "slurm"), "ZERO": "1", "PORT": "29565", "XSAE_CACHE": os.environ["XSAE_CACHE"],
-           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-           "PATH": f"{shims}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **CPU_SIZE,
+        "OUT": str(tmp_path / "slurm"),
+        "ZERO": "1",
+        "PORT": "29565",
+        "XSAE_CACHE": os.environ["XSAE_CACHE"],
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "PATH": f"{shims}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     proc = subprocess.run(["bash", str(RECIPES / "slurm" / "sae_train.sbatch")], capture_output=True, text=True, env={**os.environ, **env}, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     training = json.loads((tmp_path / "slurm" / "metrics.json").read_text())["training"]
@@ -152,8 +172,7 @@ def test_sane_train_under_accelerate_two_cpu_ranks(demo_zoo: Path, tmp_path: Pat
     from tests.conftest import run_xsae
 
     out = tmp_path / "sane2"
-    args = ["sane", "train", "--models", "tiny-gpt2,tiny-qwen2", "--epochs", "2", "--steps-per-epoch", "3", "--window-size", "128",
-            "--batch-size", "2", "--out", str(out)]
+    args = ["sane", "train", "--models", "tiny-gpt2,tiny-qwen2", "--epochs", "2", "--steps-per-epoch", "3", "--window-size", "128", "--batch-size", "2", "--out", str(out)]
     proc = run_xsae("--launcher", "accelerate", "--num-processes", "2", "--main-process-port", "29566", "--device", "cpu", *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("epoch 2/2") == 1 and proc.stdout.count("trained on 2 models") == 1  # rank 0 reports once

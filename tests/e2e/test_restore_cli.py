@@ -19,7 +19,9 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 def test_train_predict_convert_sae(tmp_path: Path) -> None:
     run = tmp_path / "restore"
-    train = run_xsae("--json", "--seed", "0", "restore", "train", "--corpus", str(ATF), "--preset", "tiny", "--steps", "30", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--out", str(run), env=ENV)
+    train = run_xsae(
+        "--json", "--seed", "0", "restore", "train", "--corpus", str(ATF), "--preset", "tiny", "--steps", "30", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--out", str(run), env=ENV
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     summary = json.loads(train.stdout)
     assert summary["steps"] == 30 and summary["last"]["loss"] < 3.5  # well under ln(vocab) ~ 3.6 at the start
@@ -40,7 +42,30 @@ def test_train_predict_convert_sae(tmp_path: Path) -> None:
     assert report["max_abs_logit_diff"] <= 1e-4 and report["config"]["attention_dir"] == "bidirectional"
     assert (run / "transformer_lens" / "tl_model.safetensors").exists()
 
-    sae = run_xsae("--json", "restore", "sae", "-m", str(run), "--layer", "2", "--max-samples", "12", "--epochs", "3", "--device", "cpu", "--k", "8", "--expansion", "4", "--batch-size", "256", "--out", str(tmp_path / "sae"), env=ENV)
+    sae = run_xsae(
+        "--json",
+        "restore",
+        "sae",
+        "-m",
+        str(run),
+        "--layer",
+        "2",
+        "--max-samples",
+        "12",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--batch-size",
+        "256",
+        "--out",
+        str(tmp_path / "sae"),
+        env=ENV,
+    )
     assert sae.returncode == 0, sae.stderr[-2000:]
     m = json.loads(sae.stdout)
     assert m["hook"] == "blocks.2.hook_resid_post" and m["reconstruction"]["fvu"] < 1.0 and m["reconstruction"]["l0"] <= 8 + 1e-6

@@ -73,7 +73,10 @@ def test_train_eval_export_on_tiny_gpt2(demo_zoo: Path, tmp_path: Path) -> None:
 
 def test_real_smollm2_topk_sae(demo_zoo: Path, tmp_path: Path) -> None:
     out = tmp_path / "smol"
-    proc = run_xsae("--json", *["sae", "train", "--model", "smollm2-135m", "--hook", "model.layers.3", "--k", "16", "--expansion", "2", "--tokens", "12k", "--batch-size", "1024", "--context-size", "64", "--out", str(out)])
+    proc = run_xsae(
+        "--json",
+        *["sae", "train", "--model", "smollm2-135m", "--hook", "model.layers.3", "--k", "16", "--expansion", "2", "--tokens", "12k", "--batch-size", "1024", "--context-size", "64", "--out", str(out)],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout)["hooks"]["model.layers.3"]
     assert m["fvu"] < 1.0 and m["downstream"]["ce_clean"] < m["downstream"]["ce_zero"]

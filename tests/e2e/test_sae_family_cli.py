@@ -13,7 +13,10 @@ TINY = ["sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "saelens", "arch"),
-    [(["--arch", "gated", "--normalize-activations", "expected_average_only_in"], "gated", "gated"), (["--arch", "matryoshka_batchtopk", "--k", "8", "--matryoshka-widths", "32,128"], "jumprelu", "matryoshka_batchtopk")],
+    [
+        (["--arch", "gated", "--normalize-activations", "expected_average_only_in"], "gated", "gated"),
+        (["--arch", "matryoshka_batchtopk", "--k", "8", "--matryoshka-widths", "32,128"], "jumprelu", "matryoshka_batchtopk"),
+    ],
 )
 def test_train_and_evaluate(demo_zoo: Path, tmp_path: Path, flags: list[str], saelens: str, arch: str) -> None:
     out = tmp_path / "run"

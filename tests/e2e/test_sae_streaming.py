@@ -15,8 +15,7 @@ import torch
 from tests.conftest import run_xsae
 
 HOOK = "transformer.h.2"
-TRAIN = ["sae", "train", "--model", "tiny-gpt2", "--hook", HOOK, "--k", "8", "--expansion", "4", "--batch-size", "256",
-         "--context-size", "32", "--tokens", "4k", "--checkpoint-every", "5"]
+TRAIN = ["sae", "train", "--model", "tiny-gpt2", "--hook", HOOK, "--k", "8", "--expansion", "4", "--batch-size", "256", "--context-size", "32", "--tokens", "4k", "--checkpoint-every", "5"]
 
 
 def _cache_dir(tokens: int = 4096) -> Path:
@@ -80,8 +79,28 @@ def test_two_ranks_stream_disjoint_documents_and_resume_a_kill_exactly(demo_zoo:
 def test_a_launch_whose_ranks_would_see_no_documents_is_refused_with_the_counts(demo_zoo: Path, tmp_path: Path) -> None:
     corpus = tmp_path / "two.jsonl"
     corpus.write_text('{"text": "one lone training document about cats"}\n{"text": "a held-out one"}\n')
-    proc = run_xsae("--launcher", "accelerate", "--num-processes", "2", "--main-process-port", "29684", "--device", "cpu", "sae", "train",
-                    "--model", "tiny-gpt2", "--hook", HOOK, "--corpus", str(corpus), "--held-out-fraction", "0.5", "--out", str(tmp_path / "r"))
+    proc = run_xsae(
+        "--launcher",
+        "accelerate",
+        "--num-processes",
+        "2",
+        "--main-process-port",
+        "29684",
+        "--device",
+        "cpu",
+        "sae",
+        "train",
+        "--model",
+        "tiny-gpt2",
+        "--hook",
+        HOOK,
+        "--corpus",
+        str(corpus),
+        "--held-out-fraction",
+        "0.5",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert lines == ["error: the corpus has 1 training document(s) for 2 ranks: 1 rank(s) would see no documents. use a larger corpus (at least one training document per rank) or fewer processes"]

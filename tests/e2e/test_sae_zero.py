@@ -15,8 +15,28 @@ pytest.importorskip("deepspeed")
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
 HOOK = "transformer.h.2"
-TRAIN = ["sae", "train", "--model", "tiny-gpt2", "--hook", HOOK, "--k", "8", "--expansion", "4", "--batch-size", "512",
-         "--context-size", "32", "--tokens", "12k", "--optimizer", "adam", "--checkpoint-every", "5"]
+TRAIN = [
+    "sae",
+    "train",
+    "--model",
+    "tiny-gpt2",
+    "--hook",
+    HOOK,
+    "--k",
+    "8",
+    "--expansion",
+    "4",
+    "--batch-size",
+    "512",
+    "--context-size",
+    "32",
+    "--tokens",
+    "12k",
+    "--optimizer",
+    "adam",
+    "--checkpoint-every",
+    "5",
+]
 
 
 def test_zero_refuses_signum_and_bad_configs_before_any_work(demo_zoo: Path, tmp_path: Path) -> None:

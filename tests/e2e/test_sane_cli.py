@@ -125,7 +125,9 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     assert eo.returncode == 0, eo.stderr[-2000:]
     assert np.allclose(json.loads((tmp_path / "o3" / "model_embeddings.json").read_text())["embeddings"]["tiny-gpt2"], data["embeddings"]["tiny-gpt2"], atol=1e-6)
     assert_user_error(run_xsae("sane", "embed", "--checkpoint", str(ck3), "--models", "tiny-gpt2", "--view", "weights", "--output-dir", str(tmp_path / "o4")), "circuits view", "--view weights")
-    assert_user_error(run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--chunk-size", "32", "--latent-dim", "8", "--epochs", "4", *SMALL[:-4], "--out", str(run)), "chunk_size 64", "chunk_size 32")
+    assert_user_error(
+        run_xsae("sane", "train", "--models", "tiny-gpt2,tiny-gemma", "--chunk-size", "32", "--latent-dim", "8", "--epochs", "4", *SMALL[:-4], "--out", str(run)), "chunk_size 64", "chunk_size 32"
+    )
     one = tmp_path / "one.json"
     one.write_text(json.dumps({"embeddings": {"tiny-gpt2": data["embeddings"]["tiny-gpt2"]}}))
     assert_user_error(run_xsae("sane", "neighbors", "tiny-gpt2", "--embeddings", str(one)), "at least two")
@@ -164,7 +166,28 @@ def test_bad_input_is_one_line(demo_zoo: Path, tmp_path: Path) -> None:
 def test_demo_zoo_with_real_models(demo_zoo: Path, tmp_path: Path) -> None:
     """The issue's commands on the whole demo catalogue (SmolLM2-135M and MiniLM-L6 included)."""
     run = tmp_path / "runs" / "sane"
-    tr = run_xsae("--json", "sane", "train", "--zoo", "demo", "--epochs", "1", "--batch-size", "4", "--window-size", "1024", "--save-every", "1", "--mixed-precision", "fp16", "--steps-per-epoch", "4", "--out", str(run), timeout=1800)
+    tr = run_xsae(
+        "--json",
+        "sane",
+        "train",
+        "--zoo",
+        "demo",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--window-size",
+        "1024",
+        "--save-every",
+        "1",
+        "--mixed-precision",
+        "fp16",
+        "--steps-per-epoch",
+        "4",
+        "--out",
+        str(run),
+        timeout=1800,
+    )
     assert tr.returncode == 0, tr.stderr[-2000:]
     em = run_xsae("--json", "sane", "embed", "--checkpoint", str(run / "checkpoint_epoch_1"), "--models", "minilm-l6,tiny-gpt2,tiny-qwen2", "--output-dir", str(tmp_path / "out"), timeout=1800)
     assert em.returncode == 0, em.stderr[-2000:]

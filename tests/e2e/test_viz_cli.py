@@ -90,7 +90,28 @@ def test_features(tmp_path: Path) -> None:
 def test_real_sae_run_to_dashboard(demo_zoo: Path, tmp_path: Path) -> None:
     """The issue's commands on a real SAE run: train, features, then every viz view of it."""
     run = tmp_path / "run"
-    tr = run_xsae("--seed", "0", "sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--k", "8", "--expansion", "4", "--tokens", "8k", "--batch-size", "512", "--context-size", "64", "--out", str(run))
+    tr = run_xsae(
+        "--seed",
+        "0",
+        "sae",
+        "train",
+        "--model",
+        "tiny-gpt2",
+        "--hook",
+        "transformer.h.2",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--tokens",
+        "8k",
+        "--batch-size",
+        "512",
+        "--context-size",
+        "64",
+        "--out",
+        str(run),
+    )
     assert tr.returncode == 0, tr.stderr[-2000:]
     fe = run_xsae("sae", "features", str(run), "--contexts", "16")
     assert fe.returncode == 0, fe.stderr[-2000:]

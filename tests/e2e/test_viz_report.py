@@ -94,12 +94,51 @@ def test_report_on_real_runs(demo_zoo: Path, tmp_path: Path) -> None:
     """The commands that write runs, then one page for them all."""
     runs = tmp_path / "runs"
     sae = runs / "sae"
-    tr = run_xsae("--seed", "0", "sae", "train", "--model", "tiny-gpt2", "--hook", "transformer.h.2", "--k", "8", "--expansion", "4", "--tokens", "8k", "--batch-size", "512", "--context-size", "64", "--out", str(sae))
+    tr = run_xsae(
+        "--seed",
+        "0",
+        "sae",
+        "train",
+        "--model",
+        "tiny-gpt2",
+        "--hook",
+        "transformer.h.2",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--tokens",
+        "8k",
+        "--batch-size",
+        "512",
+        "--context-size",
+        "64",
+        "--out",
+        str(sae),
+    )
     assert tr.returncode == 0, tr.stderr[-2000:]
     assert run_xsae("sae", "features", str(sae), "--contexts", "16").returncode == 0
     one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     sane = runs / "sane"
-    st = run_xsae("--seed", "0", "sane", "train", "--models", "tiny-gpt2,tiny-gemma,tiny-qwen2", "--epochs", "2", "--batch-size", "4", "--window-size", "64", "--steps-per-epoch", "3", "--out", str(sane), env=one)
+    st = run_xsae(
+        "--seed",
+        "0",
+        "sane",
+        "train",
+        "--models",
+        "tiny-gpt2,tiny-gemma,tiny-qwen2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--window-size",
+        "64",
+        "--steps-per-epoch",
+        "3",
+        "--out",
+        str(sane),
+        env=one,
+    )
     assert st.returncode == 0, st.stderr[-2000:]
     em = run_xsae("sane", "embed", "--checkpoint", str(sane / "checkpoint_epoch_2"), "--models", "tiny-gpt2,tiny-gemma,tiny-qwen2", "--output-dir", str(sane / "embed"), env=one)
     assert em.returncode == 0, em.stderr[-2000:]

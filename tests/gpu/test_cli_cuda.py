@@ -62,8 +62,28 @@ def test_deepspeed_zero2_on_one_device(tiny_gpt2: Path, tmp_path: Path, device: 
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (benchmarks/gpu_check.sh brings it as a wheel)")
     out = tmp_path / "zero2"
     zero = ROOT / "recipes" / "deepspeed" / "zero2.json"
-    args = ["--json", "--seed", "0", "--device", str(device), "--deepspeed-config", str(zero), "sae", "train", "--model", str(tiny_gpt2), *SAE,
-            "--tokens", "12k", "--optimizer", "adam", "--checkpoint-every", "5", "--out", str(out)]
+    args = [
+        "--json",
+        "--seed",
+        "0",
+        "--device",
+        str(device),
+        "--deepspeed-config",
+        str(zero),
+        "sae",
+        "train",
+        "--model",
+        str(tiny_gpt2),
+        *SAE,
+        "--tokens",
+        "12k",
+        "--optimizer",
+        "adam",
+        "--checkpoint-every",
+        "5",
+        "--out",
+        str(out),
+    ]
     metrics = _ok(run_xsae(*args))
     t = metrics["training"]
     assert t["zero_stage"] == 2 and t["world_size"] == 1 and t["steps"] >= 20
@@ -78,11 +98,36 @@ def test_deepspeed_zero2_on_one_device(tiny_gpt2: Path, tmp_path: Path, device: 
 def test_restore_train_and_sae_on_the_device(tmp_path: Path, device: torch.device) -> None:
     run = tmp_path / "restore"
     dev = ["--device", str(device)]
-    summary = _ok(run_xsae("--json", "--seed", "0", *dev, "restore", "train", "--corpus", str(ATF), "--preset", "tiny", "--steps", "30",
-                           "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--out", str(run)))
+    summary = _ok(
+        run_xsae(
+            "--json", "--seed", "0", *dev, "restore", "train", "--corpus", str(ATF), "--preset", "tiny", "--steps", "30", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--out", str(run)
+        )
+    )
     assert summary["steps"] == 30 and summary["last"]["loss"] < 3.5
-    m = _ok(run_xsae("--json", "restore", "sae", "-m", str(run), "--layer", "2", "--max-samples", "12", "--epochs", "3", *dev, "--k", "8",
-                     "--expansion", "4", "--batch-size", "256", "--out", str(tmp_path / "sae")))
+    m = _ok(
+        run_xsae(
+            "--json",
+            "restore",
+            "sae",
+            "-m",
+            str(run),
+            "--layer",
+            "2",
+            "--max-samples",
+            "12",
+            "--epochs",
+            "3",
+            *dev,
+            "--k",
+            "8",
+            "--expansion",
+            "4",
+            "--batch-size",
+            "256",
+            "--out",
+            str(tmp_path / "sae"),
+        )
+    )
     assert m["hook"] == "blocks.2.hook_resid_post" and 0 < m["reconstruction"]["fvu"] < 1 and m["reconstruction"]["l0"] <= 8 + 1e-6
     _ran_on(m["memory"], device)
     features = json.loads((tmp_path / "sae" / "blocks.2.hook_resid_post" / "features.json").read_text())

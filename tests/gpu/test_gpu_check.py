@@ -49,7 +49,7 @@ def _check_outputs(out: Path, proc: subprocess.CompletedProcess[str]) -> ET.Elem
     assert "encoder_matmul" in (out / "profile.txt").read_text() and "Self CPU" in (out / "profile.txt").read_text()
     summary = (out / "summary.txt").read_text()
     assert "all steps passed" in summary and "step phases (ms)" in summary
-    assert summary.strip() == proc.stdout.strip()[-len(summary.strip()):]  # printed last, where a reply's tail shows it
+    assert summary.strip() == proc.stdout.strip()[-len(summary.strip()) :]  # printed last, where a reply's tail shows it
     return suite
 
 

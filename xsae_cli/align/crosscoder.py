@@ -228,8 +228,12 @@ def latent_stats(model: Crosscoder, xs: list[torch.Tensor]) -> dict[str, Any]:
     r0 = rel[0]
     shared = alive & (r0 > SHARED_BAND[0]) & (r0 < SHARED_BAND[1])
     out = {
-        "decoder_norm": norms.tolist(), "relative_norm": rel.tolist(), "firing_rate": joint.tolist(), "firing_rate_alone": alone.tolist(),
-        "alive": int(alive.sum()), "shared_fraction": float(shared.sum() / alive.sum().clamp_min(1)),
+        "decoder_norm": norms.tolist(),
+        "relative_norm": rel.tolist(),
+        "firing_rate": joint.tolist(),
+        "firing_rate_alone": alone.tolist(),
+        "alive": int(alive.sum()),
+        "shared_fraction": float(shared.sum() / alive.sum().clamp_min(1)),
         "exclusive_fraction": {name: float((alive & (rel[m] >= 1 - EXCLUSIVE)).sum() / alive.sum().clamp_min(1)) for m, name in enumerate(model.cfg.models)},
         "histogram": torch.histc(r0[alive], bins=20, min=0, max=1).tolist(),
     }
@@ -246,8 +250,15 @@ def save(model: Crosscoder, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"b_enc": model.b_enc.detach(), "threshold": model.threshold.detach()}
     for m, name in enumerate(model.cfg.models):
-        tensors.update({f"W_enc.{name}": model.W_enc[m].detach(), f"W_dec.{name}": model.W_dec[m].detach(), f"b_dec.{name}": model.b_dec[m].detach(),
-                        f"mean.{name}": getattr(model, f"mean_{m}"), f"scale.{name}": getattr(model, f"scale_{m}")})
+        tensors.update(
+            {
+                f"W_enc.{name}": model.W_enc[m].detach(),
+                f"W_dec.{name}": model.W_dec[m].detach(),
+                f"b_dec.{name}": model.b_dec[m].detach(),
+                f"mean.{name}": getattr(model, f"mean_{m}"),
+                f"scale.{name}": getattr(model, f"scale_{m}"),
+            }
+        )
     tmp = folder / "crosscoder.safetensors.tmp"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     tmp.replace(folder / "crosscoder.safetensors")

@@ -79,7 +79,10 @@ def check_same_tokenizer(names: list[str], trust_remote_code: bool) -> None:
 
     toks = [_tokenizer(resolve_entry(n), n, trust_remote_code) for n in names]
     if toks[0].get_vocab() != toks[1].get_vocab():
-        raise XsaeError(f"{names[0]} and {names[1]} use different tokenizers; align diff compares a model with a fine-tune of itself", f"use `xsae align crosscoder --models {names[0]},{names[1]}` for models with different tokenizers")
+        raise XsaeError(
+            f"{names[0]} and {names[1]} use different tokenizers; align diff compares a model with a fine-tune of itself",
+            f"use `xsae align crosscoder --models {names[0]},{names[1]}` for models with different tokenizers",
+        )
 
 
 @torch.no_grad()
@@ -126,9 +129,14 @@ def one_layer_pair(spec: CrosscoderSpec, names: list[str], xa: dict[str, torch.T
     stats, null_stats = latent_stats(real.model, test), latent_stats(null.model, test)
     summary = ("alive", "shared_fraction", "exclusive_fraction", "histogram")
     return {
-        "config": asdict(cfg), "train_seconds": round(seconds, 2), "final_loss": real.history[-1]["loss"],
-        "test": evaluate(real.model, test), "null": evaluate(null.model, test), "ridge": ridge_refs(xa, xb),
-        "latents": {k: stats[k] for k in summary}, "latents_null": {k: null_stats[k] for k in summary},
+        "config": asdict(cfg),
+        "train_seconds": round(seconds, 2),
+        "final_loss": real.history[-1]["loss"],
+        "test": evaluate(real.model, test),
+        "null": evaluate(null.model, test),
+        "ridge": ridge_refs(xa, xb),
+        "latents": {k: stats[k] for k in summary},
+        "latents_null": {k: null_stats[k] for k in summary},
         "per_latent": {k: stats[k] for k in ("decoder_norm", "relative_norm", "firing_rate", "firing_rate_alone")},
         "folder": str(folder),
         "_model": real.model,
@@ -182,8 +190,14 @@ def run_crosscoder(spec: CrosscoderSpec) -> dict[str, Any]:
             entry["exclusive_latents"] = rank_exclusive(model, [xa["test"], xb["test"]], pairing.corpus.splits["test"].a, pairing.chosen["test"], A.tokenizer, spec.top_latents)
         results.append({"layer_a": la, "layer_b": lb, "hook_a": ha, "hook_b": hb, **entry})
     report = {
-        "format": REPORT_FORMAT, "version": 1, "models": names, "widths": {A.name: A.width, B.name: B.width},
-        "pairing": st, "pairs_used": pairing.used, "floor_kept": floor, "results": results,
+        "format": REPORT_FORMAT,
+        "version": 1,
+        "models": names,
+        "widths": {A.name: A.width, B.name: B.width},
+        "pairing": st,
+        "pairs_used": pairing.used,
+        "floor_kept": floor,
+        "results": results,
         "notes": {
             "r2": "1 - FVU on held-out test pairs, about the test mean",
             "r2_from_one": "code read from one model alone, decoded into each (crosscoder objective: that model's term x 2, not what it is trained for; universal: trained for it)",

@@ -180,18 +180,20 @@ def transfer_latents(
         src = source.effect(source_hook, u, top)
         tgt = target.effect(target_hook, v, top)
         rnd = target.effect(target_hook, r, top)
-        rows.append({
-            "latent": int(latent),
-            "frequency": float(freqs[i]),
-            "kl": tgt["kl"],
-            "kl_random": rnd["kl"],
-            "kl_source": src["kl"],
-            "overlap": overlap(src["promoted"], tgt["promoted"]),
-            "overlap_random": overlap(src["promoted"], rnd["promoted"]),
-            "promoted_source": src["promoted"],
-            "promoted_target": tgt["promoted"],
-            "promoted_random": rnd["promoted"],
-        })
+        rows.append(
+            {
+                "latent": int(latent),
+                "frequency": float(freqs[i]),
+                "kl": tgt["kl"],
+                "kl_random": rnd["kl"],
+                "kl_source": src["kl"],
+                "overlap": overlap(src["promoted"], tgt["promoted"]),
+                "overlap_random": overlap(src["promoted"], rnd["promoted"]),
+                "promoted_source": src["promoted"],
+                "promoted_target": tgt["promoted"],
+                "promoted_random": rnd["promoted"],
+            }
+        )
         if on_step is not None:
             on_step()
 

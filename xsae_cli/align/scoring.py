@@ -159,9 +159,15 @@ def similarity(a: Views, b: Views, seed: int) -> dict[str, Any]:
     ceil_a = svcca.score(a.recon2["train"], a.acts["train"], a.recon2["test"], t_a)
     ceil_b = svcca.score(b.recon2["train"], b.acts["train"], b.recon2["test"], t_b)
     out["svcca_acts"] = {
-        "test": real["svcca"], "null": null["svcca"], "sae_ref_a": ceil_a["svcca"], "sae_ref_b": ceil_b["svcca"],
-        "in_sample": real["svcca_in_sample"], "null_in_sample": null["svcca_in_sample"],
-        "dims_a": real["dims_a"], "dims_b": real["dims_b"], "train_rows_per_dim": real["rows_per_dim"],
+        "test": real["svcca"],
+        "null": null["svcca"],
+        "sae_ref_a": ceil_a["svcca"],
+        "sae_ref_b": ceil_b["svcca"],
+        "in_sample": real["svcca_in_sample"],
+        "null_in_sample": null["svcca_in_sample"],
+        "dims_a": real["dims_a"],
+        "dims_b": real["dims_b"],
+        "train_rows_per_dim": real["rows_per_dim"],
     }
     return _round(out)
 
@@ -176,13 +182,15 @@ def latent_matching(a: Views, b: Views, threshold: float, seed: int) -> dict[str
 
     corr = correlation_matrix(a.codes1["test"], b.codes1["test"])
     alive = (b.codes1["test"] > 0).sum(0) >= 5
-    return _round({
-        "test": hungarian_matches(corr, threshold, alive),
-        "top_pairs": top_matched_pairs(corr, alive),
-        "null": match(a.codes1["test"], _shuffle(b.codes1["test"], seed)),
-        "sae_ref_a": match(a.codes2["test"], a.codes1["test"]),
-        "sae_ref_b": match(b.codes2["test"], b.codes1["test"]),
-    })
+    return _round(
+        {
+            "test": hungarian_matches(corr, threshold, alive),
+            "top_pairs": top_matched_pairs(corr, alive),
+            "null": match(a.codes1["test"], _shuffle(b.codes1["test"], seed)),
+            "sae_ref_a": match(a.codes2["test"], a.codes1["test"]),
+            "sae_ref_b": match(b.codes2["test"], b.codes1["test"]),
+        }
+    )
 
 
 TOP_PAIRS = 24

@@ -74,7 +74,16 @@ _MOVED = {"arch": "align.sae.arch", "k": "align.sae.k", "expansion": "align.sae.
 _MOVED.update({f"hypernet_{k}": f"align.mlp.{v}" for k, v in {"hidden": "hidden", "epochs": "max_epochs", "patience": "patience", "dropout": "dropout", "lr": "lr"}.items()})
 register_section("align", AlignSettings, renamed=_MOVED)
 # Checkpoints and the dead-latent horizon follow the (short) token budget: align sets them itself.
-register_section("align.sae", SaeTrainSettings, fixed=("checkpoint_every", "keep_checkpoints", "dead_tokens_threshold"), k=32, expansion=4, tokens=200_000, batch_size=2048, help="The SAEs align trains (two per model and layer).")
+register_section(
+    "align.sae",
+    SaeTrainSettings,
+    fixed=("checkpoint_every", "keep_checkpoints", "dead_tokens_threshold"),
+    k=32,
+    expansion=4,
+    tokens=200_000,
+    batch_size=2048,
+    help="The SAEs align trains (two per model and layer).",
+)
 register_section("align.mlp", MlpMapperSettings, fixed=("seed",))
 
 
@@ -88,7 +97,9 @@ class CrosscoderSettings(Settings):
     expansion: int = setting(4, "d_sae = expansion x the wider model's width.", ge=1, panel=CROSS)
     k: int = setting(16, "Active latents per token (topk; batchtopk: on average).", ge=1, panel=CROSS)
     sparsity: str = setting("topk", "topk, batchtopk or l1 (ReLU + L1 weighted by the summed decoder norms).", choices=["topk", "batchtopk", "l1"], panel=CROSS)
-    objective: str = setting("crosscoder", "crosscoder (code read from all models) or universal (from each model alone; loss includes cross-reconstruction).", choices=["crosscoder", "universal"], panel=CROSS)
+    objective: str = setting(
+        "crosscoder", "crosscoder (code read from all models) or universal (from each model alone; loss includes cross-reconstruction).", choices=["crosscoder", "universal"], panel=CROSS
+    )
     l1_coefficient: float = setting(1e-3, "l1: weight of the decoder-norm-weighted L1 penalty.", ge=0, panel=CROSS)
     steps: int = setting(2000, "Training steps.", ge=1, panel=CROSS)
     batch_size: int = setting(512, "Paired rows per step.", ge=1, panel=CROSS)

@@ -14,6 +14,7 @@ from typing import Any
 
 from xsae_cli.core.errors import XsaeError
 
+
 def n_blocks(model: Any) -> int:
     """Number of transformer blocks (zoo/anatomy: the config's count, else the main ModuleList's)."""
     from xsae_cli.zoo.anatomy import count_blocks

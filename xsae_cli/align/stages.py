@@ -124,8 +124,17 @@ def harvest(spec: TransferSpec, sides: tuple[Side, Side], pairing: Pairing) -> H
             tokens, seconds = 0, 0.0
             for split in SPLITS:
                 pos = pairing.chosen[split][:, [0, 1 if side.key == "a" else 2]]
-                h = harvest_paired(side.model, side.tokenizer, side.hook_list, side.contexts(splits[split]), pos, keep_content=split == "train",
-                                   batch_contexts=spec.settings.batch_contexts, model_name=side.name, on_batch=lambda k, t=task: bar.advance(t, k))
+                h = harvest_paired(
+                    side.model,
+                    side.tokenizer,
+                    side.hook_list,
+                    side.contexts(splits[split]),
+                    pos,
+                    keep_content=split == "train",
+                    batch_contexts=spec.settings.batch_contexts,
+                    model_name=side.name,
+                    on_batch=lambda k, t=task: bar.advance(t, k),
+                )
                 paired[side.key][split] = h.paired
                 if h.content is not None:
                     content[side.key] = h.content
@@ -187,7 +196,8 @@ def train_side_saes(spec: TransferSpec, side: Side, rows: dict[str, torch.Tensor
     hooks = list(rows)
     sae = spec.sae
     settings = sae.replace(
-        checkpoint_every=max(50, sae.tokens // sae.batch_size // 4), keep_checkpoints=1,
+        checkpoint_every=max(50, sae.tokens // sae.batch_size // 4),
+        keep_checkpoints=1,
         dead_tokens_threshold=min(1_000_000, max(2 * sae.batch_size, sae.tokens // 4)),
     )
     want = _json({"settings": {**asdict(settings), "seed": seed}, "data": fingerprint, "hooks": hooks})
@@ -232,7 +242,9 @@ def train_all_saes(spec: TransferSpec, sides: tuple[Side, Side], data: Harvest, 
                 result.saes[side.key][which] = given[side.key]
                 result.info[label] = {"loaded_from": str(spec.sae_a if side.key == "a" else spec.sae_b)}
                 continue
-            got, figures = train_side_saes(spec, side, rows, out / "saes" / side.key / f"seed{which}", seed, device, {**fingerprint, "model": side.name, "rows": int(next(iter(rows.values())).shape[0])})
+            got, figures = train_side_saes(
+                spec, side, rows, out / "saes" / side.key / f"seed{which}", seed, device, {**fingerprint, "model": side.name, "rows": int(next(iter(rows.values())).shape[0])}
+            )
             result.saes[side.key][which] = {h: m.float().eval() for h, m in got.items()}
             result.info[label] = _round(figures) if figures else {"reused": True}
     data.content.clear()  # the SAEs are trained: the train rows are no longer needed
@@ -271,7 +283,10 @@ def score_layers(spec: TransferSpec, A: Side, B: Side, layer_pairs: list[tuple[i
             tm = time.perf_counter()
             views = {A.key: data.views(A, ha, saes), B.key: data.views(B, hb, saes)}
             entry: dict[str, Any] = {
-                "layer_a": la, "layer_b": lb, "hook_a": ha, "hook_b": hb,
+                "layer_a": la,
+                "layer_b": lb,
+                "hook_a": ha,
+                "hook_b": hb,
                 "saes": {
                     side.name: {f"seed{w}": _round(sae_health(saes.of(side, w)[h], views[side.key].acts["test"], getattr(views[side.key], f"codes{w}")["test"])) for w in (1, 2)}
                     for side, h in ((A, ha), (B, hb))
@@ -299,11 +314,24 @@ def score_layers(spec: TransferSpec, A: Side, B: Side, layer_pairs: list[tuple[i
                     freqs = (codes > 0).float().mean(0)
                     dirs = sv.sae1.W_dec.detach().float().cpu()[latents]
                     mapped = torch.stack([maps[direction][s.intervene_mapper].direction(d) for d in dirs]) if latents else torch.zeros((0, tv.acts["test"].shape[1]))
-                    entry["interventions"][direction] = _round(transfer_latents(
-                        readouts[src.name], readouts[tgt.name], hooks[src.key], hooks[tgt.key], dirs, mapped, latents, [float(freqs[i]) for i in latents],
-                        strength=s.strength, norm_source=median_norm(sv.acts["test"]), norm_target=median_norm(tv.acts["test"]),
-                        top=s.top_tokens, seed=spec.seed, on_step=(lambda: bar.advance(itask)) if itask is not None else None,
-                    ))
+                    entry["interventions"][direction] = _round(
+                        transfer_latents(
+                            readouts[src.name],
+                            readouts[tgt.name],
+                            hooks[src.key],
+                            hooks[tgt.key],
+                            dirs,
+                            mapped,
+                            latents,
+                            [float(freqs[i]) for i in latents],
+                            strength=s.strength,
+                            norm_source=median_norm(sv.acts["test"]),
+                            norm_target=median_norm(tv.acts["test"]),
+                            top=s.top_tokens,
+                            seed=spec.seed,
+                            on_step=(lambda: bar.advance(itask)) if itask is not None else None,
+                        )
+                    )
                     entry["interventions"][direction]["mapper"] = s.intervene_mapper
                 out.intervention_seconds += time.perf_counter() - ti
             out.results.append(entry)

@@ -141,8 +141,12 @@ def _run_transfer(spec: TransferSpec) -> dict[str, Any]:
     saes = train_all_saes(spec, (A, B), data, given, out, device)
     scores = score_layers(spec, A, B, layer_pairs, pairing, data, saes)
     timings = {
-        "pairing": pairing.seconds, "harvest": data.seconds, "saes": saes.seconds, "mapping": scores.mapping_seconds,
-        "interventions": scores.intervention_seconds, "total": time.perf_counter() - t_start,
+        "pairing": pairing.seconds,
+        "harvest": data.seconds,
+        "saes": saes.seconds,
+        "mapping": scores.mapping_seconds,
+        "interventions": scores.intervention_seconds,
+        "total": time.perf_counter() - t_start,
     }
     report = {
         "format": REPORT_FORMAT,

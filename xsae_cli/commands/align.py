@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -57,10 +57,7 @@ def render_report(report: dict[str, Any]) -> None:
     names = {"a->b": f"{a} -> {b}", "b->a": f"{b} -> {a}"}
     p = report["pairing"]
     pairs = ", ".join("{}:{} ({} <-> {})".format(r["layer_a"], r["layer_b"], r["hook_a"], r["hook_b"]) for r in report["results"])
-    out.console.print(
-        f"[bold]{a}[/bold] ({report['blocks'][a]} blocks, d={report['widths'][a]}) and [bold]{b}[/bold] ({report['blocks'][b]} blocks, d={report['widths'][b]}); "
-        f"layer pairs {pairs}"
-    )
+    out.console.print(f"[bold]{a}[/bold] ({report['blocks'][a]} blocks, d={report['widths'][a]}) and [bold]{b}[/bold] ({report['blocks'][b]} blocks, d={report['widths'][b]}); layer pairs {pairs}")
     used = report["pairs_used"]
     out.console.print(
         f"paired {p['pairs']:,} positions ({p['kept_a']:.1%} of {a}'s tokens, {p['kept_b']:.1%} of {b}'s) in {p['documents']:,} documents; "
@@ -71,16 +68,47 @@ def render_report(report: dict[str, Any]) -> None:
         for r in report["results"]:
             for row in r["directions"][direction]:
                 t = row["test"]
-                rows.append([
-                    f"{r['layer_a']}:{r['layer_b']}", row["space"], row["mapper"],
-                    _f(t["r2"]), _refs(row, "r2"), _f(t["fvu"]),
-                    _f(t["cosine"]), _refs(row, "cosine"),
-                    _f(t.get("latent_r")), _refs(row, "latent_r"),
-                    _f(t.get("f1")), _refs(row, "f1"),
-                    _f(t.get("matched")), _refs(row, "matched"),
-                ])
-        cols = ["layers", "space", "mapper", "R2", "mean/null/sae/upper", "FVU", "cos", "mean/null/sae/upper", "latent r", "mean/null/sae/upper", "F1", "mean/null/sae/upper", "matched", "mean/null/sae/upper"]
-        out.console.print(out.table(f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/2nd-SAE reference (target through its 2nd SAE, not a bound)/upper bound (mapper fit on the test pairs)", cols, rows))
+                rows.append(
+                    [
+                        f"{r['layer_a']}:{r['layer_b']}",
+                        row["space"],
+                        row["mapper"],
+                        _f(t["r2"]),
+                        _refs(row, "r2"),
+                        _f(t["fvu"]),
+                        _f(t["cosine"]),
+                        _refs(row, "cosine"),
+                        _f(t.get("latent_r")),
+                        _refs(row, "latent_r"),
+                        _f(t.get("f1")),
+                        _refs(row, "f1"),
+                        _f(t.get("matched")),
+                        _refs(row, "matched"),
+                    ]
+                )
+        cols = [
+            "layers",
+            "space",
+            "mapper",
+            "R2",
+            "mean/null/sae/upper",
+            "FVU",
+            "cos",
+            "mean/null/sae/upper",
+            "latent r",
+            "mean/null/sae/upper",
+            "F1",
+            "mean/null/sae/upper",
+            "matched",
+            "mean/null/sae/upper",
+        ]
+        out.console.print(
+            out.table(
+                f"held-out mapping {names[direction]}: test value, then mean predictor/shuffled-pair null/2nd-SAE reference (target through its 2nd SAE, not a bound)/upper bound (mapper fit on the test pairs)",
+                cols,
+                rows,
+            )
+        )
     sim_rows = []
     for r in report["results"]:
         s = r["similarity"]
@@ -91,23 +119,48 @@ def render_report(report: dict[str, Any]) -> None:
             return "/".join(_f(get(v) if d.get(v) is not None else get(v.replace("sae_ref", "ceiling"))) for v in ("test", "null", "sae_ref_a", "sae_ref_b"))
 
         sv = s["svcca_acts"]
-        sim_rows.append([
-            f"{r['layer_a']}:{r['layer_b']}", four(s["cka_acts"]), four(s["cka_codes"]), four(sv),
-            f"{_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)} rows/dim)", four(lm, "matched"),
-        ])
-    out.console.print(out.table(f"similarity between the layers (test/null/2nd-SAE reference {a}/2nd-SAE reference {b})", ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"], sim_rows))
+        sim_rows.append(
+            [
+                f"{r['layer_a']}:{r['layer_b']}",
+                four(s["cka_acts"]),
+                four(s["cka_codes"]),
+                four(sv),
+                f"{_f(sv['in_sample'])} ({_f(sv['train_rows_per_dim'], 1)} rows/dim)",
+                four(lm, "matched"),
+            ]
+        )
+    out.console.print(
+        out.table(
+            f"similarity between the layers (test/null/2nd-SAE reference {a}/2nd-SAE reference {b})",
+            ["layers", "CKA acts", "CKA codes", "SVCCA held-out", "SVCCA in-sample", "direct latent matches"],
+            sim_rows,
+        )
+    )
     int_rows = []
     for r in report["results"]:
         for direction, iv in (r.get("interventions") or {}).items():
             first = (iv.get("latents") or [{}])[0]
-            int_rows.append([
-                f"{r['layer_a']}:{r['layer_b']}", names[direction], "next-token (LM head)" if iv["readout_target"] == READOUT_LM else "embedding lens (no KL)",
-                _f(iv.get("kl")), _f(iv.get("kl_random")), _f(iv.get("overlap")), _f(iv.get("overlap_random")),
-                f"#{first.get('latent', '-')}: {' '.join(repr(x) for x in (first.get('promoted_source') or [])[:4])} -> {' '.join(repr(x) for x in (first.get('promoted_target') or [])[:4])}",
-            ])
+            int_rows.append(
+                [
+                    f"{r['layer_a']}:{r['layer_b']}",
+                    names[direction],
+                    "next-token (LM head)" if iv["readout_target"] == READOUT_LM else "embedding lens (no KL)",
+                    _f(iv.get("kl")),
+                    _f(iv.get("kl_random")),
+                    _f(iv.get("overlap")),
+                    _f(iv.get("overlap_random")),
+                    f"#{first.get('latent', '-')}: {' '.join(repr(x) for x in (first.get('promoted_source') or [])[:4])} -> {' '.join(repr(x) for x in (first.get('promoted_target') or [])[:4])}",
+                ]
+            )
     if int_rows:
         conf = report["config"].get("settings", report["config"])  # reports before 0.2 kept the settings flat
-        out.console.print(out.table(f"interventions (strength {conf['strength']} x median norm; mapper {conf['intervene_mapper']})", ["layers", "direction", "target readout", "KL mapped", "KL random", "token overlap", "overlap random", "example latent: source -> target"], int_rows))
+        out.console.print(
+            out.table(
+                f"interventions (strength {conf['strength']} x median norm; mapper {conf['intervene_mapper']})",
+                ["layers", "direction", "target readout", "KL mapped", "KL random", "token overlap", "overlap random", "example latent: source -> target"],
+                int_rows,
+            )
+        )
     h = report.get("harvest", {})
     rates = ", ".join(f"{m} {v['tokens_per_second']:,.0f} tok/s" for m, v in h.items())
     mem = report.get("memory", {})
@@ -149,8 +202,8 @@ def transfer(
     a: str = typer.Option(..., "--a", help="Model A: zoo name or model path."),
     b: str = typer.Option(..., "--b", help="Model B: zoo name or model path."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder (report.json, SAEs)."),
-    sae_a: Optional[str] = typer.Option(None, "--sae-a", help="Folder of trained SAEs for A's layers (SAELens or sparsify layout) instead of training seed 1."),
-    sae_b: Optional[str] = typer.Option(None, "--sae-b", help="Folder of trained SAEs for B's layers."),
+    sae_a: str | None = typer.Option(None, "--sae-a", help="Folder of trained SAEs for A's layers (SAELens or sparsify layout) instead of training seed 1."),
+    sae_b: str | None = typer.Option(None, "--sae-b", help="Folder of trained SAEs for B's layers."),
     force: bool = typer.Option(False, "--force", help="Run again even if the folder holds a report (retrains the SAEs)."),
     settings: AlignSettings = None,  # type: ignore[assignment]
     _zoo: Any = None,
@@ -163,8 +216,19 @@ def transfer(
     cfg = ctx.obj.config
     hw = cfg.hardware
     spec = TransferSpec(
-        a=a, b=b, out=out_dir, settings=settings, sae=sae, mlp=mlp.replace(seed=hw.seed), sae_a=sae_a, sae_b=sae_b,
-        device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force, trust_remote_code=cfg.zoo.trust_remote_code,
+        a=a,
+        b=b,
+        out=out_dir,
+        settings=settings,
+        sae=sae,
+        mlp=mlp.replace(seed=hw.seed),
+        sae_a=sae_a,
+        sae_b=sae_b,
+        device=hw.device,
+        dtype=hw.dtype,
+        seed=hw.seed,
+        force=force,
+        trust_remote_code=cfg.zoo.trust_remote_code,
     )
     report = run_transfer(spec)
     warn_small(report)
@@ -183,7 +247,8 @@ def report(
 
 
 PAIR_ONLY = tuple(f"align.{n}" for n in ("layers", "corpus", "text_field", "limit", "context_size", "val_fraction", "test_fraction", "max_train_pairs", "max_test_pairs", "batch_contexts")) + tuple(
-    f"align.crosscoder.{f.name}" for f in dataclasses.fields(CrosscoderSettings))
+    f"align.crosscoder.{f.name}" for f in dataclasses.fields(CrosscoderSettings)
+)
 
 
 def render_crosscoder(report: dict[str, Any]) -> None:
@@ -194,13 +259,21 @@ def render_crosscoder(report: dict[str, Any]) -> None:
     for r in report["results"]:
         t, n, rg = r["test"], r["null"], r["ridge"]
         lat, ln = r["latents"], r["latents_null"]
-        rows.append([
-            f"{r['layer_a']}:{r['layer_b']}", r["config"]["objective"],
-            f"{_f(t['r2_joint'][a])} ({_f(n['r2_joint'][a])})", f"{_f(t['r2_joint'][b])} ({_f(n['r2_joint'][b])})",
-            f"{_f(t['r2_from_one'][f'{a}->{b}'])} ({_f(n['r2_from_one'][f'{a}->{b}'])})", f"{_f(rg['a->b']['ridge'])} / {_f(rg['a->b']['ridge_upper'])}",
-            f"{_f(t['r2_from_one'][f'{b}->{a}'])} ({_f(n['r2_from_one'][f'{b}->{a}'])})", f"{_f(rg['b->a']['ridge'])} / {_f(rg['b->a']['ridge_upper'])}",
-            f"{_f(lat['shared_fraction'])} ({_f(ln['shared_fraction'])})", f"{_f(lat['exclusive_fraction'][a])} / {_f(lat['exclusive_fraction'][b])}", _f(lat["alive"]),
-        ])
+        rows.append(
+            [
+                f"{r['layer_a']}:{r['layer_b']}",
+                r["config"]["objective"],
+                f"{_f(t['r2_joint'][a])} ({_f(n['r2_joint'][a])})",
+                f"{_f(t['r2_joint'][b])} ({_f(n['r2_joint'][b])})",
+                f"{_f(t['r2_from_one'][f'{a}->{b}'])} ({_f(n['r2_from_one'][f'{a}->{b}'])})",
+                f"{_f(rg['a->b']['ridge'])} / {_f(rg['a->b']['ridge_upper'])}",
+                f"{_f(t['r2_from_one'][f'{b}->{a}'])} ({_f(n['r2_from_one'][f'{b}->{a}'])})",
+                f"{_f(rg['b->a']['ridge'])} / {_f(rg['b->a']['ridge_upper'])}",
+                f"{_f(lat['shared_fraction'])} ({_f(ln['shared_fraction'])})",
+                f"{_f(lat['exclusive_fraction'][a])} / {_f(lat['exclusive_fraction'][b])}",
+                _f(lat["alive"]),
+            ]
+        )
     cols = ["layers", "objective", f"R2 {a} (null)", f"R2 {b} (null)", f"{a}->{b} (null)", "ridge / upper", f"{b}->{a} (null)", "ridge / upper", "shared (null)", f"exclusive {a} / {b}", "alive"]
     out.console.print(out.table("held-out crosscoder figures: R2 from the joint code, cross-reconstruction from one model's code, shuffled-pair null in brackets", cols, rows))
 
@@ -233,7 +306,13 @@ def render_diff(report: dict[str, Any]) -> None:
     for r in report["results"]:
         for name, rows in r.get("exclusive_latents", {}).items():
             table = [[str(x["latent"]), _f(x["relative_norm"]), _f(x["firing_rate"], 4), " | ".join(f"{c['text']}[{c['token']}]" for c in x["contexts"])] for x in rows]
-            out.console.print(out.table(f"latents most exclusive to {name} (layers {r['layer_a']}:{r['layer_b']}; relative decoder norm, 1 = only {name})", ["latent", "rel. norm", "firing", "top test contexts [token]"], table))
+            out.console.print(
+                out.table(
+                    f"latents most exclusive to {name} (layers {r['layer_a']}:{r['layer_b']}; relative decoder norm, 1 = only {name})",
+                    ["latent", "rel. norm", "firing", "top test contexts [token]"],
+                    table,
+                )
+            )
 
 
 @app.command("diff")
@@ -255,8 +334,19 @@ def diff(
 
     cfg = ctx.obj.config
     hw = cfg.hardware
-    spec = CrosscoderSpec(models=[base, finetuned], out=out_dir, settings=settings, cc=cc, device=hw.device, dtype=hw.dtype, seed=hw.seed, force=force,
-                          trust_remote_code=cfg.zoo.trust_remote_code, diff=True, top_latents=top)
+    spec = CrosscoderSpec(
+        models=[base, finetuned],
+        out=out_dir,
+        settings=settings,
+        cc=cc,
+        device=hw.device,
+        dtype=hw.dtype,
+        seed=hw.seed,
+        force=force,
+        trust_remote_code=cfg.zoo.trust_remote_code,
+        diff=True,
+        top_latents=top,
+    )
     report = run_crosscoder(spec)
     out.emit(report, render_diff)
     out.info(f"wrote {Path(out_dir) / 'crosscoder_report.json'}")

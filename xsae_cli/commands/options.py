@@ -23,7 +23,7 @@ import inspect
 import re
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -46,14 +46,14 @@ def split_list(values: Sequence[str] | None) -> list[str] | None:
 def _cli_type(tp: Any, parse: Any) -> Any:
     inner, _ = base_type(tp)
     if parse is not None:
-        return Optional[str]
+        return Optional[str]  # noqa: UP045 (a type built at run time for Typer)
     if typing.get_origin(inner) is list or (typing.get_origin(inner) is tuple and Ellipsis in typing.get_args(inner)):
-        return Optional[List[str]]
+        return Optional[list[str]]  # noqa: UP045 (a type built at run time for Typer)
     if typing.get_origin(inner) is tuple:
-        return Optional[str]
+        return Optional[str]  # noqa: UP045 (a type built at run time for Typer)
     if inner in (int, float, str, bool):
-        return Optional[inner]
-    return Optional[str]
+        return Optional[inner]  # noqa: UP045 (a type built at run time for Typer)
+    return Optional[str]  # noqa: UP045 (a type built at run time for Typer)
 
 
 def _default_text(value: Any) -> str:
@@ -238,12 +238,12 @@ def renamed(param: str, *old: str) -> Callable[[Callable[..., Any]], Callable[..
         tp = hints.get(param, Any)
         inner, nullable = base_type(tp)
         hidden_name = f"_old_{param}"
-        params.append(inspect.Parameter(hidden_name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *old, hidden=True), annotation=Optional[inner]))
+        params.append(inspect.Parameter(hidden_name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *old, hidden=True), annotation=Optional[inner]))  # noqa: UP045 (a type built at run time for Typer)
         required = getattr(target.default, "default", None) is ...
         if required:  # the new spelling may now be left out when an old one is given
             info = target.default
             info.default = None
-            params = [p.replace(annotation=Optional[inner]) if p.name == param else p for p in params]
+            params = [p.replace(annotation=Optional[inner]) if p.name == param else p for p in params]  # noqa: UP045 (a type built at run time for Typer)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -51,7 +51,7 @@ def predict(
     ctx: typer.Context,
     text: str = typer.Argument(..., help='A damaged line, e.g. "a-na be-li2-ia [...] qi2-bi2-ma"; [...] is a gap of unknown length, [x] one lost sign.'),
     model: Path = typer.Option(..., "--model", "-m", help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint (default: Unicode code points, as the original code)."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint (default: Unicode code points, as the original code)."),
     settings: PredictSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Ranked restorations of each gap, with probabilities (beam search over the gap's characters)."""
@@ -83,7 +83,7 @@ def predict(
 def evaluate(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="A model folder from `xsae restore train`."),
-    corpus: Optional[List[str]] = typer.Option(None, "--corpus", help="Corpus to split (default: the one the model was trained on)."),
+    corpus: list[str] | None = typer.Option(None, "--corpus", help="Corpus to split (default: the one the model was trained on)."),
     settings: EvaluateSettings = None,  # type: ignore[assignment]
 ) -> None:
     """Top-1/top-5 character accuracy on held-out masked spans, next to a character n-gram baseline."""
@@ -105,17 +105,20 @@ def evaluate(
 @renamed("out_dir", "--output")
 def convert(
     checkpoint: Path = typer.Argument(..., help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default: <model>/transformer_lens, or <ckpt>-transformer-lens)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json to copy beside a .pt checkpoint's conversion."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Where to write (default: <model>/transformer_lens, or <ckpt>-transformer-lens)."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="vocab.json to copy beside a .pt checkpoint's conversion."),
     force: bool = typer.Option(False, "--force", help="Replace an existing conversion."),
 ) -> None:
     """Convert to a TransformerLens HookedTransformer (config + safetensors) and report the logit difference."""
     from xsae_cli.restore.convert import convert as run
 
     report = run(checkpoint, out_dir, force=force, vocab=vocab)
-    out.emit(report, lambda d: out.console.print(
-        f"wrote HookedTransformer to [bold]{d['out']}[/bold]; max |logit difference| on random inputs: {d['max_abs_logit_diff']:.2e} (float32, tolerance {d['tolerance']:g})"
-    ))
+    out.emit(
+        report,
+        lambda d: out.console.print(
+            f"wrote HookedTransformer to [bold]{d['out']}[/bold]; max |logit difference| on random inputs: {d['max_abs_logit_diff']:.2e} (float32, tolerance {d['tolerance']:g})"
+        ),
+    )
 
 
 @app.command("sae")
@@ -124,8 +127,8 @@ def sae(
     ctx: typer.Context,
     model: Path = typer.Option(..., "--model", "-m", help="A model folder from `xsae restore train`, or an original .pt checkpoint."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder for the SAE."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the global --device)."),
-    vocab: Optional[Path] = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: the global --device)."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="vocab.json for a .pt checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over even if the folder holds a finished run."),
     settings: RestoreSaeSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -141,10 +144,22 @@ def sae(
     def render(d: dict[str, Any]) -> None:
         rec = d["reconstruction"]
         t = d["training"]
-        out.console.print(out.table(f"SAE on {d['hook']} ({d['via']})", ["FVU", "L0", "dead", "tokens", "seconds", "peak RSS"], [[
-            f"{rec.get('fvu', float('nan')):.3f}", f"{rec.get('l0', float('nan')):.1f}", _pct(rec.get("dead_fraction", float("nan"))),
-            f"{t['tokens']:,}", f"{t['seconds']:.1f}", f"{d['memory']['peak_rss_bytes'] / 2**20:,.0f} MiB",
-        ]]))
+        out.console.print(
+            out.table(
+                f"SAE on {d['hook']} ({d['via']})",
+                ["FVU", "L0", "dead", "tokens", "seconds", "peak RSS"],
+                [
+                    [
+                        f"{rec.get('fvu', float('nan')):.3f}",
+                        f"{rec.get('l0', float('nan')):.1f}",
+                        _pct(rec.get("dead_fraction", float("nan"))),
+                        f"{t['tokens']:,}",
+                        f"{t['seconds']:.1f}",
+                        f"{d['memory']['peak_rss_bytes'] / 2**20:,.0f} MiB",
+                    ]
+                ],
+            )
+        )
         out.console.print(f"SAELens files and features.json in [bold]{d['sae']}[/bold]")
 
     out.emit(metrics, render)

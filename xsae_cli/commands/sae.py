@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -18,15 +18,17 @@ def _metrics_table(metrics: dict) -> None:
     rows = []
     for hook, r in metrics.get("hooks", {}).items():
         down = r.get("downstream") or {}
-        rows.append([
-            hook,
-            f"{r['fvu']:.3f}",
-            f"{r['l0']:.1f}",
-            f"{100 * r['dead_fraction']:.1f}%",
-            f"{down['ce_loss_recovered']:.3f}" if down else "-",
-            f"{down['kl']:.3f}" if down else "-",
-            f"{down['ce_clean']:.3f} / {down['ce_spliced']:.3f} / {down['ce_zero']:.3f}" if down else "-",
-        ])
+        rows.append(
+            [
+                hook,
+                f"{r['fvu']:.3f}",
+                f"{r['l0']:.1f}",
+                f"{100 * r['dead_fraction']:.1f}%",
+                f"{down['ce_loss_recovered']:.3f}" if down else "-",
+                f"{down['kl']:.3f}" if down else "-",
+                f"{down['ce_clean']:.3f} / {down['ce_spliced']:.3f} / {down['ce_zero']:.3f}" if down else "-",
+            ]
+        )
     out.console.print(out.table("held-out metrics", ["hook", "FVU", "L0", "dead", "CE recovered", "KL", "CE clean/spliced/zero"], rows))
     t = metrics.get("training")
     if t:
@@ -39,7 +41,7 @@ def _metrics_table(metrics: dict) -> None:
 def train(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or model path."),
-    hook: List[str] = typer.Option(..., "--hook", help="Module path to hook, e.g. model.layers.15, or a block number (repeat, or separate with commas, for several SAEs in one run)."),
+    hook: list[str] = typer.Option(..., "--hook", help="Module path to hook, e.g. model.layers.15, or a block number (repeat, or separate with commas, for several SAEs in one run)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder."),
     force: bool = typer.Option(False, "--force", help="Start over even if the run folder holds a finished run."),
     settings: SaeRunSettings = None,  # type: ignore[assignment]
@@ -51,8 +53,16 @@ def train(
     cfg = ctx.obj.config
     hw = cfg.hardware
     spec = RunSpec(
-        model=model, hooks=split_list(hook) or [], out=out_dir, settings=settings, device=hw.device, model_dtype=hw.dtype, seed=hw.seed,
-        deepspeed_config=hw.deepspeed_config or None, trust_remote_code=cfg.zoo.trust_remote_code, force=force,
+        model=model,
+        hooks=split_list(hook) or [],
+        out=out_dir,
+        settings=settings,
+        device=hw.device,
+        model_dtype=hw.dtype,
+        seed=hw.seed,
+        deepspeed_config=hw.deepspeed_config or None,
+        trust_remote_code=cfg.zoo.trust_remote_code,
+        force=force,
     )
     metrics = train_run(spec)
     if metrics and "rank" not in metrics:  # the other ranks of a launch report nothing
@@ -63,7 +73,7 @@ def train(
 def evaluate(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A run folder written by `xsae sae train`."),
-    eval_tokens: Optional[str] = typer.Option(None, "--tokens", help="Held-out tokens for reconstruction metrics (default: the run's eval_tokens)."),
+    eval_tokens: str | None = typer.Option(None, "--tokens", help="Held-out tokens for reconstruction metrics (default: the run's eval_tokens)."),
 ) -> None:
     """FVU, L0, dead latents and CE loss recovered / KL on the run's held-out text."""
     from xsae_cli.sae.runs import evaluate_run
@@ -79,7 +89,7 @@ def export(
     src: Path = typer.Argument(..., help="An SAE folder, a run folder or a PEFT adapter folder (SAELens, sparsify or peft)."),
     dst: Path = typer.Argument(..., help="Where to write."),
     fmt: str = typer.Option("saelens", "--format", help="saelens, sparsify, or peft (an adapter folder for PeftSaeModel.from_pretrained)."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Hook name for the sparsify layout, or the target module for peft (default: from the SAE's metadata)."),
+    hook: str | None = typer.Option(None, "--hook", help="Hook name for the sparsify layout, or the target module for peft (default: from the SAE's metadata)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing destination."),
 ) -> None:
     """Convert SAEs between the SAELens and sparsify layouts and PEFT adapter folders."""
@@ -95,8 +105,8 @@ def export(
 def features(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A run folder written by `xsae sae train`."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Which hook's SAE (needed when the run has several)."),
-    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the JSON (default: <run>/<hook>/features.json)."),
+    hook: str | None = typer.Option(None, "--hook", help="Which hook's SAE (needed when the run has several)."),
+    output: Path | None = typer.Option(None, "--out", "-o", help="Where to write the JSON (default: <run>/<hook>/features.json)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
     settings: FeatureSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -115,8 +125,24 @@ def archs() -> None:
     from xsae_cli.sae.registry import describe
 
     rows = describe()
-    out.emit(rows, lambda rs: out.console.print(out.table("SAE architectures", ["arch", "uses k", "SAELens", "sparsify", "extra tensors", "loss coefficients", "options"], [
-        [r["arch"], "yes" if r["uses_k"] else "-", r["saelens"], r["sparsify"] or "-", ", ".join(f"{n} ({k})" for n, k in r["tensors"].items()) or "-",
-         ", ".join(r["coefficients"]) or "-", ", ".join(f"{n}={v}" for n, v in r["options"].items()) or "-"]
-        for r in rs
-    ])))
+    out.emit(
+        rows,
+        lambda rs: out.console.print(
+            out.table(
+                "SAE architectures",
+                ["arch", "uses k", "SAELens", "sparsify", "extra tensors", "loss coefficients", "options"],
+                [
+                    [
+                        r["arch"],
+                        "yes" if r["uses_k"] else "-",
+                        r["saelens"],
+                        r["sparsify"] or "-",
+                        ", ".join(f"{n} ({k})" for n, k in r["tensors"].items()) or "-",
+                        ", ".join(r["coefficients"]) or "-",
+                        ", ".join(f"{n}={v}" for n, v in r["options"].items()) or "-",
+                    ]
+                    for r in rs
+                ],
+            )
+        ),
+    )

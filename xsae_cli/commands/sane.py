@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -45,9 +45,7 @@ def _tokenise(bar: Any, names: list[str], cs: int, scheme: Any, *, force: bool =
     return done
 
 
-
-
-def _scheme(s: Any, view: Optional[str] = None) -> Any:
+def _scheme(s: Any, view: str | None = None) -> Any:
     """The coordinate scheme of the [sane] settings ``s`` (``view`` overrides theirs)."""
     from xsae_cli.sane.tokenizer import CoordScheme
     from xsae_cli.sane.views import get_view
@@ -56,7 +54,7 @@ def _scheme(s: Any, view: Optional[str] = None) -> Any:
     return CoordScheme(layer_keywords=tuple(s.layer_keywords), view=v)
 
 
-def _model_names(models: Optional[List[str]], zoo: Optional[str]) -> list[str]:
+def _model_names(models: list[str] | None, zoo: str | None) -> list[str]:
     from xsae_cli.zoo.registry import Registry
 
     if models and zoo:
@@ -80,7 +78,7 @@ def _model_names(models: Optional[List[str]], zoo: Optional[str]) -> list[str]:
 @options("sane", into="settings", only=("view", "chunk_size", "strict"))
 def tokenize(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="Zoo names or model paths."),
+    names: list[str] = typer.Argument(..., help="Zoo names or model paths."),
     force: bool = typer.Option(False, "--force", help="Re-tokenise even when cached."),
     settings: SaneTrainSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -106,9 +104,13 @@ def tokenize(
     ]
 
     def render(data: list[dict[str, Any]]) -> None:
-        out.console.print(out.table("tokenised", ["model", "view", "chunks", "tensors", "seconds", "MB/s", "cache"], [
-            [r["name"], r["view"], f"{r['n_chunks']:,}", r["n_tensors"], f"{r['seconds']:.2f}", "cached" if r["cached"] else f"{r['mb_per_second']:.0f}", r["cache"]] for r in data
-        ]))
+        out.console.print(
+            out.table(
+                "tokenised",
+                ["model", "view", "chunks", "tensors", "seconds", "MB/s", "cache"],
+                [[r["name"], r["view"], f"{r['n_chunks']:,}", r["n_tensors"], f"{r['seconds']:.2f}", "cached" if r["cached"] else f"{r['mb_per_second']:.0f}", r["cache"]] for r in data],
+            )
+        )
 
     out.emit(rows, render)
 
@@ -117,8 +119,8 @@ def tokenize(
 @options("sane", into="settings")
 def train(
     ctx: typer.Context,
-    zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
-    models: Optional[List[str]] = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
+    zoo: str | None = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
+    models: list[str] | None = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
     out_dir: Path = typer.Option(Path("runs/sane"), "--out", "-o", help="Run folder (checkpoint_epoch_N/ inside)."),
     force: bool = typer.Option(False, "--force", help="Delete existing checkpoints and start over (default: resume)."),
     settings: SaneTrainSettings = None,  # type: ignore[assignment]
@@ -170,11 +172,11 @@ def train(
 def embed(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
-    models: Optional[List[str]] = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
-    zoo: Optional[str] = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
+    models: list[str] | None = typer.Option(None, "--models", help="Zoo names or paths (repeat, or separate with commas)."),
+    zoo: str | None = typer.Option(None, "--zoo", help="'demo': every model in the catalogue."),
     output_dir: Path = typer.Option(Path("out"), "--out", "-o", help="Where model_embeddings.json/.npz go."),
     force: bool = typer.Option(False, "--force", help="Replace existing embeddings."),
-    view: Optional[str] = typer.Option(None, "--view", help="What is tokenised (default: the view the checkpoint was trained on)."),
+    view: str | None = typer.Option(None, "--view", help="What is tokenised (default: the view the checkpoint was trained on)."),
     settings: EmbedSettings = None,  # type: ignore[assignment]
 ) -> None:
     """One 512-d embedding per model (windows covering the whole model, or --max-windows evenly spaced ones, pooled)."""
@@ -184,11 +186,31 @@ def embed(
     names = _model_names(models, zoo)
     s = settings
     with out.progress() as bar:
-        result = embed_models(checkpoint, names, output_dir, window_size=s.window_size, batch_size=s.batch_size, device=cfg.hardware.device, view=view, force=force, warn=out.warn, progress=bar, max_windows=s.max_windows, layer_keywords=cfg.sane.layer_keywords, layout=s.format)
+        result = embed_models(
+            checkpoint,
+            names,
+            output_dir,
+            window_size=s.window_size,
+            batch_size=s.batch_size,
+            device=cfg.hardware.device,
+            view=view,
+            force=force,
+            warn=out.warn,
+            progress=bar,
+            max_windows=s.max_windows,
+            layer_keywords=cfg.sane.layer_keywords,
+            layout=s.format,
+        )
     brief = {"written": result.get("written"), "dim": result["dim"], "models": result["models"], "config": result["config"]}
 
     def render(d: dict[str, Any]) -> None:
-        out.console.print(out.table("embedded", ["model", "chunks", "windows", "coverage", "seconds"], [[n, f"{m['n_chunks']:,}", m["windows"], f"{m['coverage']:.0%}", f"{m['seconds']:.2f}"] for n, m in d["models"].items()]))
+        out.console.print(
+            out.table(
+                "embedded",
+                ["model", "chunks", "windows", "coverage", "seconds"],
+                [[n, f"{m['n_chunks']:,}", m["windows"], f"{m['coverage']:.0%}", f"{m['seconds']:.2f}"] for n, m in d["models"].items()],
+            )
+        )
         out.console.print(f"wrote [bold]{d['written']['json']}[/bold] ({d['dim']}-d)")
 
     out.emit(brief, render)
@@ -200,7 +222,7 @@ def calibrate(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint_epoch_N folder from `xsae sane train`."),
     lineage: Path = typer.Option(..., "--lineage", help='JSON {"model": "its base", ...} of known descendants (zoo names or paths); at least two bases.'),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the calibrated checkpoint goes (default: <checkpoint>_calibrated)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Where the calibrated checkpoint goes (default: <checkpoint>_calibrated)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     settings: CalibrateSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -209,7 +231,9 @@ def calibrate(
 
     target = out_dir or checkpoint.parent / f"{checkpoint.name}_calibrated"
     with out.progress() as bar:
-        result = calibrate_checkpoint(checkpoint, read_lineage(lineage), target, force=force, max_windows=settings.max_windows, warn=out.warn, progress=bar, layer_keywords=ctx.obj.config.sane.layer_keywords)
+        result = calibrate_checkpoint(
+            checkpoint, read_lineage(lineage), target, force=force, max_windows=settings.max_windows, warn=out.warn, progress=bar, layer_keywords=ctx.obj.config.sane.layer_keywords
+        )
 
     def render(d: dict[str, Any]) -> None:
         gains = ", ".join(f"{k} {v:.2f}" for k, v in d["kind_gains"].items())
@@ -222,7 +246,7 @@ def calibrate(
 def neighbors(
     name: str = typer.Argument(..., help="A model in the embeddings file."),
     embeddings: Path = typer.Option(Path("out/model_embeddings.json"), "--embeddings", help="model_embeddings.json from `xsae sane embed`."),
-    top: Optional[int] = typer.Option(None, "--top", help="Show only the nearest N."),
+    top: int | None = typer.Option(None, "--top", help="Show only the nearest N."),
 ) -> None:
     """The nearest models to NAME by cosine distance."""
     from xsae_cli.sane.embed import cosine_neighbors, read_embeddings
@@ -237,7 +261,7 @@ def neighbors(
 def evaluate(
     ctx: typer.Context,
     out_dir: Path = typer.Option(Path("runs/sane-lineage"), "--out", "-o", help="Work folder: lineage zoo, caches, runs, lineage.json."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Score this SANE checkpoint in every fold (default: train one per fold, with its held-out types left out)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Score this SANE checkpoint in every fold (default: train one per fold, with its held-out types left out)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing lineage.json (the built zoo is reused)."),
     settings: LineageSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -268,10 +292,13 @@ def evaluate(
         result = run_eval(out_dir, settings, checkpoint, log=out.info, on_step=on_step, on_member=on_member, force=force)
 
     def render(r: dict[str, Any]) -> None:
-        out.console.print(out.table(
-            f"lineage retrieval of the base, held-out transform types ({r['n_bases']} bases, {r['n_variants']} variants): top-1 / MRR / AUROC",
-            ["transform", "fold", "SANE", "quantile stats", "random encoder", "raw cosine", "base nearest (S / Q / R / C)"], format_table(r),
-        ))
+        out.console.print(
+            out.table(
+                f"lineage retrieval of the base, held-out transform types ({r['n_bases']} bases, {r['n_variants']} variants): top-1 / MRR / AUROC",
+                ["transform", "fold", "SANE", "quantile stats", "random encoder", "raw cosine", "base nearest (S / Q / R / C)"],
+                format_table(r),
+            )
+        )
         for f in r["folds"]:
             p = f["pairs"]
             rec = f["reconstruction_held_out"]

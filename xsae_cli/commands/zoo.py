@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import typer
 
 from xsae_cli.commands.options import options
 from xsae_cli.core import console as out
 from xsae_cli.core.io import format_bytes
-from xsae_cli.zoo.sources import describe_sources
 from xsae_cli.zoo.settings import ZooSettings
+from xsae_cli.zoo.sources import describe_sources
 
 app = typer.Typer(
     help=f"Catalogue models ({describe_sources()}) and stream their weights.",
@@ -19,11 +18,11 @@ app = typer.Typer(
 )
 
 
-def _human_bytes(n: Optional[int]) -> str:
+def _human_bytes(n: int | None) -> str:
     return "?" if n is None else format_bytes(n)
 
 
-def _human_count(n: Optional[int]) -> str:
+def _human_count(n: int | None) -> str:
     if n is None:
         return "?"
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -42,8 +41,8 @@ def _entry_table(entries: list) -> None:  # noqa: D103
 def add(
     ctx: typer.Context,
     source: str = typer.Argument(..., help=f"{describe_sources()[0].upper()}{describe_sources()[1:]}."),
-    name: Optional[str] = typer.Option(None, "--name", help="Catalogue name (default: from the source)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Family or lineage label used by plots."),
+    name: str | None = typer.Option(None, "--name", help="Catalogue name (default: from the source)."),
+    family: str | None = typer.Option(None, "--family", help="Family or lineage label used by plots."),
     force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
     zoo_cfg: ZooSettings = None,  # type: ignore[assignment]
 ) -> None:
@@ -108,7 +107,7 @@ def rm(name: str = typer.Argument(..., help="Catalogue name.")) -> None:
 @app.command("weights")
 def weights(
     name: str = typer.Argument(..., help="Catalogue name or a path."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Stop after this many tensors."),
+    limit: int | None = typer.Option(None, "--limit", help="Stop after this many tensors."),
     stats: bool = typer.Option(False, "--stats", help="Also read every tensor and report mean/std (streams all weights)."),
 ) -> None:
     """Stream tensor names, shapes and dtypes one tensor at a time (memory-mapped where possible)."""
@@ -135,6 +134,7 @@ def fetch(force: bool = typer.Option(False, "--force", help="Download again even
     from xsae_cli.zoo.demo import fetch as fetch_demo
 
     paths = fetch_demo(force=force)
+
     def show(d: dict[str, object]) -> None:
         for k, v in d.items():
             out.console.print(f"[green]ok[/green] {k}: {v}")

@@ -16,9 +16,10 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.settings import (

@@ -308,9 +308,28 @@ def _shares_storage(t: Any, tensors: dict[str, Any]) -> bool:
 #: Bits per element of every safetensors dtype (the format's own list; the Python package exposes
 #: it only through torch, which a header check should not have to import).
 SAFETENSORS_DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
 }
 _MAX_HEADER = 100_000_000  # the format's own limit on the header's length
 
@@ -425,7 +444,7 @@ _PICKLE_MAGIC = re.compile(rb"^\x80[\x02-\x05]")
 #: A code-free conversion a user can run where they trust the file; the fix for a pickled model.
 CONVERT_PICKLE_HINT = (
     "xsae never runs code from a model file; if you trust it, convert it once to safetensors "
-    "(python -c \"import torch; from safetensors.torch import save_file; "
+    '(python -c "import torch; from safetensors.torch import save_file; '
     "save_file({k: v.contiguous() for k, v in torch.load('FILE', weights_only=False).items()}, 'model.safetensors')\") "
     "or re-save just the state dict with torch.save(model.state_dict(), ...)"
 )

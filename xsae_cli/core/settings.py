@@ -151,7 +151,7 @@ def base_type(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
     return tp, False
 
 
@@ -300,7 +300,7 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
         if isinstance(item, float) and not math.isfinite(item):
             raise InvalidSetting(f.name, value, "must be a finite number", m.example)
         if isinstance(item, (int, float)) and not isinstance(item, bool):
-            for name, ok in (("ge", lambda b: item >= b), ("gt", lambda b: item > b), ("le", lambda b: item <= b), ("lt", lambda b: item < b)):
+            for name, ok in (("ge", lambda b, x=item: x >= b), ("gt", lambda b, x=item: x > b), ("le", lambda b, x=item: x <= b), ("lt", lambda b, x=item: x < b)):
                 bound = getattr(m, name)
                 if bound is not None and not ok(bound):
                     raise InvalidSetting(f.name, value, f"must be {rule_text(m)}", m.example)

@@ -73,7 +73,7 @@ def resolve_module_name(model: nn.Module, path: str) -> str:
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [p]
     if p.startswith("model."):
-        candidates.append(p[len("model."):])
+        candidates.append(p[len("model.") :])
     for head in dict.fromkeys(h for h in (base, prefix, "model") if h):
         for c in list(candidates):
             candidates.append(f"{head}.{c}")
@@ -356,7 +356,7 @@ class ActivationStore:
 
         # Only a visible bar opens a rich live display: a trainer iterating these batches under its
         # own progress bar would otherwise collide with it (rich < 15 allows one live display).
-        with (progress(transient=False) if show_progress else nullcontext()) as bar:
+        with progress(transient=False) if show_progress else nullcontext() as bar:
             task = bar.add_task(f"harvesting {', '.join(self.hooks)}", total=total, unit="tok") if bar is not None else None
             start = 0
             while start < n and yielded + ready.count + buffer.count < limit:
@@ -468,6 +468,7 @@ class ActivationStore:
 
 
 # --------------------------------------------------------------------------------------- shards
+
 
 class ShardedActivations:
     """A harvest cached by :meth:`ActivationStore.save_shards`, read back one shard at a time.

@@ -26,18 +26,19 @@ import math
 import random
 import re
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import torch
 
 from xsae_cli.core.errors import XsaeError
 
 #: A document: plain text, or a chat as a list of ``{"role": ..., "content": ...}`` messages.
-Row = Union[str, list[dict[str, Any]]]
+Row = Union[str, list[dict[str, Any]]]  # noqa: UP007 (a run-time alias; Python 3.10 evaluates it)
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -46,22 +47,131 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # list (not pkgutil discovery) keeps the corpus identical across machines with the same Python;
 # every module here imports without side effects (no GUI, no network, no ``this``).
 _BUILTIN_MODULES: tuple[str, ...] = (
-    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
-    "collections", "collections.abc", "colorsys", "concurrent.futures", "configparser", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "doctest", "email.message",
-    "email.parser", "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools", "getopt",
-    "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser",
-    "http.client", "http.cookies", "http.server", "imaplib", "importlib", "inspect", "io",
-    "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "logging.handlers",
-    "lzma", "mailbox", "math", "mimetypes", "numbers", "operator", "optparse", "os", "os.path",
-    "pathlib", "pickle", "pickletools", "platform", "plistlib", "poplib", "pprint", "profile",
-    "pstats", "queue", "quopri", "random", "re", "reprlib", "sched", "secrets", "selectors",
-    "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver", "sqlite3",
-    "statistics", "string", "stringprep", "struct", "subprocess", "symtable", "sys", "tabnanny",
-    "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "token", "tokenize", "trace",
-    "traceback", "tracemalloc", "types", "typing", "unicodedata", "unittest", "urllib.parse",
-    "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "xml.etree.ElementTree",
-    "zipfile", "zlib", "zoneinfo",
+    "abc",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "cmath",
+    "codecs",
+    "collections",
+    "collections.abc",
+    "colorsys",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "doctest",
+    "email.message",
+    "email.parser",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "graphlib",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http.client",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "importlib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "logging.handlers",
+    "lzma",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pickletools",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "profile",
+    "pstats",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "statistics",
+    "string",
+    "stringprep",
+    "struct",
+    "subprocess",
+    "symtable",
+    "sys",
+    "tabnanny",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "token",
+    "tokenize",
+    "trace",
+    "traceback",
+    "tracemalloc",
+    "types",
+    "typing",
+    "unicodedata",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
+    "zoneinfo",
 )
 _MIN_DOC_CHARS = 80  # shorter docstrings ("Return self+value.") are boilerplate, not prose
 
@@ -111,10 +221,7 @@ def load_texts(source: str, *, text_field: str = "text", limit: int | None = Non
 def _read_dir(path: Path, text_field: str, limit: int | None) -> list[Row]:
     if any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return _read_datasets_folder(path, text_field, limit)
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise XsaeError(
             f"folder {path} holds no .txt, .jsonl or .parquet files and is not a datasets folder",
@@ -256,13 +363,11 @@ def _row_from_record(record: dict[str, Any], text_field: str, where: str) -> Row
 def _row_from_value(value: Any, column: str, where: str) -> Row:
     if isinstance(value, str):
         return value
-    if isinstance(value, (list, tuple)) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise XsaeError(
         f"{where}: '{column}' holds {type(value).__name__}, not text or a list of {{role, content}} messages",
-        "give each row a text string or a chat as [{\"role\": ..., \"content\": ...}, ...]",
+        'give each row a text string or a chat as [{"role": ..., "content": ...}, ...]',
     )
 
 
@@ -420,11 +525,16 @@ class TokenContexts:
         """Positions that are neither padding nor special: what harvesting keeps by default."""
         return int((~self.special_mask).sum())
 
-    def select(self, index: torch.Tensor | Sequence[int] | slice) -> "TokenContexts":
+    def select(self, index: torch.Tensor | Sequence[int] | slice) -> TokenContexts:
         """A subset of the contexts (same metadata)."""
         return TokenContexts(
-            self.input_ids[index], self.attention_mask[index], self.special_mask[index],
-            self.packed, self.n_documents, self.n_truncated, dict(self.meta),
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.special_mask[index],
+            self.packed,
+            self.n_documents,
+            self.n_truncated,
+            dict(self.meta),
         )
 
 
@@ -467,7 +577,7 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     log.setLevel(logging.ERROR)
     try:
         # A bar (a rich live display) only for corpora big enough to wait for.
-        with (progress(transient=True) if len(texts) > 2000 else nullcontext()) as bar:
+        with progress(transient=True) if len(texts) > 2000 else nullcontext() as bar:
             task = bar.add_task("tokenising", total=len(texts), unit="doc") if bar is not None else None
             for start in range(0, len(texts), chunk):
                 batch = list(texts[start : start + chunk])

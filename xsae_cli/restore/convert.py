@@ -150,7 +150,7 @@ def max_logit_diff(model: Any, tl: Any, *, n: int = 2, seq_len: int | None = Non
         worst = max(worst, float((model(ids).float() - tl(ids).float()).abs().max()))
         if padded and length > 4:
             mask = torch.ones(n, length, dtype=torch.long, device=device)
-            mask[0, length // 2:] = 0
+            mask[0, length // 2 :] = 0
             a = model(ids, mask).float()
             b = tl_logits(tl, ids, mask).float()
             keep = mask.bool()
@@ -158,7 +158,9 @@ def max_logit_diff(model: Any, tl: Any, *, n: int = 2, seq_len: int | None = Non
     return worst
 
 
-def convert(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False, vocab: Any = None, device: Any = "cpu", tolerance: float = TOLERANCE) -> dict[str, Any]:
+def convert(
+    checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, force: bool = False, vocab: Any = None, device: Any = "cpu", tolerance: float = TOLERANCE
+) -> dict[str, Any]:
     """Convert, check the logits on random inputs, and save config + state dict to ``out``."""
     from xsae_cli.core.hardware import package_versions
     from xsae_cli.core.io import (

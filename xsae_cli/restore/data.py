@@ -114,7 +114,7 @@ class Vocab:
         return "".join(self.char(int(i)) if int(i) not in self.special_ids else "_" for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "specials": list(SPECIALS), "chars": self.itos[len(SPECIALS):]}
+        return {"kind": self.kind, "specials": list(SPECIALS), "chars": self.itos[len(SPECIALS) :]}
 
     def save(self, path: Path) -> None:
         from xsae_cli.core.io import atomic_write_json
@@ -410,10 +410,10 @@ def sample_windows(enc: Encoded, n: int, seq_len: int, rng: np.random.Generator,
     for r, d in enumerate(docs):
         length = int(lengths[d])
         start = int(rng.integers(0, max(1, length - seq_len + 1)))
-        piece = enc.ids[d][start:start + seq_len]
-        ids[r, :len(piece)] = piece
-        attn[r, :len(piece)] = 1
-        dmg[r, :len(piece)] = enc.damaged[d][start:start + seq_len]
+        piece = enc.ids[d][start : start + seq_len]
+        ids[r, : len(piece)] = piece
+        attn[r, : len(piece)] = 1
+        dmg[r, : len(piece)] = enc.damaged[d][start : start + seq_len]
     return ids, attn, dmg
 
 
@@ -422,7 +422,7 @@ def tile_windows(enc: Encoded, seq_len: int, pad_id: int, limit: int | None = No
     rows: list[tuple[np.ndarray, np.ndarray]] = []
     for ids, dmg in zip(enc.ids, enc.damaged):
         for start in range(0, len(ids), seq_len):
-            rows.append((ids[start:start + seq_len], dmg[start:start + seq_len]))
+            rows.append((ids[start : start + seq_len], dmg[start : start + seq_len]))
             if limit is not None and len(rows) >= limit:
                 break
         if limit is not None and len(rows) >= limit:
@@ -431,9 +431,9 @@ def tile_windows(enc: Encoded, seq_len: int, pad_id: int, limit: int | None = No
     attn = np.zeros((len(rows), seq_len), dtype=np.int64)
     out_dmg = np.zeros((len(rows), seq_len), dtype=bool)
     for r, (a, b) in enumerate(rows):
-        out_ids[r, :len(a)] = a
-        attn[r, :len(a)] = 1
-        out_dmg[r, :len(a)] = b
+        out_ids[r, : len(a)] = a
+        attn[r, : len(a)] = 1
+        out_dmg[r, : len(a)] = b
     return out_ids, attn, out_dmg
 
 

@@ -44,7 +44,7 @@ class CharNgram:
         for n in range(1, order + 1):
             grams: Counter[str] = Counter()
             for t in texts:
-                grams.update(t[i:i + n] for i in range(len(t) - n + 1))
+                grams.update(t[i : i + n] for i in range(len(t) - n + 1))
             by_ctx: dict[str, list[tuple[int, int]]] = defaultdict(list)
             for g, c in grams.items():
                 j = vocab.index(g[-1])
@@ -67,7 +67,7 @@ class CharNgram:
 
     def probs(self, context: str) -> np.ndarray:
         """P(next char | context) over the vocabulary ids (uses the last order-1 characters)."""
-        context = context[-(self.order - 1):] if self.order > 1 else ""
+        context = context[-(self.order - 1) :] if self.order > 1 else ""
         hit = self._cache.get(context)
         if hit is not None:
             return hit
@@ -111,8 +111,8 @@ def ngram_scores(fwd: CharNgram, bwd: CharNgram, vocab: Vocab, inputs: np.ndarra
             k = j
             while k < length and target[k]:
                 k += 1
-            left = "".join(text[max(0, j - fwd.order):j]).split("\x00")[-1]
-            right = "".join(reversed(text[k:k + bwd.order])).split("\x00")[-1]
+            left = "".join(text[max(0, j - fwd.order) : j]).split("\x00")[-1]
+            right = "".join(reversed(text[k : k + bwd.order])).split("\x00")[-1]
             f = _fill(fwd, left, k - j)
             b = _fill(bwd, right, k - j)[::-1]
             for m in range(k - j):
@@ -136,9 +136,9 @@ def _model_scores(model: Any, inputs: np.ndarray, attn: np.ndarray, labels: np.n
     banned = torch.tensor(vocab.special_ids, device=device)
     with torch.no_grad():
         for i in range(0, inputs.shape[0], batch):
-            x = torch.from_numpy(inputs[i:i + batch]).to(device)
-            a = torch.from_numpy(attn[i:i + batch]).to(device)
-            y = torch.from_numpy(labels[i:i + batch]).to(device)
+            x = torch.from_numpy(inputs[i : i + batch]).to(device)
+            a = torch.from_numpy(attn[i : i + batch]).to(device)
+            y = torch.from_numpy(labels[i : i + batch]).to(device)
             logits = model(x, a).float()
             logits[..., banned] = -math.inf
             sel = y != IGNORE

@@ -137,7 +137,7 @@ def restore_text(
                 continue
             keep_left = min(len(left), max(budget // 2, budget - len(right)))
             keep_right = min(len(right), budget - keep_left)
-            contexts[length] = (left[len(left) - keep_left:], right[:keep_right])
+            contexts[length] = (left[len(left) - keep_left :], right[:keep_right])
         found = _beam_search(model, vocab, contexts, cands, beam, device)
         found.sort(key=lambda c: -c["logp_per_char"])
         results.append({"gap": gi, "source": gap.source, "offset": gap.start, "lengths": [gap.lengths[0], gap.lengths[-1]], "candidates": found[:top]})
@@ -145,8 +145,14 @@ def restore_text(
     for r in sorted(results, key=lambda r: -r["offset"]):
         if r["candidates"]:
             best = r["candidates"][0]["text"]
-            restored = restored[: r["offset"]] + "[" + best + "]" + restored[r["offset"] + len(r["source"]):]
-    return {"text": text, "restored": restored, "gaps": results, "unknown_chars": sorted(unknown), "scoring": "ranked by mean log-probability per character across lengths; p = chain probability of the string given its length"}
+            restored = restored[: r["offset"]] + "[" + best + "]" + restored[r["offset"] + len(r["source"]) :]
+    return {
+        "text": text,
+        "restored": restored,
+        "gaps": results,
+        "unknown_chars": sorted(unknown),
+        "scoring": "ranked by mean log-probability per character across lengths; p = chain probability of the string given its length",
+    }
 
 
 def _beam_search(model: Any, vocab: Any, contexts: dict[int, tuple[list[int], list[int]]], cands: torch.Tensor, width: int, device: Any) -> list[dict[str, Any]]:
@@ -165,15 +171,15 @@ def _beam_search(model: Any, vocab: Any, contexts: dict[int, tuple[list[int], li
             g0 = len(contexts[length][0])
             for b, (chosen, _) in enumerate(bl):
                 seq = list(bases[length])
-                seq[g0:g0 + j] = chosen
+                seq[g0 : g0 + j] = chosen
                 rows.append(seq)
                 owners.append((length, b, g0 + j))
         width_max = max(len(r) for r in rows)
         x = torch.full((len(rows), width_max), vocab.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width_max), dtype=torch.long)
         for i, r in enumerate(rows):
-            x[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+            x[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         logits = model(x.to(device), mask.to(device))
         at = torch.tensor([o[2] for o in owners], device=device)
         logp = torch.log_softmax(logits[torch.arange(len(rows), device=device), at][:, cands].float(), dim=-1).cpu()  # over real characters

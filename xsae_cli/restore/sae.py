@@ -39,7 +39,6 @@ from xsae_cli.core.errors import XsaeError
 from xsae_cli.restore.settings import VIAS, RestoreSaeSettings
 
 
-
 def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
@@ -145,7 +144,7 @@ def activation_stream(
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1000 + epoch)).numpy()
         for i in range(0, n, batch_samples):
-            idx = np.sort(order[i:i + batch_samples])
+            idx = np.sort(order[i : i + batch_samples])
             x = torch.from_numpy(ids[idx]).to(device)
             a = torch.from_numpy(attn[idx]).to(device)
             acts = capture(x, a)
@@ -162,7 +161,7 @@ def activation_stream(
         pool = torch.cat(buf)
         pool = pool[torch.randperm(pool.shape[0], generator=g)]
         for s in range(0, pool.shape[0], batch_tokens):
-            yield {hook: pool[s:s + batch_tokens]}
+            yield {hook: pool[s : s + batch_tokens]}
 
 
 def train_restore_sae(spec: RestoreSaeSpec) -> dict[str, Any]:
@@ -211,8 +210,30 @@ def _train_restore_sae(spec: RestoreSaeSpec) -> dict[str, Any]:
     settings = spec.settings.replace(tokens=n_tokens * spec.settings.epochs)
     out.mkdir(parents=True, exist_ok=True)
     d_in = model.config.d_model
-    metadata = {hook: {"model_name": str(spec.model), "hook_name": hook, "hook_module": f"layers.{spec.settings.layer}", "hook_layer": spec.settings.layer, "context_size": seq_len, "prepend_bos": False, "dataset_path": ",".join(corpus), "model_class": "RestorationModel"}}
-    atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "samples": int(ids.shape[0]), "sample_tokens": n_tokens, "seq_len": seq_len, "corpus": corpus, "versions": package_versions()})
+    metadata = {
+        hook: {
+            "model_name": str(spec.model),
+            "hook_name": hook,
+            "hook_module": f"layers.{spec.settings.layer}",
+            "hook_layer": spec.settings.layer,
+            "context_size": seq_len,
+            "prepend_bos": False,
+            "dataset_path": ",".join(corpus),
+            "model_class": "RestorationModel",
+        }
+    }
+    atomic_write_json(
+        out / "run.json",
+        {
+            "spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}),
+            "settings": _jsonable(asdict(settings)),
+            "samples": int(ids.shape[0]),
+            "sample_tokens": n_tokens,
+            "seq_len": seq_len,
+            "corpus": corpus,
+            "versions": package_versions(),
+        },
+    )
     info(f"{ids.shape[0]} samples ({n_tokens:,} characters) x {spec.settings.epochs} epochs through block {spec.settings.layer} of {model.config.n_layers} ({spec.settings.via})")
 
     def stream() -> Iterator[dict[str, torch.Tensor]]:
@@ -250,9 +271,17 @@ def feature_summary(capture: Any, sae: Any, model: Any, vocab: Any, ids: np.ndar
     n = min(spec.settings.summary_samples, ids.shape[0])
     ids_t, attn_t = torch.from_numpy(ids[:n]).long(), torch.from_numpy(attn[:n]).long()
     summary = summarize_latents(
-        lambda x, a: capture(x.to(device), None if a is None else a.to(device)), sae, ids_t, attn_t, attn_t == 0, lambda t: _show(vocab, [t]),
-        hook=hook_name(spec.settings.layer), top_n=spec.settings.top_n, batch_contexts=spec.settings.batch_samples,
-        unembed=model.head.weight.detach().float().cpu(), reconstruction=True,
+        lambda x, a: capture(x.to(device), None if a is None else a.to(device)),
+        sae,
+        ids_t,
+        attn_t,
+        attn_t == 0,
+        lambda t: _show(vocab, [t]),
+        hook=hook_name(spec.settings.layer),
+        top_n=spec.settings.top_n,
+        batch_contexts=spec.settings.batch_samples,
+        unembed=model.head.weight.detach().float().cpu(),
+        reconstruction=True,
     )
     summary["n_samples"] = n
     return summary

@@ -80,8 +80,19 @@ class RecipeBudget:
 
 
 def recipe_budget(
-    *, params: float, model_bytes: int, d_in: int, expansion: int, batch: int, tokens: int, world: int,
-    zero_stage: int = 0, optimizer_states: int = 1, streaming: bool = True, model_split: bool = False, cache_item_bytes: int = 2,
+    *,
+    params: float,
+    model_bytes: int,
+    d_in: int,
+    expansion: int,
+    batch: int,
+    tokens: int,
+    world: int,
+    zero_stage: int = 0,
+    optimizer_states: int = 1,
+    streaming: bool = True,
+    model_split: bool = False,
+    cache_item_bytes: int = 2,
 ) -> RecipeBudget:
     """GPU memory per rank and disk of ``xsae sae train`` under a launcher, from the sizes it is given.
 

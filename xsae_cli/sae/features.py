@@ -116,8 +116,7 @@ def summarize_latents(
             "histogram": {"edges": HIST_EDGES, "counts": hist[i, 1:].tolist()},
             "top_tokens": [[token_text(t), share] for t, share in top_tokens.get(i, [])],
             "top_contexts": [
-                {"tokens": [token_text(int(t)) for t in ids[c, lo:hi]], "acts": acts, "max_index": t - lo, "max_act": round(v, 4), "context": c}
-                for (v, c, t, lo, hi, acts) in windows.get(i, [])
+                {"tokens": [token_text(int(t)) for t in ids[c, lo:hi]], "acts": acts, "max_index": t - lo, "max_act": round(v, 4), "context": c} for (v, c, t, lo, hi, acts) in windows.get(i, [])
             ],
         }
         if lens is not None:
@@ -160,8 +159,19 @@ def feature_summary(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     unembed = head.weight.detach().float().cpu() if head is not None else None
     return summarize_latents(
-        lambda ids, mask: store.capture(ids, mask)[hook], sae, contexts.input_ids, contexts.attention_mask, contexts.special_mask,
-        lambda t: tokenizer.decode([t]), hook=hook, top_n=top_n, window=window, latents=latents, batch_contexts=batch_contexts, unembed=unembed, lens_k=logit_lens_k,
+        lambda ids, mask: store.capture(ids, mask)[hook],
+        sae,
+        contexts.input_ids,
+        contexts.attention_mask,
+        contexts.special_mask,
+        lambda t: tokenizer.decode([t]),
+        hook=hook,
+        top_n=top_n,
+        window=window,
+        latents=latents,
+        batch_contexts=batch_contexts,
+        unembed=unembed,
+        lens_k=logit_lens_k,
     )
 
 
@@ -186,7 +196,19 @@ def _top_tokens(idx: list[torch.Tensor], val: list[torch.Tensor], d_sae: int, k:
     return out
 
 
-def _windows(capture: Capture, sae: SparseAutoencoder, ids: torch.Tensor, attention: torch.Tensor | None, excluded: torch.Tensor, top_vals: torch.Tensor, top_pos: torch.Tensor, chosen: list[int], window: int, batch_contexts: int, device: Any) -> dict[int, list[tuple]]:
+def _windows(
+    capture: Capture,
+    sae: SparseAutoencoder,
+    ids: torch.Tensor,
+    attention: torch.Tensor | None,
+    excluded: torch.Tensor,
+    top_vals: torch.Tensor,
+    top_pos: torch.Tensor,
+    chosen: list[int],
+    window: int,
+    batch_contexts: int,
+    device: Any,
+) -> dict[int, list[tuple]]:
     """Each chosen latent's activations around its top tokens: one more forward per needed context."""
     ctx_len = ids.shape[1]
     wanted: dict[int, list[tuple[int, float, int]]] = {}

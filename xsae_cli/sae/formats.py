@@ -231,7 +231,7 @@ def export_sae(
     saes = load_sae_dir(src)
     dst = Path(dst)
     if len(saes) == 1 and _folder_kind(_folder_of(src)) is not None:
-        (name, sae), = saes.items()
+        ((name, sae),) = saes.items()
         if fmt == "sparsify":
             save_sae(sae, dst, format=fmt, force=force, hook=hook or (sae.cfg.metadata or {}).get("hook_name") or name)
         else:
@@ -486,7 +486,7 @@ def _load_saelens(folder: Path, device: Any) -> SparseAutoencoder:
         fields["options"] = options
     if spec.uses_k and fields.get("k") is None:
         if k is None:
-            raise XsaeError(f"{cfg_path} describes a {spec.name} SAE without k", "add \"k\": <active latents> to cfg.json")
+            raise XsaeError(f"{cfg_path} describes a {spec.name} SAE without k", 'add "k": <active latents> to cfg.json')
         fields["k"] = math.ceil(float(k))
 
     if spec.saelens_import is not None:
@@ -543,7 +543,12 @@ def _load_sparsify(folder: Path, device: Any) -> SparseAutoencoder:
             if model:
                 metadata["model_name"] = model
     fields.update(
-        arch=spec.name, d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True, normalize_activations="none",
+        arch=spec.name,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        apply_b_dec_to_input=True,
+        normalize_activations="none",
         dtype=_dtype_name(mapped["W_enc"].dtype),
     )
     cfg = _make_config(fields, metadata, cfg_path)
@@ -628,7 +633,7 @@ def _dtype_name(dtype: Any) -> str:
 def _int_field(raw: dict[str, Any], key: str, where: Path) -> int:
     value = raw.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise XsaeError(f"{where} has no valid '{key}' (got {value!r})", f"set \"{key}\" to a positive integer")
+        raise XsaeError(f"{where} has no valid '{key}' (got {value!r})", f'set "{key}" to a positive integer')
     return value
 
 

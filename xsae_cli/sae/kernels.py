@@ -45,7 +45,6 @@ def sparse_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "gather"
 
 
-
 _GATHER_CHUNK = 1 << 16  # entries per chunk in the gather backend: bounds its [chunk, d_in] temporaries
 
 
@@ -231,7 +230,6 @@ class SparseDecode(torch.autograd.Function):
         return grad_values, grad_w, None
 
 
-
 def global_topk(values: Tensor, K: int) -> Tensor:
     """Sorted flat indices of the K largest entries of ``values`` (exact).
 
@@ -256,4 +254,3 @@ def global_topk(values: Tensor, K: int) -> Tensor:
     if idx is None:
         idx = flat.topk(K, sorted=False).indices
     return idx.sort().values
-

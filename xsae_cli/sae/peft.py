@@ -328,16 +328,18 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         metadata = {"hook_name": self.module_name, "peft_adapter": adapter_name}
         if config.base_model_name_or_path:
             metadata["model_name"] = config.base_model_name_or_path
-        sae_cfg = SaeConfig.from_dict({  # from_dict: sae_kwargs may hold options of the architecture
-            "arch": config.arch,
-            "d_in": int(d_in),
-            "d_sae": int(d_sae),
-            "k": config.k if uses_k else None,
-            "dtype": config.dtype,
-            "apply_b_dec_to_input": config.apply_b_dec_to_input,
-            "metadata": metadata,
-            **config.sae_kwargs,
-        })
+        sae_cfg = SaeConfig.from_dict(
+            {  # from_dict: sae_kwargs may hold options of the architecture
+                "arch": config.arch,
+                "d_in": int(d_in),
+                "d_sae": int(d_sae),
+                "k": config.k if uses_k else None,
+                "dtype": config.dtype,
+                "apply_b_dec_to_input": config.apply_b_dec_to_input,
+                "metadata": metadata,
+                **config.sae_kwargs,
+            }
+        )
         # Initialised on the CPU (create_sae's rule: same weights on every device), then moved; under
         # PEFT's low_cpu_mem_usage the parameters are on the meta device and are assigned at load.
         sae = create_sae(sae_cfg, seed=config.init_seed)

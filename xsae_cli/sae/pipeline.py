@@ -207,8 +207,13 @@ def train_saes(
     trainer.fit(source.batches)
     saes = trainer.finalize()
     result = TrainedSaes(
-        saes=saes, tokens=trainer.tokens, steps=trainer.step, seconds=trainer.seconds, tokens_per_second=trainer.tokens_per_second,
-        rank=trainer.rank, world=trainer.world,
+        saes=saes,
+        tokens=trainer.tokens,
+        steps=trainer.step,
+        seconds=trainer.seconds,
+        tokens_per_second=trainer.tokens_per_second,
+        rank=trainer.rank,
+        world=trainer.world,
     )
     if trainer.zero_config is not None:
         from xsae_cli.sae.zero import zero_stage

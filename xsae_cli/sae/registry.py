@@ -165,9 +165,21 @@ def register_sae_class(
     if twice:
         raise ValueError(f"extra tensors {twice} of '{name}' clash with the base tensors")
     spec = ArchSpec(
-        name=name, cls=cls, uses_k=uses_k, saelens=saelens, saelens_read=read, sparsify=sparsify, tensors=tensors,
-        coefficients=tuple(coefficients), options=options, unit_norm_decoder=unit_norm_decoder, bf16_selection=bf16_selection,
-        saelens_cfg=saelens_cfg, saelens_import=saelens_import, saelens_export=saelens_export, validate=validate,
+        name=name,
+        cls=cls,
+        uses_k=uses_k,
+        saelens=saelens,
+        saelens_read=read,
+        sparsify=sparsify,
+        tensors=tensors,
+        coefficients=tuple(coefficients),
+        options=options,
+        unit_norm_decoder=unit_norm_decoder,
+        bf16_selection=bf16_selection,
+        saelens_cfg=saelens_cfg,
+        saelens_import=saelens_import,
+        saelens_export=saelens_export,
+        validate=validate,
     )
     _REGISTRY[name] = spec
     return spec
@@ -245,9 +257,16 @@ def describe() -> list[dict[str, Any]]:
     """One JSON-able row per registered architecture (what ``xsae sae archs`` shows)."""
     return [
         {
-            "arch": s.name, "class": f"{s.cls.__module__}.{s.cls.__qualname__}", "uses_k": s.uses_k, "saelens": s.saelens,
-            "saelens_read": list(s.saelens_read), "sparsify": s.sparsify, "tensors": {n: t.kind for n, t in s.tensors.items()},
-            "coefficients": list(s.coefficients), "options": dict(s.options), "unit_norm_decoder": s.unit_norm_decoder,
+            "arch": s.name,
+            "class": f"{s.cls.__module__}.{s.cls.__qualname__}",
+            "uses_k": s.uses_k,
+            "saelens": s.saelens,
+            "saelens_read": list(s.saelens_read),
+            "sparsify": s.sparsify,
+            "tensors": {n: t.kind for n, t in s.tensors.items()},
+            "coefficients": list(s.coefficients),
+            "options": dict(s.options),
+            "unit_norm_decoder": s.unit_norm_decoder,
             "bf16_selection": s.bf16_selection,
         }
         for s in specs().values()

@@ -39,6 +39,7 @@ from xsae_cli.sae.settings import SaeRunSettings, parse_tokens
 
 __all__ = ["RunSpec", "evaluate_run", "features_run", "hook_dirname", "parse_tokens", "settings_from_run", "train_run"]
 
+
 @dataclass
 class RunSpec:
     """One ``xsae sae train`` run: what is hooked where, how (``settings``: the [sae] section) and on what hardware."""
@@ -149,7 +150,21 @@ def _contexts(spec: RunSpec, tokenizer: Any, seed: int, shard: tuple[int, int] |
 
 def _harvest_key(spec: RunSpec, identity: str, tokens: int, seed: int, cache_dtype: str = "float32") -> str:
     s = spec.settings
-    parts = [identity, ",".join(spec.hooks), s.site, s.corpus, s.text_field, str(s.context_size), str(s.pack), str(s.held_out_fraction), str(tokens), str(seed), str(s.drop_special), str(s.outlier_factor), spec.model_dtype]
+    parts = [
+        identity,
+        ",".join(spec.hooks),
+        s.site,
+        s.corpus,
+        s.text_field,
+        str(s.context_size),
+        str(s.pack),
+        str(s.held_out_fraction),
+        str(tokens),
+        str(seed),
+        str(s.drop_special),
+        str(s.outlier_factor),
+        spec.model_dtype,
+    ]
     if cache_dtype not in ("float32", "torch.float32"):  # float32 caches keep the keys they always had
         parts.append(str(cache_dtype).replace("torch.", ""))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
@@ -217,14 +232,25 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
         model, tokenizer, device, identity = _load(spec)
         train_ctx, held_ctx = _contexts(spec, tokenizer, spec.seed, shard if streaming else None)
         store = ActivationStore(
-            model, tokenizer, spec.hooks, train_ctx, site=settings.site, batch_contexts=settings.batch_contexts,
-            device=device if streaming else "cpu", drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=spec.seed, model_name=spec.model,
+            model,
+            tokenizer,
+            spec.hooks,
+            train_ctx,
+            site=settings.site,
+            batch_contexts=settings.batch_contexts,
+            device=device if streaming else "cpu",
+            drop_special=settings.drop_special,
+            outlier_factor=settings.outlier_factor,
+            seed=spec.seed,
+            model_name=spec.model,
         )
         d_in = store.d_in
         for width in d_in.values():  # each hook's SAE config (k, architecture options) checked before the harvest
             sae_config_for(settings, width, {})
         if rank == 0:
-            atomic_write_json(out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in})
+            atomic_write_json(
+                out / "run.json", {"spec": _jsonable({k: v for k, v in asdict(spec).items() if k != "settings"}), "settings": _jsonable(asdict(settings)), "versions": package_versions(), "d_in": d_in}
+            )
     else:
         device, identity = resolve_device(spec.device), _identity(spec)
     # Only now that the model has loaded (a bad model file is refused above): an old run is cleared
@@ -277,8 +303,17 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
 
         def store_for(seed: int, ctx: Any = train_ctx) -> Any:
             return ActivationStore(
-                model, tokenizer, spec.hooks, ctx, site=settings.site, batch_contexts=settings.batch_contexts, device=device,
-                drop_special=settings.drop_special, outlier_factor=settings.outlier_factor, seed=seed, model_name=spec.model,
+                model,
+                tokenizer,
+                spec.hooks,
+                ctx,
+                site=settings.site,
+                batch_contexts=settings.batch_contexts,
+                device=device,
+                drop_special=settings.drop_special,
+                outlier_factor=settings.outlier_factor,
+                seed=seed,
+                model_name=spec.model,
                 shuffle_buffer_tokens=buffer,
             )
 
@@ -317,7 +352,8 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
         from xsae_cli.sae.budget import cache_bytes
 
         metrics["training"]["cache"] = {
-            "dtype": str(cache_dtype).replace("torch.", ""), "tokens": len(shards),
+            "dtype": str(cache_dtype).replace("torch.", ""),
+            "tokens": len(shards),
             "bytes_formula": cache_bytes(len(shards), shards.d_in, cache_dtype),
             "bytes_on_disk": sum(f.stat().st_size for f in cache_dir.glob("shard_*.safetensors")),
         }
@@ -341,7 +377,19 @@ def evaluate_saes(model: Any, tokenizer: Any, spec: RunSpec, saes: dict[str, Any
     if held_ctx is None or len(held_ctx) == 0:
         raise XsaeError("no held-out text to evaluate on", "use a larger corpus or a larger held-out fraction")
     s = spec.settings
-    store = ActivationStore(model, tokenizer, list(saes), held_ctx, site=s.site, batch_contexts=s.batch_contexts, device="cpu", drop_special=s.drop_special, outlier_factor=s.outlier_factor, shuffle=False, model_name=spec.model)
+    store = ActivationStore(
+        model,
+        tokenizer,
+        list(saes),
+        held_ctx,
+        site=s.site,
+        batch_contexts=s.batch_contexts,
+        device="cpu",
+        drop_special=s.drop_special,
+        outlier_factor=s.outlier_factor,
+        shuffle=False,
+        model_name=spec.model,
+    )
     stats = {h: RunningStats(sae.cfg.d_in, sae.cfg.d_sae) for h, sae in saes.items()}
     # Dense codes are [rows, d_sae]: keep a batch near 128M floats, so 262k-latent SAEs evaluate in ~1 GB.
     rows = max(64, min(4096, 2**27 // max(sae.cfg.d_sae for sae in saes.values())))
@@ -378,8 +426,14 @@ def spec_from_run(run_dir: Path, desc: dict[str, Any], device: str, **changes: A
     spec = desc.get("spec", {})
     seed = spec.get("seed", desc.get("settings", {}).get("seed", 0))
     return RunSpec(
-        model=spec["model"], hooks=list(spec["hooks"]), out=run_dir, settings=settings, device=device,
-        model_dtype=spec.get("model_dtype", "float32"), seed=int(seed), trust_remote_code=bool(spec.get("trust_remote_code", False)),
+        model=spec["model"],
+        hooks=list(spec["hooks"]),
+        out=run_dir,
+        settings=settings,
+        device=device,
+        model_dtype=spec.get("model_dtype", "float32"),
+        seed=int(seed),
+        trust_remote_code=bool(spec.get("trust_remote_code", False)),
     )
 
 

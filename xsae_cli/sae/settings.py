@@ -77,7 +77,9 @@ class SaeTrainSettings(Settings):
     aux_k_coefficient: float = setting(1 / 32, "topk/batchtopk: weight of the AuxK loss.", ge=0, panel=LOSS)
     batchtopk_threshold_lr: float = setting(0.01, "batchtopk: EMA rate of the inference threshold.", gt=0, le=1, panel=LOSS)
     gated_l1_coefficient: float | None = setting(None, "gated: weight of the L1 penalty on the gate (default 1.0, SAELens's).", ge=0, panel=LOSS)
-    matryoshka_widths: tuple[int, ...] | None = setting(None, "matryoshka_batchtopk: nested prefix widths, strictly increasing, at most d_sae (d_sae is added as the last level).", ge=1, panel=ARCH, example="512,2048,8192")
+    matryoshka_widths: tuple[int, ...] | None = setting(
+        None, "matryoshka_batchtopk: nested prefix widths, strictly increasing, at most d_sae (d_sae is added as the last level).", ge=1, panel=ARCH, example="512,2048,8192"
+    )
     bf16_encoder: bool | None = setting(None, "Run the training encoder matmul in bf16 (default: auto, where it is fast and costs no FVU; inference is always exact).", panel=TRAIN)
 
     def __post_init__(self) -> None:
@@ -138,8 +140,12 @@ class SaeRunSettings(SaeTrainSettings):
     outlier_factor: float | None = setting(None, "Also drop tokens whose norm exceeds this x the median.", gt=1, panel=DATA)
     batch_contexts: int = setting(8, "Contexts per forward pass of the model.", ge=1, panel=DATA, resume="free")
     cache: bool | None = setting(None, "Cache the harvest on disk (--no-cache: stream; default: stream under a launcher, cache alone).", panel=DATA, resume="free")
-    cache_dtype: str = setting("auto", "Dtype of a cached harvest ('auto': the model's, bf16 for a bf16 model: half of float32's disk).", choices=("auto", "bfloat16", "float16", "float32"), panel=DATA)
-    device_map: str | None = setting(None, "'auto': spread a model too large for one GPU over all visible GPUs (accelerate).", choices=("auto", "balanced", "balanced_low_0", "sequential"), panel=DATA, resume="free")
+    cache_dtype: str = setting(
+        "auto", "Dtype of a cached harvest ('auto': the model's, bf16 for a bf16 model: half of float32's disk).", choices=("auto", "bfloat16", "float16", "float32"), panel=DATA
+    )
+    device_map: str | None = setting(
+        None, "'auto': spread a model too large for one GPU over all visible GPUs (accelerate).", choices=("auto", "balanced", "balanced_low_0", "sequential"), panel=DATA, resume="free"
+    )
     eval_tokens: int = setting(32768, "Held-out tokens for the reconstruction metrics.", ge=1, parse=parse_tokens, panel=EVAL, resume="free")
     eval_contexts: int = setting(16, "Held-out contexts for CE loss recovered and KL.", ge=1, panel=EVAL, resume="free")
 

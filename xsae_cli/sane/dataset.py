@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -162,18 +162,20 @@ def tokenize_to_cache(
                 writers["tensor_id"].append(np.full(block.n, tid, dtype=np.int32))
                 shape = block.shape
                 row_chunks = shape[-1] // chunk_size if len(shape) == 2 and shape[-1] % chunk_size == 0 else 0
-                tensors.append({
-                    "name": block.name,
-                    "start": start,
-                    "n_chunks": block.n,
-                    "shape": list(shape),
-                    "kind": int(block.kind[0]),
-                    "depth": float(block.depth[0]),
-                    "mean": block.mean,
-                    "std": block.std,
-                    "numel": int(np.prod(shape, dtype=np.int64)) if shape else 1,
-                    "row_chunks": row_chunks,
-                })
+                tensors.append(
+                    {
+                        "name": block.name,
+                        "start": start,
+                        "n_chunks": block.n,
+                        "shape": list(shape),
+                        "kind": int(block.kind[0]),
+                        "depth": float(block.depth[0]),
+                        "mean": block.mean,
+                        "std": block.std,
+                        "numel": int(np.prod(shape, dtype=np.int64)) if shape else 1,
+                        "row_chunks": row_chunks,
+                    }
+                )
                 start += block.n
                 numel = 1
                 for s in shape:
@@ -191,19 +193,22 @@ def tokenize_to_cache(
                         raise
         if start != total:
             raise XsaeError(f"model '{source.name}': streamed {start} chunks but its index promises {total}", "the weight files may have changed while reading; run again")
-        atomic_write_json(tmp / "manifest.json", {
-            "cache_version": CACHE_VERSION,
-            "model": source.name,
-            "sha256": source.sha256,
-            "chunk_size": chunk_size,
-            "scheme": scheme.scheme_id,
-            "coord_scheme": scheme.record(chunk_size),
-            "n_chunks": total,
-            "n_tensors": len(tensors),
-            "view": view,
-            "seconds": time.perf_counter() - t0,
-            "tensors": tensors,
-        })
+        atomic_write_json(
+            tmp / "manifest.json",
+            {
+                "cache_version": CACHE_VERSION,
+                "model": source.name,
+                "sha256": source.sha256,
+                "chunk_size": chunk_size,
+                "scheme": scheme.scheme_id,
+                "coord_scheme": scheme.record(chunk_size),
+                "n_chunks": total,
+                "n_tensors": len(tensors),
+                "view": view,
+                "seconds": time.perf_counter() - t0,
+                "tensors": tensors,
+            },
+        )
     return target
 
 

@@ -19,8 +19,9 @@ plus ``model_embeddings.npz`` with ``names`` and ``embeddings`` ([n, 512]).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,9 @@ def window_starts(tm: TokenizedModel, window_size: int, max_windows: int | None 
     return [int(round(x)) for x in np.linspace(0, last, max_windows)]
 
 
-def embed_tokenized(model: Any, tm: TokenizedModel, window_size: int, batch_size: int = 8, device: Any = "cpu", on_window: Callable[[int], None] | None = None, max_windows: int | None = None) -> tuple[np.ndarray, int]:
+def embed_tokenized(
+    model: Any, tm: TokenizedModel, window_size: int, batch_size: int = 8, device: Any = "cpu", on_window: Callable[[int], None] | None = None, max_windows: int | None = None
+) -> tuple[np.ndarray, int]:
     """The 512-d embedding of one tokenised model and the number of windows it took."""
     import torch
 
@@ -132,7 +135,14 @@ def embed_models(
         vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, (lambda k, t=wtask: progress.advance(t, k)) if progress else None, max_windows=max_windows)
         vectors[src.name] = [float(x) for x in vec]
         entry = registry.find(src.name)
-        info[src.name] = {"sha256": src.sha256, "family": entry.family if entry else None, "n_chunks": tm.n_chunks, "windows": n_windows, "coverage": min(1.0, n_windows * window_size / max(tm.n_chunks, 1)), "seconds": time.perf_counter() - t0}
+        info[src.name] = {
+            "sha256": src.sha256,
+            "family": entry.family if entry else None,
+            "n_chunks": tm.n_chunks,
+            "windows": n_windows,
+            "coverage": min(1.0, n_windows * window_size / max(tm.n_chunks, 1)),
+            "seconds": time.perf_counter() - t0,
+        }
     result = {
         "format": FORMAT,
         "dim": len(next(iter(vectors.values()))) if vectors else int(model.cfg.embed_dim),

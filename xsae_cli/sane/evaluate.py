@@ -44,8 +44,8 @@ import numpy as np
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.core.io import atomic_write_json
 from xsae_cli.sane import LINEAGE_FAMILIES, LINEAGE_REAL
-from xsae_cli.sane.settings import LineageSettings
 from xsae_cli.sane.lineage.zoo import HARD, TRANSFORMS
+from xsae_cli.sane.settings import LineageSettings
 
 # Held-out types of each fold; a fold trains on every other type.
 FOLDS: tuple[tuple[str, ...], ...] = (
@@ -57,6 +57,7 @@ REAL = LINEAGE_REAL
 
 
 # --- the run -------------------------------------------------------------------------------
+
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See :func:`_evaluate`; library chatter on stdout (DeepSpeed's logger) goes to stderr."""
@@ -167,8 +168,19 @@ def _evaluate(
         if checkpoint is None:
             run = workdir / f"run-fold{fi + 1}"
             group = {b: i for i, b in enumerate(dict.fromkeys(base_of[n] for n in train_names))}
-            ts = SaneTrainSettings(epochs=s.epochs, batch_size=s.batch_size, window_size=s.window_size, steps_per_epoch=s.steps_per_epoch, device="cpu", lr=s.lr, seed=s.seed + 1000 * s.train_seed + fi, lineage_views=s.lineage_views)
-            res = train([tms[n] for n in train_names], run, ts, SaneModelConfig(d_model=s.d_model, latent_dim=s.latent_dim), force=True, on_step=on_step, lineage=[group[base_of[n]] for n in train_names])
+            ts = SaneTrainSettings(
+                epochs=s.epochs,
+                batch_size=s.batch_size,
+                window_size=s.window_size,
+                steps_per_epoch=s.steps_per_epoch,
+                device="cpu",
+                lr=s.lr,
+                seed=s.seed + 1000 * s.train_seed + fi,
+                lineage_views=s.lineage_views,
+            )
+            res = train(
+                [tms[n] for n in train_names], run, ts, SaneModelConfig(d_model=s.d_model, latent_dim=s.latent_dim), force=True, on_step=on_step, lineage=[group[base_of[n]] for n in train_names]
+            )
             ckpt = res.last_checkpoint
             history = res.history
         else:
@@ -189,7 +201,12 @@ def _evaluate(
         sane_vecs, sane_embed_s = embed_all(model, eval_names)
         rand_vecs, _ = embed_all(random_model, eval_names)
         qmat = quantile_matrix([qfeats[n] for n in eval_names])
-        dists = {"sane": cosine_matrix(sane_vecs), "quantile_baseline": qmat, "random_encoder_baseline": cosine_matrix(rand_vecs), "raw_cosine_baseline": raw_cosine_matrix([rfeats[n] for n in eval_names])}
+        dists = {
+            "sane": cosine_matrix(sane_vecs),
+            "quantile_baseline": qmat,
+            "random_encoder_baseline": cosine_matrix(rand_vecs),
+            "raw_cosine_baseline": raw_cosine_matrix([rfeats[n] for n in eval_names]),
+        }
         real_bases = frozenset(m.name for m in members if m.transform == "base" and m.family in REAL)
         scores = {k: retrieval_scores(eval_names, base_of, transform_of, d, held, real_bases) for k, d in dists.items()}
         from xsae_cli.sane.transforms import FUNCTION_PRESERVING
@@ -208,22 +225,26 @@ def _evaluate(
             per_type[t] = {"fold": fi + 1, "hard": t in HARD, **{k: scores[k]["per_type"][t] for k in METHODS}}
             if t in nearest["sane"]:
                 per_type[t]["base_nearer_than_other_lineages"] = {k: nearest[k][t]["fraction"] for k in METHODS}
-        folds_out.append({
-            "fold": fi + 1,
-            "held_out": held,
-            "trained_on": trained_types,
-            "n_train_models": len(train_names),
-            "kind_gains": gains,
-            "n_eval_models": len(eval_names),
-            "checkpoint": str(ckpt),
-            "train_seconds": train_s,
-            "train_history": history,
-            "embed_seconds_per_model": sane_embed_s,
-            "pairs": {k: {"map": scores[k]["map"], "auroc": scores[k]["auroc"]} for k in METHODS},
-            "reconstruction_held_out": recon,
-        })
+        folds_out.append(
+            {
+                "fold": fi + 1,
+                "held_out": held,
+                "trained_on": trained_types,
+                "n_train_models": len(train_names),
+                "kind_gains": gains,
+                "n_eval_models": len(eval_names),
+                "checkpoint": str(ckpt),
+                "train_seconds": train_s,
+                "train_history": history,
+                "embed_seconds_per_model": sane_embed_s,
+                "pairs": {k: {"map": scores[k]["map"], "auroc": scores[k]["auroc"]} for k in METHODS},
+                "reconstruction_held_out": recon,
+            }
+        )
         if log:
-            log(f"fold {fi + 1}: held out {', '.join(held)}; SANE mAP {scores['sane']['map']:.3f}, quantile {scores['quantile_baseline']['map']:.3f}, random encoder {scores['random_encoder_baseline']['map']:.3f}")
+            log(
+                f"fold {fi + 1}: held out {', '.join(held)}; SANE mAP {scores['sane']['map']:.3f}, quantile {scores['quantile_baseline']['map']:.3f}, random encoder {scores['random_encoder_baseline']['map']:.3f}"
+            )
 
     held_types = [t for t in TRANSFORMS if t in per_type]
     result = {
@@ -253,4 +274,3 @@ def _evaluate(
     }
     atomic_write_json(out_json, result)
     return result
-

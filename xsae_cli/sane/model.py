@@ -100,12 +100,7 @@ class ChunkCoords(nn.Module):
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         fill = (b["valid"] / self.chunk_size).unsqueeze(-1)
-        return (
-            self.depth_proj(self.depth_sin(b["depth"]))
-            + self.pos_proj(self.pos_sin(b["pos"]))
-            + self.kind(b["kind"])
-            + self.stats(torch.cat([b["stats"], fill], dim=-1))
-        )
+        return self.depth_proj(self.depth_sin(b["depth"])) + self.pos_proj(self.pos_sin(b["pos"])) + self.kind(b["kind"]) + self.stats(torch.cat([b["stats"], fill], dim=-1))
 
 
 def _stack(cfg: SaneModelConfig, layers: int) -> nn.TransformerEncoder:

@@ -28,10 +28,17 @@ def view_names() -> list[str]:
 class SaneTrainSettings(Settings):
     """What is tokenised, the autoencoder's shape and how it trains."""
 
-    view: str = setting("circuits", "What is tokenised from each model: a registered view (circuits: token-space circuits, free of weight-space symmetries; canonical: weights with symmetries sorted away; weights: as stored).", choices=view_names, panel=MODEL)
+    view: str = setting(
+        "circuits",
+        "What is tokenised from each model: a registered view (circuits: token-space circuits, free of weight-space symmetries; canonical: weights with symmetries sorted away; weights: as stored).",
+        choices=view_names,
+        panel=MODEL,
+    )
     chunk_size: int = setting(64, "Floats per chunk.", ge=2, le=4096, panel=MODEL)
     strict: bool = setting(False, "Refuse (exit 2) a model the view cannot read (e.g. an anatomy that cannot be derived) instead of falling back to the next view.", panel=MODEL)
-    layer_keywords: list[str] = setting(["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"], "Name segments followed by a block number (depth coordinates of tensors).", cli=False, panel=MODEL)
+    layer_keywords: list[str] = setting(
+        ["layers", "layer", "h", "blocks", "block", "blk", "mixer", "rwkv"], "Name segments followed by a block number (depth coordinates of tensors).", cli=False, panel=MODEL
+    )
     latent_dim: int = setting(16, "Per-chunk latent size (must be < chunk size).", ge=1, panel=MODEL)
     d_model: int = setting(128, "Transformer width.", ge=8, le=8192, panel=MODEL)
     epochs: int = setting(10, "Training epochs.", ge=1, panel=TRAIN, resume="grow")
@@ -86,7 +93,9 @@ class CalibrateSettings(Settings):
 class LineageSettings(Settings):
     """``xsae sane evaluate``: the lineage benchmark's zoo, folds and SANE training budget."""
 
-    families: tuple[str, ...] = setting(LINEAGE_FAMILIES, "Tiny families used as random-initialised bases (a test-zoo name, or hf:<transformers model_type> for any family transformers builds from a config).", panel="Lineage zoo")
+    families: tuple[str, ...] = setting(
+        LINEAGE_FAMILIES, "Tiny families used as random-initialised bases (a test-zoo name, or hf:<transformers model_type> for any family transformers builds from a config).", panel="Lineage zoo"
+    )
     holdout_families: tuple[str, ...] = setting((), "Families (of --families) whose members SANE never trains on; scored per held-out family.", panel="Lineage zoo")
     seeds: int = setting(3, "Random-initialised bases per family (2 or more: one base per family makes lineage trivial).", ge=2, panel="Lineage zoo")
     real: tuple[str, ...] = setting(LINEAGE_REAL, "Real demo models used as bases ('' for none).", panel="Lineage zoo")

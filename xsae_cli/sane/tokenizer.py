@@ -21,8 +21,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -18,9 +18,10 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,13 @@ def check_compatible(meta: dict[str, Any], chunk_size: int, scheme: str, where: 
     if meta["scheme"] != scheme:
         old_view, new_view = view_of_scheme(meta["scheme"]), view_of_scheme(scheme)
         if old_view == new_view and meta["scheme"].split("-")[1] != scheme.split("-")[1]:  # same view, another revision
-            raise XsaeError(f"{where} was trained on revision {meta['scheme'].split('-')[1]} of the {old_view} view ({meta['scheme']}); this xsae makes {scheme}", "train a new model with `xsae sane train` (the view's output changed; see CHANGELOG)")
-        raise XsaeError(f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {old_view}) and layer keywords, or train a new model")
+            raise XsaeError(
+                f"{where} was trained on revision {meta['scheme'].split('-')[1]} of the {old_view} view ({meta['scheme']}); this xsae makes {scheme}",
+                "train a new model with `xsae sane train` (the view's output changed; see CHANGELOG)",
+            )
+        raise XsaeError(
+            f"{where} was trained with coordinate scheme {meta['scheme']}, but this run uses {scheme}", f"use the checkpoint's view (--view {old_view}) and layer keywords, or train a new model"
+        )
 
 
 def checkpoint_scheme(meta: dict[str, Any], where: str, view: str | None = None, layer_keywords: Any = None, warn: Callable[[str], None] | None = None) -> CoordScheme:
@@ -150,7 +156,9 @@ def load_weights(model: Any, state: dict[str, Any]) -> None:
     model.load_state_dict(state)
 
 
-def make_views(windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: SaneTrainSettings, partners: list[list[int]] | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+def make_views(
+    windows: list[tuple[int, dict[str, np.ndarray]]], models: list[TokenizedModel], rng: np.random.Generator, s: SaneTrainSettings, partners: list[list[int]] | None = None
+) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
     """Two augmented views per window: (view, chunk mask, clean target values).
 
     With ``partners`` (per model: models of the same lineage with the same tensor table), the
@@ -331,7 +339,9 @@ def _train(
         row.update({"epoch": epoch + 1, "steps": steps, "seconds": secs, "world_size": accel.num_processes, "windows": seen, "windows_per_second": seen / max(secs, 1e-9)})
         history.append(row)
         if info and accel.is_main_process:
-            info(f"epoch {epoch + 1}/{settings.epochs}: loss {row['loss']:.4f} (recon {row['recon']:.4f}, masked {row['recon_masked']:.4f}, contrast {row['contrast']:.4f}), {row['windows_per_second']:.1f} windows/s")
+            info(
+                f"epoch {epoch + 1}/{settings.epochs}: loss {row['loss']:.4f} (recon {row['recon']:.4f}, masked {row['recon_masked']:.4f}, contrast {row['contrast']:.4f}), {row['windows_per_second']:.1f} windows/s"
+            )
         result.epochs_done = epoch + 1
         if ((epoch + 1) % settings.save_every == 0 or epoch + 1 == settings.epochs) and accel.is_main_process:
             meta = {

@@ -229,7 +229,7 @@ def random_rotation(d: int, seed: int, fix_ones: bool = True) -> Any:
     if not fix_ones:
         q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))[None, :]
-    u = torch.full((d, 1), d ** -0.5, dtype=torch.float64)
+    u = torch.full((d, 1), d**-0.5, dtype=torch.float64)
     basis = torch.linalg.qr(torch.cat([u, torch.randn(d, d - 1, generator=g, dtype=torch.float64)], 1)).Q[:, 1:]  # the complement of 1
     inner = random_rotation(d - 1, seed + 1, fix_ones=False)
     return u @ u.t() + basis @ inner @ basis.t()
@@ -312,6 +312,7 @@ def apply(state: dict[str, Any], arch: Arch, kind: str, seed: int) -> dict[str, 
 
 
 # --- fine-tuning ---------------------------------------------------------------------------
+
 
 def corpus_ids(tokenizer: Any, max_chars: int = 200_000) -> Any:
     """The built-in corpus as one token stream (the first ``max_chars`` characters)."""

@@ -209,8 +209,9 @@ def draw_bars(container: Any, rep: AlignReport) -> list[Any]:
                         ax.annotate(f"{h:.2f}", (x, bottom), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
             means = [(x, r.mean) for x, r in zip(xs, rows) if r.mean is not None]
             if means:
-                ax.hlines([m for _, m in means], [x - 0.4 for x, _ in means], [x + 0.4 for x, _ in means], colors="black", linewidths=1.2,
-                          label="training-mean predictor" if i == 0 and j == 0 else None)
+                ax.hlines(
+                    [m for _, m in means], [x - 0.4 for x, _ in means], [x + 0.4 for x, _ in means], colors="black", linewidths=1.2, label="training-mean predictor" if i == 0 and j == 0 else None
+                )
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks(xs, [r.label for r in rows], fontsize=8)
             ax.set_ylim(bottom, top)
@@ -247,7 +248,7 @@ def draw_heatmap(container: Any, rep: AlignReport) -> list[Any]:
         mean = sum(diag) / len(diag) if diag else float("nan")
         ax.set_title(f"{lp.label}: {len(h.latents_a)} best pairs, mean r {mean:.2f}", fontsize=10)
         ax.grid(False)
-    for ax in [a for row in axes for a in row][len(pairs):]:
+    for ax in [a for row in axes for a in row][len(pairs) :]:
         ax.set_visible(False)
     used = [a for row in axes for a in row][: len(pairs)]
     cb = container.colorbar(image, ax=used, shrink=0.8)

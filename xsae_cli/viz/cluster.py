@@ -237,7 +237,7 @@ ul.legend{{list-style:none;padding:0;display:flex;gap:16px;flex-wrap:wrap}} ul.l
 <line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#999"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="#999"/>
 <text class="axis" x="{W / 2}" y="{H - pad / 3}" text-anchor="middle">{esc(proj.axis_labels[0])}</text>
 <text class="axis" x="{pad / 3}" y="{H / 2}" text-anchor="middle" transform="rotate(-90 {pad / 3} {H / 2})">{esc(proj.axis_labels[1])}</text>
-{''.join(points)}
+{"".join(points)}
 </svg>
 <div id="tip"></div>
 <script type="application/json" id="xsae-data">{script_json(data)}</script>

@@ -12,7 +12,6 @@ from typing import Any
 from xsae_cli.core.errors import XsaeError
 from xsae_cli.viz.style import FORMATS
 
-
 #: Suffixes of formats xsae does not write: PNG bytes in a file named .jpg would open as a broken image.
 OTHER_IMAGE_SUFFIXES = ("jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "pdf", "eps", "ps", "ico", "avif", "heic")
 

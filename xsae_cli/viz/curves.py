@@ -218,7 +218,10 @@ def load_run(path: str | Path) -> list[Series]:
         if s is not None:
             series.append(s)
     if not series:
-        raise XsaeError(f"no training log in {path}: looked for {path / 'train_log.jsonl'} and {path}/checkpoint_epoch_N/config.json (with a history)", "point at the --out folder of `xsae sae train` or `xsae sane train`")
+        raise XsaeError(
+            f"no training log in {path}: looked for {path / 'train_log.jsonl'} and {path}/checkpoint_epoch_N/config.json (with a history)",
+            "point at the --out folder of `xsae sae train` or `xsae sane train`",
+        )
     if all(not s.x for s in series):
         raise XsaeError(f"the training log in {path} is empty", "let the run log at least one step")
     return series
@@ -306,7 +309,7 @@ def draw(series: list[Series], title: str) -> tuple[Any, list[Panel], list[str]]
 
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
         ax.yaxis.get_major_formatter().set_useOffset(False) if hasattr(ax.yaxis.get_major_formatter(), "set_useOffset") else None
-    for ax in flat[len(panels):]:
+    for ax in flat[len(panels) :]:
         ax.set_visible(False)
     handles, labels = {}, []
     for ax in flat[: len(panels)]:

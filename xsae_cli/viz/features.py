@@ -116,8 +116,7 @@ def compact(data: dict[str, Any]) -> dict[str, Any]:
             "max_act": _r(lat["max_act"]),
             "histogram": {"edges": edges_id(hist["edges"]), "counts": hist["counts"]} if hist else None,
             "top_contexts": [
-                {"tokens": [str(t) for t in c["tokens"]], "acts": [_r(a, 3) for a in c["acts"]], "max_index": c.get("max_index"), "max_act": _r(c.get("max_act"))}
-                for c in lat["top_contexts"]
+                {"tokens": [str(t) for t in c["tokens"]], "acts": [_r(a, 3) for a in c["acts"]], "max_index": c.get("max_index"), "max_act": _r(c.get("max_act"))} for c in lat["top_contexts"]
             ],
         }
         lens = lat.get("logit_lens")
@@ -140,12 +139,7 @@ def html_page(data: dict[str, Any], page_size: int = PAGE_SIZE, source: str = ""
         facts.append(f"dead {100 * meta['dead_fraction']:.1f}%")
     if source:
         facts.append(f"from {source}")
-    return (
-        _TEMPLATE.replace("__TITLE__", esc(title))
-        .replace("__FACTS__", esc(" · ".join(facts)))
-        .replace("__PAGE_SIZE__", str(int(page_size)))
-        .replace("__DATA__", script_json(payload))
-    )
+    return _TEMPLATE.replace("__TITLE__", esc(title)).replace("__FACTS__", esc(" · ".join(facts))).replace("__PAGE_SIZE__", str(int(page_size))).replace("__DATA__", script_json(payload))
 
 
 def write_features_page(src: str | Path, output: str | Path, hook: str | None = None, page_size: int = PAGE_SIZE) -> dict[str, Any]:

@@ -80,7 +80,15 @@ def _figures(info: RunInfo, method: str, dpi: int, seed: int) -> list[Figure]:
                 proj = CL.project(emb.vectors, "pca", seed=seed)
             png = CL.cluster_image(emb, proj, "png", dpi)
             fams = sorted(set(emb.families))
-            figs.append(Figure("Model embeddings", "image/png", png, f"{len(emb.names)} models from {rel} ({proj.method.upper() if proj.method != 'tsne' else 't-SNE'}), coloured by family: {', '.join(fams)}", "cluster"))
+            figs.append(
+                Figure(
+                    "Model embeddings",
+                    "image/png",
+                    png,
+                    f"{len(emb.names)} models from {rel} ({proj.method.upper() if proj.method != 'tsne' else 't-SNE'}), coloured by family: {', '.join(fams)}",
+                    "cluster",
+                )
+            )
         except XsaeError as exc:
             info.notes.append(f"cluster plot of {rel}: {exc}")
     if "align" in info.kinds:
@@ -111,9 +119,20 @@ def _align_figures(info: RunInfo, dpi: int) -> list[Figure]:
         return []
     info.notes += rep.notes
     pairs = ", ".join(lp.label.removeprefix("layers ") for lp in rep.layers)
-    figs = [Figure("Mappers next to null, 2nd-SAE reference and upper bound", "image/png", images["bars"], f"held-out R² of each mapper, {rep.a} ↔ {rep.b}, both directions, layer pairs {pairs}: grey = shuffled-pair null, blue = mapper, orange = target through its 2nd-seed SAE (a reference, not a bound), green = upper bound (the mapper fit on the test pairs)", "align")]
+    figs = [
+        Figure(
+            "Mappers next to null, 2nd-SAE reference and upper bound",
+            "image/png",
+            images["bars"],
+            f"held-out R² of each mapper, {rep.a} ↔ {rep.b}, both directions, layer pairs {pairs}: grey = shuffled-pair null, blue = mapper, orange = target through its 2nd-seed SAE (a reference, not a bound), green = upper bound (the mapper fit on the test pairs)",
+            "align",
+        )
+    ]
     if "heatmap" in images:
-        figs.insert(0, Figure("Matched latents", "image/png", images["heatmap"], f"test correlations of the best one-to-one matched SAE latents of {rep.a} (rows) and {rep.b} (columns), per layer pair", "align"))
+        figs.insert(
+            0,
+            Figure("Matched latents", "image/png", images["heatmap"], f"test correlations of the best one-to-one matched SAE latents of {rep.a} (rows) and {rep.b} (columns), per layer pair", "align"),
+        )
     return figs
 
 
@@ -127,12 +146,12 @@ def _table_html(t: Table) -> str:
     body = []
     for r in t.rows:
         cells = []
-        for i, v in enumerate(r):
+        for _i, v in enumerate(r):
             cls = ' class="n"' if is_number(v) else ""
             cells.append(f"<td{cls}>{esc(format_cell(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     note = f'<p class="note">{esc(t.note)}</p>' if t.note else ""
-    table = f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>{note}'
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
     label = f'{esc(t.title)} <span class="src">{esc(t.source)}</span>'
     open_ = " open" if len(t.rows) <= OPEN_ROWS else ""
     return f'<details class="tbl"{open_}><summary>{label} <span class="count">{len(t.rows):,} row{"s" if len(t.rows) != 1 else ""}</span></summary>{table}</details>'
@@ -159,7 +178,7 @@ def _section_html(i: int, info: RunInfo, figs: list[Figure]) -> str:
     for title, tables, pics in groups:
         if not tables and not pics:
             continue
-        parts.append(f'<h3>{title}</h3>')
+        parts.append(f"<h3>{title}</h3>")
         parts += [_table_html(t) for t in tables]
         for f in pics:
             parts.append(f'<figure class="{f.kind}"><img src="{f.uri()}" alt="{esc(f.title)}" loading="eager"><figcaption>{esc(f.caption)}</figcaption></figure>')
@@ -183,8 +202,21 @@ def build_report(run_dirs: list[str | Path], method: str = "pca", dpi: int = sty
         n_figs += len(figs)
         sections.append(_section_html(i, info, figs))
         counts = [_plural(len(info.tables), "table"), _plural(len(figs), "picture")]
-        toc.append(f'<li><a href="#run-{i}">{esc(info.name)}</a> <span class="kind k-{esc(info.kind)}">{esc(info.title)}</span> <span class="count">{esc(", ".join(c for c in counts if c))}</span></li>')
-        summary_runs.append({"name": info.name, "path": str(t.path), "kind": info.kind, "kinds": info.kinds, "tables": len(info.tables), "figures": {k: sum(f.kind == k for f in figs) for k in ("curves", "cluster", "picture", *(("align",) if "align" in info.kinds else ()))}, "files": info.files, "notes": info.notes})
+        toc.append(
+            f'<li><a href="#run-{i}">{esc(info.name)}</a> <span class="kind k-{esc(info.kind)}">{esc(info.title)}</span> <span class="count">{esc(", ".join(c for c in counts if c))}</span></li>'
+        )
+        summary_runs.append(
+            {
+                "name": info.name,
+                "path": str(t.path),
+                "kind": info.kind,
+                "kinds": info.kinds,
+                "tables": len(info.tables),
+                "figures": {k: sum(f.kind == k for f in figs) for k in ("curves", "cluster", "picture", *(("align",) if "align" in info.kinds else ()))},
+                "files": info.files,
+                "notes": info.notes,
+            }
+        )
     heading = title or ("xsae report" + (f": {names[0]}" if len(names) == 1 else ""))
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     facts = f"{len(targets)} run{'s' if len(targets) != 1 else ''} · written {when} by xsae {__version__} · self-contained: no network needed"

@@ -206,8 +206,19 @@ def _hook_tables(info: RunInfo, hook_dirs: list[Path]) -> None:
         info.files.append(_rel(d / "cfg.json", info.path))
         meta = _v if isinstance(_v := cfg.get("metadata"), dict) else {}
         feats = d / "features.json"
-        rows.append([d.name, cfg.get("hook_name") or meta.get("hook_name"), cfg.get("architecture"), cfg.get("d_in"), cfg.get("d_sae"), cfg.get("k"), cfg.get("dtype"),
-                     "yes" if (d / "sae_weights.safetensors").exists() or (d / "sae.safetensors").exists() else "no", "yes" if feats.exists() else "no"])
+        rows.append(
+            [
+                d.name,
+                cfg.get("hook_name") or meta.get("hook_name"),
+                cfg.get("architecture"),
+                cfg.get("d_in"),
+                cfg.get("d_sae"),
+                cfg.get("k"),
+                cfg.get("dtype"),
+                "yes" if (d / "sae_weights.safetensors").exists() or (d / "sae.safetensors").exists() else "no",
+                "yes" if feats.exists() else "no",
+            ]
+        )
         if feats.exists():
             _feature_table(info, feats, cfg.get("hook_name") or meta.get("hook_name") or d.name)
     if rows:
@@ -235,14 +246,18 @@ def _feature_table(info: RunInfo, path: Path, hook: str) -> None:
             i = tops[0].get("max_index") if isinstance(tops[0].get("max_index"), int) and 0 <= tops[0]["max_index"] < len(toks) else None
             if i is not None:
                 toks[i] = f"[{toks[i]}]"
-                toks = toks[max(0, i - 6): i + 4]
+                toks = toks[max(0, i - 6) : i + 4]
             ctx = "".join(toks[:12]).replace("\n", "↵")
         lens = _v if isinstance(_v := lat.get("logit_lens"), dict) else {}
         promoted = ", ".join(repr(str(p[0])) for p in (lens.get("promoted") or [])[:5] if isinstance(p, list) and p)
         rows.append([lat.get("id"), lat["frequency"], lat.get("mean_act"), lat.get("max_act"), ctx, promoted])
     dead = data.get("dead_fraction")
     note = f"{len(data['latents']):,} latents" + (f", {100 * dead:.1f}% dead" if isinstance(dead, (int, float)) else "") + f"; every latent: xsae viz features {info.path} --hook {hook}"
-    info.tables.append(Table(f"most frequent latents · {hook}", ["latent", "frequency", "mean act", "max act", "top context ([max token])", "promoted tokens (logit lens)"], rows, "metrics", _rel(path, info.path), note))
+    info.tables.append(
+        Table(
+            f"most frequent latents · {hook}", ["latent", "frequency", "mean act", "max act", "top context ([max token])", "promoted tokens (logit lens)"], rows, "metrics", _rel(path, info.path), note
+        )
+    )
 
 
 def _sane_series(info: RunInfo, folder: Path, label: str) -> list[Path]:

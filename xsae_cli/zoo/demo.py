@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xsae_cli.core.config import xsae_cache
 from xsae_cli.core.errors import XsaeError
@@ -106,6 +107,7 @@ def fetch(force: bool = False) -> dict[str, str]:
 
 # --- tiny random-initialised members -------------------------------------------------------
 
+
 def _gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -115,25 +117,67 @@ def _gpt2() -> Any:
 def _gptneox() -> Any:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=128))
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=128)
+    )
 
 
 def _qwen2() -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=512,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=192,
+            max_position_embeddings=128,
+        )
+    )
 
 
 def _mistral() -> Any:
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192, max_position_embeddings=128))
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=512,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=192,
+            max_position_embeddings=128,
+        )
+    )
 
 
 def _gemma() -> Any:
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    return GemmaForCausalLM(GemmaConfig(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16, intermediate_size=192, max_position_embeddings=128))
+    return GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=512,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=192,
+            max_position_embeddings=128,
+        )
+    )
 
 
 TINY: dict[str, tuple[Callable[[], Any], str, int]] = {
@@ -152,6 +196,7 @@ def tiny_tokenizer(vocab_size: int = 512) -> Any:
     seconds. Token 0 is ``<|endoftext|>`` (BOS, EOS and pad).
     """
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -11,9 +11,10 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from xsae_cli.core.config import xsae_home
 from xsae_cli.core.errors import XsaeError

@@ -90,8 +90,7 @@ def test_save_load_round_trip_and_bad_input(tmp_path) -> None:  # type: ignore[n
     back = load(tmp_path / "cc")
     assert back.cfg == cfg and float(back.threshold) == float(res.model.threshold) > 0
     with torch.no_grad():
-        assert torch.equal(back.encode([back.normalise(0, xa[:50]), back.normalise(1, xb[:50])]),
-                           res.model.encode([res.model.normalise(0, xa[:50]), res.model.normalise(1, xb[:50])]))
+        assert torch.equal(back.encode([back.normalise(0, xa[:50]), back.normalise(1, xb[:50])]), res.model.encode([res.model.normalise(0, xa[:50]), res.model.normalise(1, xb[:50])]))
     l1 = train([xa[:500], xb[:500]], CrosscoderConfig(["a", "b"], [D, D + 4], d_sae=16, sparsity="l1", l1_coefficient=1e-2), steps=20)
     assert l1.history[-1]["loss"] == l1.history[-1]["loss"]  # finite
     with pytest.raises(XsaeError, match="two or more models"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from xsae_cli.align.linear import LinearMap
-from xsae_cli.align.settings import AlignSettings
 from xsae_cli.align.mappers import (
     ALIASES,
     MAPPERS,
@@ -21,6 +20,7 @@ from xsae_cli.align.mappers import (
     mapper_names,
     register_mapper,
 )
+from xsae_cli.align.settings import AlignSettings
 from xsae_cli.core.errors import XsaeError
 
 

@@ -25,8 +25,13 @@ def test_mlp_fits_an_exact_rotation() -> None:
         return x, 3 * x @ q + 1
 
     (xt, yt), (xv, yv), (xs, ys) = rows(2000), rows(500), rows(1000)
-    spec = TransferSpec(a="a", b="b", out=None, settings=AlignSettings(mappers=["mlp"]),  # type: ignore[arg-type]
-                        mlp=MlpMapperSettings(hidden=32, max_epochs=30, patience=5, batch_size=64, lr=3e-3))
+    spec = TransferSpec(
+        a="a",
+        b="b",
+        out=None,
+        settings=AlignSettings(mappers=["mlp"]),  # type: ignore[arg-type]
+        mlp=MlpMapperSettings(hidden=32, max_epochs=30, patience=5, batch_size=64, lr=3e-3),
+    )
     fitted = make_mapper("mlp", "acts", spec).fit(xt, yt, xv, yv)
     assert r2_score(fitted.predict(xs), ys, yt.double().mean(0)) >= 0.99
     assert fitted.info["best_epoch"] >= 1  # early stopping on validation kept an epoch

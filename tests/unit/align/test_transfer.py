@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
 from xsae_cli.align.scoring import Views, score_direction, similarity
+from xsae_cli.align.settings import AlignSettings, MlpMapperSettings
 from xsae_cli.align.sides import Side, matched_depth, parse_layers
 from xsae_cli.align.stages import Pairing, check_counts
 from xsae_cli.align.transfer import TransferSpec

@@ -99,7 +99,7 @@ def test_one_definition_per_setting_with_per_section_defaults() -> None:
         ("[sae]\ncheckpoint_every = 0\n", ["checkpoint_every", ">= 1"]),
         ("[sae]\nbatch_size = 0\n", ["batch_size", ">= 1"]),
         ("[sae]\ncontext_size = -4\n", ["context_size = -4", ">= 2"]),
-        ("[sae]\narch = \"topkk\"\n", ["arch = 'topkk'", "did you mean 'topk'"]),
+        ('[sae]\narch = "topkk"\n', ["arch = 'topkk'", "did you mean 'topk'"]),
         ("[align.sae]\nk = 0\n", ["[align.sae] k = 0"]),
         ("[restore]\nseq_len = 100000\n", ["seq_len = 100000", "<= 16384"]),
         ("[restore.predict]\nbeam = 0\n", ["beam = 0"]),

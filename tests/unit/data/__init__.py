@@ -29,7 +29,9 @@ def tiny_tokenizer(chat: bool = True):
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     if chat:

@@ -36,7 +36,7 @@ def test_builtin_corpus_is_large_deterministic_prose():
     from pydoc_data.topics import topics
 
     assert docs[0] == topics[sorted(topics)[0]].strip()
-    assert any("Return" in d for d in docs[len(topics):])  # stdlib docstrings follow the topics
+    assert any("Return" in d for d in docs[len(topics) :])  # stdlib docstrings follow the topics
     assert load_texts("builtin", limit=5) == list(docs[:5])
     assert load_texts("BUILTIN", limit=5) == list(docs[:5])
 

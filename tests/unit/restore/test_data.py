@@ -30,16 +30,16 @@ def test_atf_damage_marks(letters_atf) -> None:
     first = docs[0]
     assert first.text.startswith("a-na be-li2-ia\nqi2-bi2-ma\n")
     i = first.text.index("i-qa-ab-bu")  # editor's restoration inside [...]: damaged, kept out of training
-    assert all(first.damaged[i:i + 10]) and not first.damaged[i + 10]
+    assert all(first.damaged[i : i + 10]) and not first.damaged[i + 10]
     j = first.text.index("usz-pu")  # 'usz#': the flagged sign only
-    assert all(first.damaged[j:j + 3]) and not first.damaged[j - 1] and not first.damaged[j + 3]
+    assert all(first.damaged[j : j + 3]) and not first.damaged[j - 1] and not first.damaged[j + 3]
     k = first.text.index("a-na ... x")
-    assert _marks(Doc(first.text[k:k + 10], first.damaged[k:k + 10])) == ".....^^^.^"
+    assert _marks(Doc(first.text[k : k + 10], first.damaged[k : k + 10])) == ".....^^^.^"
     assert "$" not in first.text and "@" not in first.text and "#" not in first.text
     assert "isz-ti-ia" in docs[1].text  # an indented continuation line joins its line
     assert "to my father" not in docs[1].text  # translations are not transliteration
     half = docs[2].text.index("a-wa-tam")
-    assert all(docs[2].damaged[half:half + 4]) and not docs[2].damaged[half + 5]
+    assert all(docs[2].damaged[half : half + 4]) and not docs[2].damaged[half + 5]
 
 
 def test_inline_x_only_counts_as_a_sign() -> None:

@@ -448,7 +448,7 @@ def test_bf16_env_switch_decides_auto_only(monkeypatch):
     assert make("topk", bf16_encoder=True).use_bf16_encoder
     monkeypatch.setenv(models.BF16_ENCODER_ENV, "sometimes")
     with pytest.raises(XsaeError, match="XSAE_BF16_ENCODER"):
-        make("topk").use_bf16_encoder
+        _ = make("topk").use_bf16_encoder
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

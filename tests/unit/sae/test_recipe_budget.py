@@ -32,9 +32,15 @@ def test_the_recipe_header_states_the_formulas_budget(script: str) -> None:
     text = (RECIPES / script).read_text()
     params, d_in = MODELS[_default(text, "MODEL")]
     budget = recipe_budget(
-        params=params, model_bytes=2, d_in=d_in, expansion=int(_default(text, "EXPANSION")), batch=int(_default(text, "BATCH")),
-        tokens=parse_tokens(_default(text, "TOKENS")), world=int(_default(text, "GPUS")),
-        optimizer_states=2 if "--optimizer adam" in text else 1, **MODES[script],
+        params=params,
+        model_bytes=2,
+        d_in=d_in,
+        expansion=int(_default(text, "EXPANSION")),
+        batch=int(_default(text, "BATCH")),
+        tokens=parse_tokens(_default(text, "TOKENS")),
+        world=int(_default(text, "GPUS")),
+        optimizer_states=2 if "--optimizer adam" in text else 1,
+        **MODES[script],
     )
     assert budget_line(budget) in text.splitlines()
 

@@ -71,8 +71,13 @@ class GainTopKSae(SparseAutoencoder):
 
 def _register() -> None:
     register_sae_class(  # the one registration line
-        NAME, GainTopKSae, uses_k=True, saelens="xsae_test_gaintopk", coefficients=("gain_decay",),
-        options={"gain_decay": 1e-3}, tensors={"gain": ExtraTensor("parameter", init=1.0)},
+        NAME,
+        GainTopKSae,
+        uses_k=True,
+        saelens="xsae_test_gaintopk",
+        coefficients=("gain_decay",),
+        options={"gain_decay": 1e-3},
+        tensors={"gain": ExtraTensor("parameter", init=1.0)},
     )
 
 
@@ -205,7 +210,10 @@ def test_builtin_registrations_say_what_the_old_literal_tables_said() -> None:
     assert {n for n, s in builtin.items() if not s.unit_norm_decoder} == {"relu"}
     assert {n: s.sparsify for n, s in builtin.items() if s.sparsify} == {"topk": "topk"}
     assert {n: {t: e.kind for t, e in s.tensors.items()} for n, s in builtin.items()} == {
-        "relu": {}, "topk": {}, "jumprelu": {"threshold": "parameter"}, "batchtopk": {"threshold": "buffer"},
+        "relu": {},
+        "topk": {},
+        "jumprelu": {"threshold": "parameter"},
+        "batchtopk": {"threshold": "buffer"},
     }
     assert get_arch("relu").coefficients == ("l1_coefficient",) and get_arch("jumprelu").coefficients == ("l0_coefficient",)
     jump = create_sae(SaeConfig(arch="jumprelu", d_in=4, d_sae=8, jumprelu_init_threshold=0.25))

@@ -1,7 +1,7 @@
 """Trainer: learns, resumes exactly from a checkpoint, stops on non-finite input keeping the last checkpoint."""
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -56,7 +56,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, opt
 
     # Simulate a crash right after the step-16 checkpoint: a run told to stop at 16 steps' worth.
     first = Trainer(_settings(tokens=8192, optimizer=optimizer), {"h": 16}, tmp_path / "b")
-    for i, batch in enumerate(_batches(x, 256)(0)):
+    for _i, batch in enumerate(_batches(x, 256)(0)):
         first.train_step(batch)
         if first.step % 8 == 0:
             first.save_checkpoint()

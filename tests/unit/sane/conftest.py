@@ -28,4 +28,3 @@ def tiny_models(demo_zoo: Path, sane_cache: Path) -> list:
     from xsae_cli.zoo.demo import TINY
 
     return [TokenizedModel(tokenize_to_cache(model_source(n), scheme=CoordScheme(view="weights"), cache_dir=sane_cache), n) for n in TINY]
-

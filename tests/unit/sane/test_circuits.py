@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.unit.sane.test_lineage import _model
+from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, elementwise, finetune
 from xsae_cli.sane.views.canonical import plan_from
 from xsae_cli.sane.views.circuits import _embed_name, _top_eigh, anchor_ids, anchor_rows, circuit_tensors, outlier_filter, shrink_outliers
-from xsae_cli.sane.transforms import FUNCTION_PRESERVING, Arch, apply, elementwise, finetune
 
 FAMILIES = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert"]
 

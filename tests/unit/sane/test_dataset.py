@@ -212,7 +212,6 @@ def test_cache_key_covers_the_config(tmp_path) -> None:
 
     from tests.e2e.test_sane_derived import _save
 
-
     folder = _save(tmp_path / "m", seed=3)
     first = tokenize_to_cache(model_source(str(folder)), 64, CoordScheme(view="circuits"), cache_dir=tmp_path / "cache")
     cfg = json.loads((folder / "config.json").read_text())

@@ -81,8 +81,14 @@ def test_bert_residual_permutation_permutes_hidden_states_and_keeps_the_pooler()
         out = apply(state, Arch.from_config(m.config), "perm_resid", seed=5)
         m.load_state_dict(out)
         got = m(input_ids=PROBE)
-    perm = torch.tensor([int(  # recovered from a word-embedding row (its values are distinct)
-        torch.nonzero(state["embeddings.word_embeddings.weight"][7] == v)[0]) for v in out["embeddings.word_embeddings.weight"][7]])
+    perm = torch.tensor(
+        [
+            int(  # recovered from a word-embedding row (its values are distinct)
+                torch.nonzero(state["embeddings.word_embeddings.weight"][7] == v)[0]
+            )
+            for v in out["embeddings.word_embeddings.weight"][7]
+        ]
+    )
     assert torch.allclose(got.last_hidden_state, ref.last_hidden_state[..., perm], atol=1e-5)
     assert torch.allclose(got.pooler_output, ref.pooler_output, atol=1e-5)
 
@@ -125,12 +131,15 @@ def test_retrieval_scores_on_a_known_distance_matrix() -> None:
     names = ["A", "B", "A~x", "B~x"]
     base_of = {"A": "A", "B": "B", "A~x": "A", "B~x": "B"}
     tr = {"A": "base", "B": "base", "A~x": "x", "B~x": "x"}
-    d = np.array([
-        [0, 5, 1, 2],
-        [5, 0, 3, 4],
-        [1, 3, 0, 6],
-        [2, 4, 6, 0],
-    ], dtype=float)
+    d = np.array(
+        [
+            [0, 5, 1, 2],
+            [5, 0, 3, 4],
+            [1, 3, 0, 6],
+            [2, 4, 6, 0],
+        ],
+        dtype=float,
+    )
     r = retrieval_scores(names, base_of, tr, d, ["x"])
     # A~x: nearest base A (1 < 3): hit. B~x: A at 2 < B at 4: miss, rank 2.
     # separation: A~x 3 / 1, B~x 2 / 4 -> median 1.75

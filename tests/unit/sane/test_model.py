@@ -16,8 +16,15 @@ def batch(B: int = 2, W: int = 16, C: int = 64, n_real: int = 12, seed: int = 0)
     valid = torch.full((B, W), float(C)) * mask
     valid[:, n_real - 1] = C // 2
     values = torch.randn(B, W, C, generator=g) * mask.unsqueeze(-1)
-    return {"values": values, "valid": valid, "depth": torch.rand(B, W, generator=g), "pos": torch.rand(B, W, generator=g),
-            "kind": torch.randint(0, 12, (B, W), generator=g), "stats": torch.randn(B, W, 3, generator=g), "mask": mask}
+    return {
+        "values": values,
+        "valid": valid,
+        "depth": torch.rand(B, W, generator=g),
+        "pos": torch.rand(B, W, generator=g),
+        "kind": torch.randint(0, 12, (B, W), generator=g),
+        "stats": torch.randn(B, W, 3, generator=g),
+        "mask": mask,
+    }
 
 
 def small() -> SaneModelConfig:

@@ -10,8 +10,19 @@ import torch
 
 from xsae_cli.sane.tokenizer import KIND_ID, CoordScheme, chunk_tensor, model_chunk_count, tensor_coords, tokenize_stream
 
-GPT2 = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
+GPT2 = [
+    "transformer.wte.weight",
+    "transformer.wpe.weight",
+    "transformer.h.0.ln_1.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.attn.c_proj.weight",
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.h.0.mlp.c_proj.weight",
+    "transformer.h.1.mlp.c_fc.weight",
+    "transformer.ln_f.weight",
+    "transformer.ln_f.bias",
+    "lm_head.weight",
+]
 
 
 def coords(names: list[str]) -> dict:
@@ -36,21 +47,57 @@ def test_gpt2_embeddings_at_zero_final_norm_and_head_at_one() -> None:
 
 EXPECTED = {
     # model: {name: (depth, kind)} with 4 layers for the tiny ones
-    "tiny-gptneox": {"gpt_neox.embed_in.weight": (0.0, "embedding"), "embed_out.weight": (1.0, "head"), "gpt_neox.final_layer_norm.weight": (1.0, "norm"),
-                     "gpt_neox.layers.0.attention.query_key_value.weight": (0.125, "attn_qkv"), "gpt_neox.layers.3.attention.dense.weight": (0.875, "attn_o"),
-                     "gpt_neox.layers.1.mlp.dense_h_to_4h.weight": (0.375, "mlp_up"), "gpt_neox.layers.1.mlp.dense_4h_to_h.weight": (0.375, "mlp_down")},
-    "tiny-qwen2": {"model.embed_tokens.weight": (0.0, "embedding"), "lm_head.weight": (1.0, "head"), "model.norm.weight": (1.0, "norm"),
-                   "model.layers.2.self_attn.q_proj.bias": (0.625, "attn_q"), "model.layers.2.self_attn.k_proj.weight": (0.625, "attn_k"),
-                   "model.layers.2.self_attn.v_proj.weight": (0.625, "attn_v"), "model.layers.2.self_attn.o_proj.weight": (0.625, "attn_o"),
-                   "model.layers.0.mlp.gate_proj.weight": (0.125, "mlp_gate"), "model.layers.0.mlp.up_proj.weight": (0.125, "mlp_up"),
-                   "model.layers.0.mlp.down_proj.weight": (0.125, "mlp_down"), "model.layers.0.input_layernorm.weight": (0.125, "norm")},
-    "tiny-mistral": {"model.embed_tokens.weight": (0.0, "embedding"), "lm_head.weight": (1.0, "head"), "model.norm.weight": (1.0, "norm"), "model.layers.3.post_attention_layernorm.weight": (0.875, "norm")},
+    "tiny-gptneox": {
+        "gpt_neox.embed_in.weight": (0.0, "embedding"),
+        "embed_out.weight": (1.0, "head"),
+        "gpt_neox.final_layer_norm.weight": (1.0, "norm"),
+        "gpt_neox.layers.0.attention.query_key_value.weight": (0.125, "attn_qkv"),
+        "gpt_neox.layers.3.attention.dense.weight": (0.875, "attn_o"),
+        "gpt_neox.layers.1.mlp.dense_h_to_4h.weight": (0.375, "mlp_up"),
+        "gpt_neox.layers.1.mlp.dense_4h_to_h.weight": (0.375, "mlp_down"),
+    },
+    "tiny-qwen2": {
+        "model.embed_tokens.weight": (0.0, "embedding"),
+        "lm_head.weight": (1.0, "head"),
+        "model.norm.weight": (1.0, "norm"),
+        "model.layers.2.self_attn.q_proj.bias": (0.625, "attn_q"),
+        "model.layers.2.self_attn.k_proj.weight": (0.625, "attn_k"),
+        "model.layers.2.self_attn.v_proj.weight": (0.625, "attn_v"),
+        "model.layers.2.self_attn.o_proj.weight": (0.625, "attn_o"),
+        "model.layers.0.mlp.gate_proj.weight": (0.125, "mlp_gate"),
+        "model.layers.0.mlp.up_proj.weight": (0.125, "mlp_up"),
+        "model.layers.0.mlp.down_proj.weight": (0.125, "mlp_down"),
+        "model.layers.0.input_layernorm.weight": (0.125, "norm"),
+    },
+    "tiny-mistral": {
+        "model.embed_tokens.weight": (0.0, "embedding"),
+        "lm_head.weight": (1.0, "head"),
+        "model.norm.weight": (1.0, "norm"),
+        "model.layers.3.post_attention_layernorm.weight": (0.875, "norm"),
+    },
     "tiny-gemma": {"model.embed_tokens.weight": (0.0, "embedding"), "model.norm.weight": (1.0, "norm"), "model.layers.1.self_attn.q_proj.weight": (0.375, "attn_q")},
-    "tiny-gpt2": {"transformer.wte.weight": (0.0, "embedding"), "transformer.wpe.weight": (0.0, "embedding"), "transformer.ln_f.weight": (1.0, "norm"), "transformer.h.3.mlp.c_fc.weight": (0.875, "mlp_up")},
-    "minilm-l6": {"embeddings.word_embeddings.weight": (0.0, "embedding"), "embeddings.LayerNorm.weight": (0.0, "norm"), "encoder.layer.0.attention.self.query.weight": (1 / 12, "attn_q"),
-                  "encoder.layer.5.attention.output.dense.weight": (11 / 12, "attn_o"), "encoder.layer.2.intermediate.dense.weight": (5 / 12, "mlp_up"),
-                  "encoder.layer.2.output.dense.weight": (5 / 12, "mlp_down"), "encoder.layer.2.output.LayerNorm.weight": (5 / 12, "norm"), "pooler.dense.weight": (1.0, "other")},
-    "smollm2-135m": {"model.embed_tokens.weight": (0.0, "embedding"), "model.norm.weight": (1.0, "norm"), "model.layers.0.mlp.up_proj.weight": (0.5 / 30, "mlp_up"), "model.layers.29.self_attn.o_proj.weight": (29.5 / 30, "attn_o")},
+    "tiny-gpt2": {
+        "transformer.wte.weight": (0.0, "embedding"),
+        "transformer.wpe.weight": (0.0, "embedding"),
+        "transformer.ln_f.weight": (1.0, "norm"),
+        "transformer.h.3.mlp.c_fc.weight": (0.875, "mlp_up"),
+    },
+    "minilm-l6": {
+        "embeddings.word_embeddings.weight": (0.0, "embedding"),
+        "embeddings.LayerNorm.weight": (0.0, "norm"),
+        "encoder.layer.0.attention.self.query.weight": (1 / 12, "attn_q"),
+        "encoder.layer.5.attention.output.dense.weight": (11 / 12, "attn_o"),
+        "encoder.layer.2.intermediate.dense.weight": (5 / 12, "mlp_up"),
+        "encoder.layer.2.output.dense.weight": (5 / 12, "mlp_down"),
+        "encoder.layer.2.output.LayerNorm.weight": (5 / 12, "norm"),
+        "pooler.dense.weight": (1.0, "other"),
+    },
+    "smollm2-135m": {
+        "model.embed_tokens.weight": (0.0, "embedding"),
+        "model.norm.weight": (1.0, "norm"),
+        "model.layers.0.mlp.up_proj.weight": (0.5 / 30, "mlp_up"),
+        "model.layers.29.self_attn.o_proj.weight": (29.5 / 30, "attn_o"),
+    },
 }
 
 
@@ -72,8 +119,16 @@ def test_demo_zoo_names_parse(demo_zoo, model: str) -> None:
 
 
 def test_encoder_decoder_stacks_laid_end_to_end_and_gguf_names() -> None:
-    c = coords(["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.0.SelfAttention.q.weight",
-                "decoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.1.layer.0.SelfAttention.q.weight", "decoder.final_layer_norm.weight"])
+    c = coords(
+        [
+            "shared.weight",
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "encoder.block.1.layer.0.SelfAttention.q.weight",
+            "decoder.block.0.layer.0.SelfAttention.q.weight",
+            "decoder.block.1.layer.0.SelfAttention.q.weight",
+            "decoder.final_layer_norm.weight",
+        ]
+    )
     depths = [c[n].depth for n in c]
     assert depths == pytest.approx([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
     g = coords(["token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight", "output.weight"])

@@ -66,10 +66,27 @@ def chromium(url: str, *args: str, timeout: int = 60) -> subprocess.CompletedPro
     profile = tempfile.mkdtemp(prefix="xsae-chromium-")
     try:
         return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}", "--virtual-time-budget=2000",
-             "--window-size=1280,1600", *args, url],
-            capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, "HOME": profile},
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-extensions",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=2000",
+                "--window-size=1280,1600",
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "HOME": profile},
         )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
@@ -80,6 +97,7 @@ def card_ids(dom: str) -> list[int]:
 
 
 # ------------------------------------------------------------------ run folders for `viz report`
+
 
 def tiny_png(w: int = 40, h: int = 20) -> bytes:
     """A small real PNG (a plot some other tool left in the run folder)."""

@@ -96,11 +96,21 @@ def test_find_features_in_run_folders(tmp_path: Path) -> None:
 
 def test_bad_features_named(tmp_path: Path) -> None:
     cases = []
-    d = real_features(); del d["latents"]; cases.append((d, "missing field 'latents'"))
-    d = real_features(); del d["latents"][3]["top_contexts"]; cases.append((d, "latent 3: missing field 'top_contexts'"))
-    d = real_features(); d["latents"][1]["histogram"]["counts"].append(1); cases.append((d, "latent 1 histogram has 50 counts for 50 edges"))
-    d = real_features(); d["latents"][0]["top_contexts"][0]["acts"].pop(); cases.append((d, "top_contexts[0] has"))
-    d = real_features(); d["latents"][0]["id"] = "zero"; cases.append((d, "field 'id' must be an integer"))
+    d = real_features()
+    del d["latents"]
+    cases.append((d, "missing field 'latents'"))
+    d = real_features()
+    del d["latents"][3]["top_contexts"]
+    cases.append((d, "latent 3: missing field 'top_contexts'"))
+    d = real_features()
+    d["latents"][1]["histogram"]["counts"].append(1)
+    cases.append((d, "latent 1 histogram has 50 counts for 50 edges"))
+    d = real_features()
+    d["latents"][0]["top_contexts"][0]["acts"].pop()
+    cases.append((d, "top_contexts[0] has"))
+    d = real_features()
+    d["latents"][0]["id"] = "zero"
+    cases.append((d, "field 'id' must be an integer"))
     for data, needle in cases:
         p = _write(tmp_path, data)
         with pytest.raises(XsaeError) as exc:

@@ -38,7 +38,9 @@ def _titles(info) -> dict[str, T.Table]:
 
 def test_json_tables_by_shape() -> None:
     data = {
-        "format": "xsae-x", "steps": 12, "hooks_list": ["a", "b"],
+        "format": "xsae-x",
+        "steps": 12,
+        "hooks_list": ["a", "b"],
         "config": {"lr": 0.1, "nested": {"k": 8}},
         "versions": {"torch": "2.13"},
         "hooks": {"h1": {"fvu": 0.3, "l0": 8.0, "downstream": {"kl": 0.01}}, "h2": {"fvu": 0.2, "l0": 7.5, "downstream": {"kl": 0.02}}},
@@ -69,10 +71,12 @@ def test_grid_transposes_few_wide_entities_and_caps_rows() -> None:
 
 
 def test_explicit_tables_three_shapes() -> None:
-    data = {"tables": {
-        "records": [{"layer": 5, "r2": 0.4}, {"layer": 6, "r2": 0.5}],
-        "grid": {"columns": ["layer", "cka"], "rows": [[5, 0.6]], "note": "held out"},
-    }}
+    data = {
+        "tables": {
+            "records": [{"layer": 5, "r2": 0.4}, {"layer": 6, "r2": 0.5}],
+            "grid": {"columns": ["layer", "cka"], "rows": [[5, 0.6]], "note": "held out"},
+        }
+    }
     by = {t.title: t for t in T.json_tables(data, "report.json")}
     assert by["records"].columns == ["layer", "r2"] and by["records"].rows == [[5, 0.4], [6, 0.5]]
     assert by["grid"].rows == [[5, 0.6]] and by["grid"].note == "held out"
@@ -219,7 +223,7 @@ def test_report_page_self_contained(tmp_path: Path) -> None:
     page, summary = build_report([demo], dpi=40)
     assert summary["runs"] == 4 and [s["kind"] for s in summary["sections"]] == ["align", "restore", "sae", "sane"]
     assert page.count('<section class="run"') == 4 and len(re.findall(r'<a href="#run-\d">', page)) == 4
-    assert not EXTERNAL_REF.search(page) and not URL.search(page), (EXTERNAL_REF.search(page) or URL.search(page))
+    assert not EXTERNAL_REF.search(page) and not URL.search(page), EXTERNAL_REF.search(page) or URL.search(page)
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     imgs = page_images(page)
     # align: 2 pictures; restore, sae: curves; sane: curves + cluster plot

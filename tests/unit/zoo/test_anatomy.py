@@ -32,7 +32,9 @@ def _named() -> dict:
     from xsae_cli.sane.lineage.zoo import _tiny_builders
 
     out = dict(_tiny_builders())
-    out["tiny-llama"] = lambda: LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    out["tiny-llama"] = lambda: LlamaForCausalLM(
+        LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    )
     return out
 
 
@@ -115,8 +117,21 @@ def test_names_alone_give_blocks_when_the_config_does_not() -> None:
     assert Blocks.from_names(["net.cells.0.w", "net.cells.1.w"], keywords=("cells",)).n_blocks == 2
 
 
-ROLE_KIND = {"embedding": "embedding", "pos_embedding": "embedding", "type_embedding": "embedding", "head": "head", "norm": "norm", "q": "attn_q", "k": "attn_k",
-             "v": "attn_v", "qkv": "attn_qkv", "o": "attn_o", "up": "mlp_up", "gate": "mlp_gate", "down": "mlp_down"}
+ROLE_KIND = {
+    "embedding": "embedding",
+    "pos_embedding": "embedding",
+    "type_embedding": "embedding",
+    "head": "head",
+    "norm": "norm",
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "qkv": "attn_qkv",
+    "o": "attn_o",
+    "up": "mlp_up",
+    "gate": "mlp_gate",
+    "down": "mlp_down",
+}
 
 
 @pytest.mark.parametrize("name", NAMED)

@@ -61,7 +61,11 @@ def npz_source() -> Iterator[None]:
 @pytest.fixture()
 def archive(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
-    arrays = {"embed.weight": rng.standard_normal((10, 8)).astype(np.float32), "layers.0.w": rng.standard_normal((8, 8)).astype(np.float32), "layers.1.w": rng.standard_normal((8, 8)).astype(np.float32)}
+    arrays = {
+        "embed.weight": rng.standard_normal((10, 8)).astype(np.float32),
+        "layers.0.w": rng.standard_normal((8, 8)).astype(np.float32),
+        "layers.1.w": rng.standard_normal((8, 8)).astype(np.float32),
+    }
     path = tmp_path / "toy.npz"
     np.savez(path, **arrays)
     return path, arrays

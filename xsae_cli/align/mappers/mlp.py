@@ -36,7 +36,6 @@ from xsae_cli.align.mappers import register_mapper
 from xsae_cli.align.settings import MlpMapperSettings
 
 
-
 class SparseInput(nn.Module):
     """``Linear(d_x, hidden)`` for inputs with few nonzeros per row (SAE codes), as an EmbeddingBag.
 
@@ -71,8 +70,13 @@ class Mlp(nn.Module):
         super().__init__()
         self.inp = SparseInput(d_x, hidden) if sparse_input else nn.Linear(d_x, hidden)
         self.net = nn.Sequential(
-            nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.LayerNorm(hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.LayerNorm(hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, d_y),
         )
         self.nonneg = nonneg

@@ -55,6 +55,13 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
 
 
 register_sae_class(
-    "batchtopk", BatchTopKSae, uses_k=True, saelens="jumprelu", saelens_read=("batchtopk",), bf16_selection=True,
-    coefficients=("aux_k_coefficient",), tensors={"threshold": ExtraTensor("buffer")}, saelens_import=_from_saelens,
+    "batchtopk",
+    BatchTopKSae,
+    uses_k=True,
+    saelens="jumprelu",
+    saelens_read=("batchtopk",),
+    bf16_selection=True,
+    coefficients=("aux_k_coefficient",),
+    tensors={"threshold": ExtraTensor("buffer")},
+    saelens_import=_from_saelens,
 )

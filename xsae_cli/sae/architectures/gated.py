@@ -80,6 +80,11 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
 
 
 register_sae_class(
-    "gated", GatedSae, coefficients=("gated_l1_coefficient",), options={"gated_l1_coefficient": 1.0}, saelens_export=_to_saelens, saelens_import=_from_saelens,
+    "gated",
+    GatedSae,
+    coefficients=("gated_l1_coefficient",),
+    options={"gated_l1_coefficient": 1.0},
+    saelens_export=_to_saelens,
+    saelens_import=_from_saelens,
     tensors={"r_mag": ExtraTensor("parameter"), "b_mag": ExtraTensor("parameter")},
 )

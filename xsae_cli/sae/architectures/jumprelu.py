@@ -88,5 +88,8 @@ class JumpReluSae(SparseAutoencoder):
 
 
 register_sae_class(
-    "jumprelu", JumpReluSae, coefficients=("l0_coefficient",), tensors={"threshold": ExtraTensor("parameter", init="jumprelu_init_threshold")},
+    "jumprelu",
+    JumpReluSae,
+    coefficients=("l0_coefficient",),
+    tensors={"threshold": ExtraTensor("parameter", init="jumprelu_init_threshold")},
 )

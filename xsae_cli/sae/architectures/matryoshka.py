@@ -106,7 +106,15 @@ def _from_saelens(raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any
 
 
 register_sae_class(
-    NAME, MatryoshkaBatchTopKSae, uses_k=True, saelens="jumprelu", saelens_read=(NAME,), bf16_selection=True,
-    coefficients=("aux_k_coefficient",), tensors={"threshold": ExtraTensor("buffer")}, options={"matryoshka_widths": []},
-    saelens_import=_from_saelens, validate=_validate,
+    NAME,
+    MatryoshkaBatchTopKSae,
+    uses_k=True,
+    saelens="jumprelu",
+    saelens_read=(NAME,),
+    bf16_selection=True,
+    coefficients=("aux_k_coefficient",),
+    tensors={"threshold": ExtraTensor("buffer")},
+    options={"matryoshka_widths": []},
+    saelens_import=_from_saelens,
+    validate=_validate,
 )

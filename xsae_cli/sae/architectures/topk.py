@@ -111,5 +111,11 @@ def _saelens_cfg(cfg: SaeConfig) -> dict[str, Any]:
 
 
 register_sae_class(
-    "topk", TopKSae, uses_k=True, sparsify="topk", bf16_selection=True, coefficients=("aux_k_coefficient",), saelens_cfg=_saelens_cfg,
+    "topk",
+    TopKSae,
+    uses_k=True,
+    sparsify="topk",
+    bf16_selection=True,
+    coefficients=("aux_k_coefficient",),
+    saelens_cfg=_saelens_cfg,
 )

@@ -162,4 +162,3 @@ def goals(per_type: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "hard_strictly_above_both": {"met": not hard_not_above, "failing": hard_not_above, "by": "top-1, or at equal top-1 the separation"},
         "permutation_nearest_to_base": {"met": not perm_not_nearest, "failing": perm_not_nearest},
     }
-

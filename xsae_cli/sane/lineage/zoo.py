@@ -74,6 +74,7 @@ class BuildReport:
 
 # --- bases ---------------------------------------------------------------------------------
 
+
 def _tiny_bert() -> Any:
     from transformers import BertConfig, BertModel
 
@@ -189,7 +190,6 @@ def _state_names(state: dict[str, Any], prefix: str) -> list[str]:
     return names
 
 
-
 def _keep_layers(names: list[str], n_keep: int, arch: Any) -> list[str]:
     """Whole blocks at evenly spaced depths (first and last included) and the input token
     embedding (the circuit view reads every block through it); no other embeddings or heads."""
@@ -205,7 +205,6 @@ def kept_layers(tm: Any) -> list[int]:
     from xsae_cli.zoo.anatomy import block_index
 
     return sorted({b for t in tm.manifest["tensors"] if (b := block_index(t["name"])) is not None})
-
 
 
 class _Ids:
@@ -365,4 +364,3 @@ def build_lineage_zoo(workdir: Path, s: LineageSettings, log: Callable[[str], No
     report.function_check = {b: c for b, c in saved.items() if b in bases}
     report.seconds = time.perf_counter() - t0
     return report
-

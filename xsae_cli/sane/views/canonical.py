@@ -200,7 +200,7 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
                 plan.row_scale[f"{att}.self.value.{suffix}"] = c.float()
             plan.col_scale[f"{att}.output.dense.weight"] = (1 / c).float()
             if li is not None:  # a head's key: sum of |v_i| |o_i| over its coordinates (balanced |o_i|^2)
-                heads[li] = (v.sqrt() * o.sqrt())
+                heads[li] = v.sqrt() * o.sqrt()
     else:
         for norm, readers, _conv1d, gemma in arch.norm_readers(names):
             w = norms.get(norm + ".weight")
@@ -217,6 +217,7 @@ def plan_from(arch: Arch, items: Iterable[tuple[str, Any]], orders: bool = True)
                 plan.col_scale[lin + ".weight"] = s.float()
     if not orders:
         return plan, ""
+
     # 2. orders
     def order(key: Any) -> Any:
         return torch.argsort(key, stable=True)
@@ -272,7 +273,6 @@ def canonical_stream(resolved: Any, iter_weights: Any, warn: Any = None) -> tupl
             yield name, plan.apply(name, t)
 
     return stream(), {"applied": True, "model_type": plan.arch.model_type, "sorted": plan.sorted_groups, "scaled": len(plan.col_scale) + len(plan.row_scale)}
-
 
 
 def canonical_view(resolved: Any, warn: Any = None) -> tuple[Any, str]:

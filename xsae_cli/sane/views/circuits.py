@@ -46,6 +46,7 @@ OUTLIER_LEVEL = 3.0  # a direction is an outlier above this multiple of the bulk
 OUTLIER_MAX = 16  # directions that may be shrunk (a fine-tune's shift takes 1-4)
 CIRCUIT_KINDS = ("circuit_qk", "circuit_ov", "circuit_mlp", "circuit_gate", "gram", "circuit_head")
 
+
 def _embed_name(arch: Arch, name: str) -> bool:
     """Whether ``name`` is the input token embedding (the anatomy's ``embedding`` role)."""
     return arch.role(name).role == "embedding"

@@ -162,7 +162,7 @@ def probe_bytes(n_params: int) -> int:
 
 
 def _linear_layout(m: Any, x: Any, y: Any) -> str | None:
-    """"linear" (``y = x W^T + b``), "conv1d" (``y = x W + b``) or None (not an affine map of x)."""
+    """ "linear" (``y = x W^T + b``), "conv1d" (``y = x W + b``) or None (not an affine map of x)."""
     import torch
 
     w = getattr(m, "weight", None)
@@ -183,7 +183,7 @@ def _linear_layout(m: Any, x: Any, y: Any) -> str | None:
 
 
 def _norm_kind(m: Any, x: Any, y: Any, d: int) -> str | None:
-    """"plain" or "offset" (gain stored as gain - 1) when ``m`` normalises ``x``; else None."""
+    """ "plain" or "offset" (gain stored as gain - 1) when ``m`` normalises ``x``; else None."""
     import torch
 
     if x is None or y is None or x.shape != y.shape or x.shape[-1] != d or _same(x, y):
@@ -256,6 +256,7 @@ def _record(model: Any, ids: Any, block_path: str) -> tuple[list[_Call], Any, An
     modules = dict(model.named_modules())
     for name, m in modules.items():
         if name.startswith(blk0 + ".") and not list(m.children()):
+
             def hook(mod: Any, args: Any, out: Any, name: str = name) -> None:
                 x = _first_tensor(args) if args else None
                 calls.append(_Call(name[len(blk0) + 1 :], mod, x, _first_tensor(out)))
@@ -576,6 +577,7 @@ def _check(model: Any, rules: DerivedRules, shape: Shape, ids: Any, ref: Any) ->
 
 
 # --- from a config (what the zoo has for a checkpoint) ---------------------------------------
+
 
 def _build(config: dict[str, Any]) -> Any:
     """A random-initialised model of ``config`` (the LM head class where there is one), after its

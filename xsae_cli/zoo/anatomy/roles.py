@@ -149,6 +149,7 @@ def _w(name: str) -> bool:
 
 # --- Llama-like: model.layers.N.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj -----------------
 
+
 def _llama(name: str, block: int | None) -> tuple[str, Axes]:
     if name.endswith("embed_tokens.weight"):
         return "embedding", ((1, RESID),)
@@ -187,6 +188,7 @@ GEMMA = register_family("gemma", FamilyRules(_llama, _llama_norms, _llama_final,
 
 # --- GPT-2: transformer.h.N.attn.c_attn (fused q|k|v), Conv1D weights [in, out] --------------------
 
+
 def _gpt2(name: str, block: int | None) -> tuple[str, Axes]:
     if name.endswith("wte.weight"):
         return "embedding", ((1, RESID),)
@@ -224,6 +226,7 @@ GPT2 = register_family("gpt2", FamilyRules(_gpt2, _gpt2_norms, _gpt2_final, conv
 
 # --- GPT-NeoX: gpt_neox.layers.N.attention.query_key_value (per head [q|k|v]) ----------------------
 
+
 def _neox(name: str, block: int | None) -> tuple[str, Axes]:
     if name.endswith("embed_in.weight"):
         return "embedding", ((1, RESID),)
@@ -258,6 +261,7 @@ NEOX = register_family("gpt_neox", FamilyRules(_neox, _neox_norms, _neox_final))
 
 
 # --- BERT: post-LN encoder.layer.N.attention.self.{query,key,value} ---------------------------------
+
 
 def _bert(name: str, block: int | None) -> tuple[str, Axes]:
     """Post-LN: every LayerNorm output is the residual stream. The pooler reads it (its output is

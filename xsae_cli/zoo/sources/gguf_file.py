@@ -119,7 +119,9 @@ def _convert(path: Path, target: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:
-        raise XsaeError(f"transformers cannot load GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "check that its architecture is supported by transformers' GGUF loader") from exc
+        raise XsaeError(
+            f"transformers cannot load GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "check that its architecture is supported by transformers' GGUF loader"
+        ) from exc
     config = AutoConfig.for_model(**loaded.config.to_dict())
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(loaded.state_dict())
