@@ -7,7 +7,7 @@ XSAE := $(VENV)/bin/xsae
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.xsae-installed
 
-.PHONY: setup dev demo test test-slow bench models clean
+.PHONY: setup dev demo test test-slow lint bench models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ demo: models
 	$(DEMO) viz align runs/demo/align --out runs/demo/align/plots --force
 	$(DEMO) viz report runs/demo --out runs/demo/report.html --force
 	@date +"%T == done: open runs/demo/report.html"
+
+# Lint, format and types, as .ci/run checks them (configuration in pyproject.toml).
+lint: dev
+	$(VENV)/bin/ruff check xsae_cli tests benchmarks
+	$(VENV)/bin/ruff format --check xsae_cli tests benchmarks
+	$(VENV)/bin/mypy
 
 test: dev models
 	$(PY) -m pytest -q

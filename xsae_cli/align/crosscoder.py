@@ -77,6 +77,8 @@ class CrosscoderConfig:
 class Crosscoder(nn.Module):
     """Per-model encoders and decoders around one shared sparse code."""
 
+    threshold: torch.Tensor
+
     def __init__(self, cfg: CrosscoderConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg

@@ -384,7 +384,7 @@ class SaeLayer(nn.Module, BaseTunerLayer):
         hidden = hidden_of(output, self.module_name or type(self.base_layer).__name__)
         spliced = False
         for name in active:
-            sae = self.xsae_sae[name] if name in self.xsae_sae else None  # noqa: SIM401 - ModuleDict has no get()
+            sae = cast("SparseAutoencoder", self.xsae_sae[name]) if name in self.xsae_sae else None  # ModuleDict has no get()
             if sae is None:
                 d_in = int(hidden.shape[-1])
                 sae = self._create_sae(name, d_in, self.xsae_configs[name].sae_size(d_in), device=hidden.device)
@@ -452,7 +452,7 @@ class SaeTuner(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - an instance attribute in BaseTuner
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        if peft_config.target_modules is None:
+        if getattr(peft_config, "target_modules", None) is None:
             raise XsaeError("the SAE adapter config has no target_modules", "set target_modules=[...] to the modules whose output the SAE reads")
         return peft_config
 
@@ -461,7 +461,7 @@ class SaeTuner(BaseTuner):
             raise XsaeError(f"an SAE model takes SAE adapter configs, got {type(config).__name__}", _CONFIG_HINT)
         super()._check_new_adapter_config(config)
 
-    def _create_and_replace(
+    def _create_and_replace(  # type: ignore[override]  # PEFT's signature has changed across releases; this takes what it passes
         self,
         peft_config: PeftConfig,
         adapter_name: str,
@@ -471,6 +471,7 @@ class SaeTuner(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
+        assert isinstance(peft_config, SaeAdapterConfig), "checked by _check_new_adapter_config"
         if isinstance(target, SaeLayer):
             if adapter_name in target.xsae_mode:
                 # The model was adapted before (inject_adapter_in_model, then get_peft_sae_model): keep
@@ -494,7 +495,7 @@ class SaeTuner(BaseTuner):
         (a decoder block, an activation), and the SAE keeps its own dtype."""
         setattr(parent, child_name, new_module)
         device = new_module._base_device() if isinstance(new_module, SaeLayer) else None
-        if device is not None:
+        if isinstance(new_module, SaeLayer) and device is not None:
             for name, sae in new_module.xsae_sae.items():
                 if not any(p.device.type == "meta" for p in sae.parameters()):
                     new_module.xsae_sae[name] = sae.to(device)
@@ -561,12 +562,12 @@ class PeftSaeModel(PeftModel):
         if missing:
             raise XsaeError(f"no adapter named {', '.join(missing)}", f"loaded adapters: {', '.join(self.peft_config)}")
         self.active_adapter = names[0]
-        self.base_model.set_adapter(names if len(names) > 1 else names[0], inference_mode=inference_mode)
+        cast(Any, self.base_model).set_adapter(names if len(names) > 1 else names[0], inference_mode=inference_mode)
 
     def sae_layers(self) -> dict[str, SaeLayer]:
         """``{module path in the base model: wrapper}``."""
         out = {}
-        for name, module in self.base_model.model.named_modules():
+        for name, module in cast(Any, self.base_model).model.named_modules():
             if isinstance(module, SaeLayer):
                 out[name] = module
         return out
@@ -574,7 +575,7 @@ class PeftSaeModel(PeftModel):
     def get_saes(self, adapter_name: str | None = None) -> dict[str, SparseAutoencoder]:
         """``{module path: SparseAutoencoder}`` of one adapter (default: the active one)."""
         adapter_name = adapter_name or self.active_adapter
-        return {name: layer.xsae_sae[adapter_name] for name, layer in self.sae_layers().items() if adapter_name in layer.xsae_sae}
+        return {name: cast("SparseAutoencoder", layer.xsae_sae[adapter_name]) for name, layer in self.sae_layers().items() if adapter_name in layer.xsae_sae}
 
     def get_codes(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """``{module path: codes [..., d_sae]}`` from the last forward, for one adapter (default: active)."""

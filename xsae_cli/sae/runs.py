@@ -60,7 +60,7 @@ def settings_from_run(desc: dict[str, Any]) -> SaeRunSettings:
     """The settings a run was trained with, from its run.json (older files: spec and settings split)."""
     known = {f.name for f in fields(SaeRunSettings)}
     merged = {**desc.get("spec", {}), **desc.get("settings", {})}
-    values = {k: (tuple(v) if isinstance(v, list) and k == "betas" else v) for k, v in merged.items() if k in known}
+    values: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) and k == "betas" else v) for k, v in merged.items() if k in known}
     if values.get("lr") == 0.0:  # older runs wrote 0 for "the optimizer's default"
         values["lr"] = None
     return SaeRunSettings(**values)
@@ -270,6 +270,7 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
     harvest_seconds = 0.0
     harvest_stats: dict[str, Any] = {}
     source: ActivationSource
+    stream_report: Any = None  # a streaming source's per-rank harvest report
     if not streaming:
         cache_dtype = _cache_dtype(spec, model)
         if world > 1:  # rank 0 holds the model: its dtype names the cache every rank reads
@@ -279,6 +280,8 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
         cache_dir = xsae_cache() / "activations" / _harvest_key(spec, identity, settings.tokens, spec.seed, str(cache_dtype))
         if not (cache_dir / "meta.json").exists() and rank == 0:
             from xsae_cli.sae.budget import cache_bytes, check_free_space, human_bytes
+
+            assert store is not None and train_ctx is not None, "rank 0 loaded the model above"
 
             rows = min(settings.tokens, train_ctx.n_content_tokens if settings.drop_special else train_ctx.n_tokens)
             needed = cache_bytes(rows, d_in or {}, cache_dtype)
@@ -301,6 +304,8 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
     else:
         from xsae_cli.sae.streaming import StreamingActivations
 
+        assert model is not None and train_ctx is not None, "every streaming rank loaded the model above"
+
         def store_for(seed: int, ctx: Any = train_ctx) -> Any:
             return ActivationStore(
                 model,
@@ -319,11 +324,12 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
 
         # Per-rank shuffle buffer, on the training device: 65,536 rows, or this rank's budget if smaller.
         buffer = min(65536, max(settings.batch_size, -(-settings.tokens // world)))
-        source = StreamingActivations(list(spec.hooks), dict(d_in or {}), store_for, settings.batch_size, seed=spec.seed, rank=rank, world=world, documents=shard, contexts=len(train_ctx))
+        streaming_source = StreamingActivations(list(spec.hooks), dict(d_in or {}), store_for, settings.batch_size, seed=spec.seed, rank=rank, world=world, documents=shard, contexts=len(train_ctx))
+        source, stream_report = streaming_source, streaming_source.report
 
     trained = train_saes(source, settings, out, seed=spec.seed, metadata=metadata, device=device, deepspeed_config=spec.deepspeed_config)
     saes = trained.saes
-    rank_memory = [memory_report(device)]
+    rank_memory: list[dict[str, Any] | None] = [memory_report(device)]
     if world > 1:  # every rank's peak: what ZeRO saves shows on the ranks that hold no model
         rank_memory = [None] * world
         torch.distributed.all_gather_object(rank_memory, memory_report(device))
@@ -332,7 +338,7 @@ def _train_run(spec: RunSpec) -> dict[str, Any]:
     if streaming:
         from xsae_cli.sae.streaming import gather
 
-        per_rank = gather(source.report(), world)  # type: ignore[attr-defined]
+        per_rank = gather(stream_report(), world)
         harvest_seconds = max(r["seconds"] for r in per_rank)
     if trained.rank != 0:
         return {"rank": rank, "world_size": world, "steps": trained.steps, "tokens": trained.tokens}

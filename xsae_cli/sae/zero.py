@@ -123,7 +123,7 @@ class ZeroSae:
         weights: dict[str, torch.Tensor] = {}
         state: dict[int, dict[str, torch.Tensor]] = {}
         steps = [v.get("step") for v in self._base_state().values() if "step" in v]
-        step = steps[0].detach().clone().cpu() if steps and torch.is_tensor(steps[0]) else torch.tensor(float(steps[0] if steps else 0))
+        step = steps[0].detach().clone().cpu() if steps and torch.is_tensor(steps[0]) else torch.tensor(float(steps[0] or 0) if steps else 0.0)
         for i, (name, p) in enumerate(zip(self.names, self._params())):
             weights[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
             moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS}

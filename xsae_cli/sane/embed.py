@@ -18,6 +18,7 @@ plus ``model_embeddings.npz`` with ``names`` and ``embeddings`` ([n, 512]).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,11 @@ from xsae_cli.core.io import atomic_paths, read_json
 from xsae_cli.sane.dataset import TokenizedModel, collate
 
 FORMAT = "xsae-sane-embeddings"
+
+
+def _show_done(progress: Any, task: Any, done: int, _bytes_read: int) -> None:
+    """A tokenising bar's update: ``on_tensor(chunks_done, bytes_read)``."""
+    progress.update(task, completed=done)
 
 
 def window_starts(tm: TokenizedModel, window_size: int, max_windows: int | None = None) -> list[int]:
@@ -129,10 +135,14 @@ def embed_models(
         # a derived view's chunk count is known only once it is built: an open-ended bar then
         total = model_chunk_count(tensor_index(src.resolved), chunk_size) if scheme.view == "weights" else None
         task = progress.add_task(f"tokenise {src.name}", total=total, unit="chunks") if progress else None
-        folder = tokenize_to_cache(src, chunk_size, scheme, warn=warn, on_tensor=(lambda done, _b, t=task: progress.update(t, completed=done)) if progress else None)
+        on_tensor: Callable[..., None] | None = None
+        if progress is not None and task is not None:
+            on_tensor = functools.partial(_show_done, progress, task)
+        folder = tokenize_to_cache(src, chunk_size, scheme, warn=warn, on_tensor=on_tensor)
         tm = TokenizedModel(folder, src.name)
         wtask = progress.add_task(f"embed {src.name}", total=len(window_starts(tm, window_size, max_windows)), unit="windows") if progress else None
-        vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, (lambda k, t=wtask: progress.advance(t, k)) if progress else None, max_windows=max_windows)
+        on_windows = functools.partial(progress.advance, wtask) if progress is not None and wtask is not None else None
+        vec, n_windows = embed_tokenized(model, tm, window_size, batch_size, dev, on_windows, max_windows=max_windows)
         vectors[src.name] = [float(x) for x in vec]
         entry = registry.find(src.name)
         info[src.name] = {

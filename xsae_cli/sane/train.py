@@ -247,7 +247,7 @@ def _train(
         if m.chunk_size != chunk_size or m.scheme != models[0].scheme:
             raise XsaeError(f"models were tokenised differently ({m.name}: chunk {m.chunk_size}, {m.scheme})", "tokenise all models with the same settings")
     coord = scheme if isinstance(scheme, CoordScheme) else models[0].coord_scheme
-    scheme = coord.scheme_id if isinstance(scheme, CoordScheme) else (scheme or models[0].scheme)
+    scheme = scheme.scheme_id if isinstance(scheme, CoordScheme) else (scheme or models[0].scheme)
     record = coord.record(chunk_size) if coord is not None and coord.scheme_id == scheme else None
     model_cfg = model_cfg or SaneModelConfig(chunk_size=chunk_size)
     if model_cfg.chunk_size != chunk_size:

@@ -349,6 +349,7 @@ def finetune(model: Any, ids: Any, steps: int, lr: float, seed: int, batch_size:
             labels = x.clone()
             sel = torch.rand(x.shape, generator=g) < 0.15
             labels[~sel] = -100
+            assert mask_id is not None, "a masked-LM fine-tune needs the mask token's id"
             x = torch.where(sel, torch.full_like(x, int(mask_id)), x)
             loss = model(input_ids=x, labels=labels).loss
         else:

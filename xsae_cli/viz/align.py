@@ -155,7 +155,7 @@ def load_align_report(path: str | Path, metric: str = "r2") -> AlignReport:
 def _bar_row(row: Any, p: Path, where: str, metric: str) -> BarRow:
     space = require(row, "space", p, where, str)
     mapper = require(row, "mapper", p, where, str)
-    values = {}
+    values: dict[str, Any] = {}
     for v in VARIANTS:
         key = OLD_NAMES[v] if v not in row and OLD_NAMES.get(v) in row else v
         if v in OPTIONAL and key not in row:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -116,9 +117,9 @@ class DerivedRules:
             for norm, readers in self.norm_pairs:
                 out.append((f"{pre}.{norm}", [f"{pre}.{r}" for r in readers]))
         if self.final_pair is not None and not tied:
-            norm, head = (self._stored(names, p) for p in self.final_pair)
-            if norm is not None and head is not None:
-                out.append((norm, [head]))
+            final_norm, head = (self._stored(names, p) for p in self.final_pair)
+            if final_norm is not None and head is not None:
+                out.append((final_norm, [head]))
         return [(n, r, self.conv1d, self.gemma_gain) for n, r in out if n + ".weight" in names and all(x + ".weight" in names for x in r)]
 
     def attention_prefixes(self, names: Any) -> list[str]:
@@ -216,7 +217,8 @@ _ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 def _act(name: str, x: Any) -> Any:
     import torch.nn.functional as F
 
-    return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[name](x)
+    acts: dict[str, Callable[[Any], Any]] = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
+    return acts[name](x)
 
 
 def _mlp_roles(readers: list[Any], writer: Any) -> dict[str, str]:
@@ -317,7 +319,7 @@ def derive(model: Any, config: Any = None, check: bool = True) -> tuple[DerivedR
         embs = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         emb = max(embs, key=lambda m: m.num_embeddings) if embs else None
         if emb is not None and not hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings = lambda: emb  # type: ignore[method-assign]
+            model.get_input_embeddings = lambda: emb
     if emb is None or not isinstance(emb, nn.Embedding):
         raise AnatomyError("no input token embedding (get_input_embeddings() or an nn.Embedding)")
     found = module_blocks(model)
