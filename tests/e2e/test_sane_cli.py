@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import assert_user_error, run_xsae
 from xsae_cli.core.io import load_safetensors
 from xsae_cli.sane.tokenizer import KIND_ID
+from xsae_cli.sane.views import get_view
 
 TINY = ["tiny-gpt2", "tiny-gptneox", "tiny-qwen2", "tiny-mistral", "tiny-gemma"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -109,7 +110,9 @@ def test_tokenize_train_resume_embed_neighbors(demo_zoo: Path, tmp_path: Path) -
     # stored (scheme id only) is read through its id. Both embed exactly as before.
     ck3 = run / "checkpoint_epoch_3"
     rec = json.loads((ck3 / "config.json").read_text())["coord_scheme"]
-    assert rec["id"] == data["config"]["scheme"] and rec["view"] == "circuits" and rec["view_revision"] == 2 and rec["chunk_size"] == 64 and "layers" in rec["layer_keywords"]
+    assert (
+        rec["id"] == data["config"]["scheme"] and rec["view"] == "circuits" and rec["view_revision"] == get_view("circuits").revision and rec["chunk_size"] == 64 and "layers" in rec["layer_keywords"]
+    )
     kw = run_xsae("--json", "sane", "embed", "--checkpoint", str(ck3), "--models", "tiny-gpt2", "--output-dir", str(tmp_path / "o2"), env={**ONE_THREAD, "XSAE_SANE_LAYER_KEYWORDS": "layers,h"})
     assert kw.returncode == 0, kw.stderr[-2000:]
     assert "layer keywords" in kw.stderr and "those are used" in kw.stderr

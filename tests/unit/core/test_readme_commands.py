@@ -28,6 +28,7 @@ def readme_commands() -> list[str]:
     text = README.read_text(encoding="utf-8")
     found: list[str] = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        block = re.sub(r"\\[ \t]*\n[ \t]*", " ", block)  # a command continued over lines with a backslash is one command
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith("xsae ") and not _synopsis(line):
